@@ -1,0 +1,44 @@
+"""fastsft_kernels: Triton kernels for the hot paths of supervised fine-tuning.
+
+Every public op dispatches on the device of its inputs: CUDA tensors run the
+Triton kernels; CPU tensors run the pure-PyTorch definitions in
+``fastsft_kernels.reference``, unless ``FASTSFT_TRITON_ON_CPU=1`` is set (the
+test suite sets it together with ``TRITON_INTERPRET=1``), in which case the
+Triton path runs through Triton's interpreter.
+
+Ops are imported lazily so that ``import fastsft_kernels`` stays cheap and an
+op's module (and Triton) loads only when the op is first used.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module (inside this package) that defines it
+_OPS = {
+    "cross_entropy": "cross_entropy",
+    "linear_cross_entropy": "cross_entropy",
+    "lora_linear": "lora",
+    "varlen_attention": "attention",
+    "rms_norm": "norm",
+    "rope": "rope",
+    "swiglu": "swiglu",
+}
+
+__all__ = sorted(_OPS) + ["reference"]
+
+
+def __getattr__(name: str):
+    if name in _OPS:
+        module = importlib.import_module(f".{_OPS[name]}", __name__)
+        op = getattr(module, name)
+        globals()[name] = op  # later lookups skip __getattr__
+        return op
+    if name in ("reference", "testing"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

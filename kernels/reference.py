@@ -1,0 +1,191 @@
+"""Pure-PyTorch definitions of every fastsft op.
+
+These are the test oracle (run them in float64 for the parity tests) and the
+CPU path of the public API. They favour clarity over speed and may build large
+intermediates (full logits, full attention matrices). Arithmetic happens in
+float32, or float64 when the inputs are float64; results are cast back the way
+the fused kernels cast them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- loss
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Masked cross-entropy over rows of ``logits`` (N, V) with ``labels`` (N,).
+
+    Per trained row: (1 - s) * (lse - x[y]) + s * (lse - mean(x)) + z_loss * lse**2,
+    where x are the (optionally tanh-softcapped) logits and s the label smoothing.
+    Ignored rows contribute 0. "mean" divides the sum by ``num_items`` when given,
+    else by the number of trained rows (an all-ignored input gives 0, not NaN).
+    """
+    x = logits.to(_compute_dtype(logits))
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    mask = labels != ignore_index
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    lse = torch.logsumexp(x, dim=-1)
+    nll = lse - x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    loss = nll
+    if label_smoothing:
+        smooth = lse - x.mean(dim=-1)
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_items is None:
+        divisor = mask.sum().clamp(min=1).to(total.dtype)
+    else:
+        divisor = torch.as_tensor(num_items, dtype=total.dtype, device=total.device).clamp(min=1)
+    return total / divisor
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, labels), building the full logits.
+
+    ``chunk_size`` only shapes the fused kernel's schedule; it does not change the result.
+    """
+    del chunk_size
+    logits = F.linear(hidden, weight, bias)
+    return cross_entropy(
+        logits, labels, ignore_index=ignore_index, reduction=reduction,
+        num_items=num_items, z_loss=z_loss, softcap=softcap,
+    )
+
+
+# --------------------------------------------------------------------------- norm / rope / swiglu
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm with statistics in float32: y = x / rms(x) * (offset + weight).
+
+    offset=0 follows Llama's casting (normalise in fp32, cast to x's dtype, then
+    multiply by the weight); offset!=0 follows Gemma's (multiply by (offset + weight)
+    in fp32, then cast).
+    """
+    dt = _compute_dtype(x)
+    xf = x.to(dt)
+    normed = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    if offset == 0.0:
+        return weight * normed.to(x.dtype)
+    return (normed * (offset + weight.to(dt))).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding (Hugging Face's rotate-half convention) of q and k.
+
+    q: (batch, n_heads, seq, head_dim), k: (batch, n_kv_heads, seq, head_dim);
+    cos/sin: (batch, seq, rot_dim) or (seq, rot_dim) as the model computed them
+    (so restarting positions in packed rows are honoured). When rot_dim < head_dim
+    only the first rot_dim features rotate (partial rotary); the rest pass through.
+    """
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    rot = cos.shape[-1]
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        dt = _compute_dtype(t)
+        t_rot, t_pass = t[..., :rot].to(dt), t[..., rot:]
+        out = t_rot * cos.to(dt) + rotate_half(t_rot) * sin.to(dt)
+        return torch.cat((out.to(t.dtype), t_pass), dim=-1)
+
+    return apply(q), apply(k)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, computed in float32 and cast back."""
+    dt = _compute_dtype(gate)
+    return (F.silu(gate.to(dt)) * up.to(dt)).to(gate.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention within each packed document, one document at a time.
+
+    q (T, H, D), k/v (T, H_kv, D), cu_seqlens (n_docs + 1,) int32. Query i of a
+    document attends key j of the same document when j <= i (causal) and, with
+    ``window``, i - j < window (the query itself counts: Mistral / Gemma-2 sliding
+    window). ``softcap`` applies c * tanh(s / c) to the scaled scores.
+    """
+    del max_seqlen
+    total, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    dt = _compute_dtype(q)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qd = q[start:end].to(dt).transpose(0, 1)  # (H, L, D)
+        kd = k[start:end].to(dt).transpose(0, 1).repeat_interleave(group, dim=0)
+        vd = v[start:end].to(dt).transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = (qd @ kd.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        length = end - start
+        i = torch.arange(length, device=q.device).unsqueeze(1)
+        j = torch.arange(length, device=q.device).unsqueeze(0)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed &= j <= i
+        if window is not None:
+            allowed &= (i - j < window) if causal else ((i - j).abs() < window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = (probs @ vd).transpose(0, 1).to(q.dtype)
+    return out

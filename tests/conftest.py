@@ -1,0 +1,52 @@
+"""Test harness shared by every test.
+
+Without CUDA, the Triton kernels run on the CPU through Triton's interpreter:
+TRITON_INTERPRET=1 must be set before triton is imported, and
+FASTSFT_TRITON_ON_CPU=1 makes the public ops take the Triton path for CPU
+tensors instead of the PyTorch reference. Both are set here, at import time,
+before any test module imports triton.
+"""
+import os
+
+import pytest
+
+try:  # torch is needed to know whether CUDA exists
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FASTSFT_TRITON_ON_CPU", "1")
+
+# No hub access anywhere in the suite: tests build their models and tokenizers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from fastsft_kernels.testing import install_interpreter_bf16_dot_shim, poison_outputs  # noqa: E402
+
+install_interpreter_bf16_dot_shim()  # a no-op unless TRITON_INTERPRET=1
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_kernel_outputs():
+    """Every buffer a launcher allocates starts as NaN, so unwritten elements fail."""
+    with poison_outputs():
+        yield
+
+
+@pytest.fixture
+def device():
+    return "cuda" if _HAS_CUDA else "cpu"
