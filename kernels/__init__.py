@@ -12,6 +12,8 @@ op's module (and Triton) loads only when the op is first used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -42,3 +44,22 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+class _Package(types.ModuleType):
+    """Keeps `fastsft_kernels.<op>` the op even after its module is imported.
+
+    Importing a submodule binds it as an attribute of the package, and three op
+    modules share their op's name (cross_entropy, rope, swiglu): without this,
+    `import fastsft_kernels.cross_entropy` anywhere would turn
+    `fastsft_kernels.cross_entropy` into a module. Use importlib.import_module
+    to reach the module itself.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _OPS and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

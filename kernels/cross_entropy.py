@@ -1,0 +1,636 @@
+"""Masked cross-entropy and fused linear + cross-entropy (Triton).
+
+Public ops (see shared/DESIGN.md for the API):
+
+- ``cross_entropy(logits, labels, ...)``: one Triton program per row streams the
+  vocabulary in blocks with an online max / sum-of-exp in fp32 (any vocab size,
+  int64 row offsets). Forward writes the per-row loss and log-sum-exp; backward
+  re-reads the logits once and writes the gradient, scaled by the upstream
+  gradient (scalar for "mean"/"sum", per row for "none") read from device
+  memory, so nothing waits on the host.
+- ``linear_cross_entropy(hidden, weight, labels, ...)``: never builds the full
+  (tokens x vocab) logits. Token chunks: logits_chunk = hidden_chunk @ W^T (cuBLAS),
+  the same Triton kernel turns it into loss + dlogits in place, then
+  grad_hidden_chunk = dlogits @ W and grad_W += dlogits^T @ hidden_chunk. For
+  "mean"/"sum" the gradients are computed in the forward pass (no second matmul
+  over the logits) and scaled by grad_output in backward; for "none" the
+  upstream gradient is per token, so backward recomputes the chunks.
+  Weight-gradient accumulation: cuBLAS ``addmm_`` into a grad_W of the weight's
+  dtype, fp32 math inside each chunk's GEMM and one rounding per chunk (chunks are
+  large, so a handful of roundings). An fp32 accumulator would cost 4*V*H bytes
+  (2 GiB at 128k x 4096, over the 5% extra-memory target) and torch has no
+  in-place bf16 x bf16 -> fp32 addmm; fp32 weights (and fp32 master weights under
+  autocast, whose bf16 gradient is upcast) accumulate in their own dtype.
+  grad_bias accumulates in fp32.
+
+Inputs are rows: logits (N, V) / hidden (N, H) with labels (N,). Leading batch
+dimensions, e.g. (B, T, V) with labels (B, T), are flattened for the caller;
+``reduction="none"`` returns the loss in the labels' shape.
+
+Label check: labels outside [0, V) other than ``ignore_index`` raise ValueError.
+The check is one fused Triton pass over the labels (it also counts the trained
+tokens, which "mean" needs anyway) plus ONE host sync to read the verdict. Set
+``FASTSFT_CHECK_LABELS=0`` to skip that sync (logged once); the kernels then
+still never read out of bounds, and a row with a bad label gets a NaN loss, so
+the error cannot pass silently.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_utils import check_float, check_same_device, empty, next_power_of_2, use_triton
+
+logger = logging.getLogger(__name__)
+
+_REDUCTIONS = ("mean", "sum", "none")
+# Chunk logits of linear_cross_entropy (unless chunk_size is given): at most 1/8 of the full
+# logits in the input dtype (1/40 of the fp32-upcast approach's peak), clamped to [64, 512] MiB:
+# few enough chunks that the GEMMs stay large (M >= 128 rows) and grad_W is rounded rarely.
+_CHUNK_BUDGET_BYTES = 512 * 2**20
+_CHUNK_MIN_BYTES = 64 * 2**20
+_CHUNK_FRACTION = 8
+_MIN_CHUNK_ROWS = 128
+
+
+# =============================================================================== Triton kernels
+@triton.jit
+def _tanh(x):
+    # tanh via sigmoid: exists in every Triton 3.x and in the interpreter.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """A block of (optionally soft-capped) logits in fp32; -inf outside the row."""
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return tl.where(mask, x, float("-inf"))
+
+
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr, logits_row_stride,
+    labels_ptr,
+    loss_ptr,                 # fp32 (N,): per-row loss, written when WRITE_LOSS
+    lse_ptr,                  # fp32 (N,): log-sum-exp, read when LSE_GIVEN else written
+    grad_ptr, grad_row_stride,  # d loss / d logits, written when WRITE_GRAD (may alias logits)
+    scale_ptr, scale_stride,  # fp32 upstream-gradient factor: stride 0 scalar or 1 per row
+    n_cols, ignore_index,
+    label_smoothing, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    LSE_GIVEN: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tl.static_assert(not (LSE_GIVEN and WRITE_LOSS), "the loss needs pass 1 (sum of logits)")
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    grad_row_ptr = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, BLOCK)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+
+    if label == ignore_index:
+        if WRITE_LOSS:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, n_cols, BLOCK):
+                offs = start + cols
+                zeros = tl.zeros([BLOCK], dtype=tl.float32)
+                tl.store(grad_row_ptr + offs, zeros.to(grad_ptr.dtype.element_ty), mask=offs < n_cols)
+        return
+
+    # pass 1: online log-sum-exp in the log2 domain (exp2 is the native instruction)
+    sum_x = 0.0
+    if LSE_GIVEN:
+        lse = tl.load(lse_ptr + row)
+    else:
+        m = float("-inf")
+        d = 0.0
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            x = _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
+            x2 = x * 1.4426950408889634
+            m_new = tl.maximum(m, tl.max(x2, axis=0))
+            d = d * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new), axis=0)
+            m = m_new
+            if WRITE_LOSS:
+                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        lse = (m + tl.log2(d)) * 0.6931471805599453
+
+    if WRITE_LOSS:
+        # A label outside [0, V) is never read: it yields a NaN loss (the launcher's
+        # check normally rejects it before the launch).
+        label_ok = (label >= 0) & (label < n_cols)
+        safe_label = tl.where(label_ok, label, 0)
+        x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_label = softcap * _tanh(x_label / softcap)
+        x_label = tl.where(label_ok, x_label, float("nan"))
+        loss = (1.0 - label_smoothing) * (lse - x_label)
+        loss += label_smoothing * (lse - sum_x / n_cols)
+        loss += z_loss * lse * lse
+        tl.store(loss_ptr + row, loss)
+        if not LSE_GIVEN:
+            tl.store(lse_ptr + row, lse)
+
+    if WRITE_GRAD:
+        # d loss / d x_j = p_j (1 + 2 z lse) - (1 - s) [j == y] - s / V, then the
+        # softcap chain rule 1 - tanh^2; all times the upstream factor.
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        p_scale = scale * (1.0 + 2.0 * z_loss * lse)
+        uniform = scale * label_smoothing / n_cols
+        target = scale * (1.0 - label_smoothing)
+        lse2 = lse * 1.4426950408889634
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            x = _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
+            g = tl.exp2(x * 1.4426950408889634 - lse2) * p_scale - uniform
+            g = tl.where(offs == label, g - target, g)
+            if HAS_SOFTCAP:
+                t = tl.where(mask, x / softcap, 0.0)  # x is -inf outside the row
+                g = g * (1.0 - t * t)
+            tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _label_stats_kernel(labels_ptr, n_rows, ignore_index, n_cols, stats_ptr, BLOCK: tl.constexpr):
+    """stats[0] = number of trained labels, stats[1] = number of labels outside [0, V).
+
+    One program: the labels are tiny next to the logits, and a single pass needs
+    neither atomics nor a zeroed output.
+    """
+    offs0 = tl.arange(0, BLOCK)
+    n_valid = tl.zeros([BLOCK], dtype=tl.int32)
+    n_bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        offs = start + offs0
+        mask = offs < n_rows
+        y = tl.load(labels_ptr + offs, mask=mask, other=ignore_index).to(tl.int64)
+        trained = mask & (y != ignore_index)
+        bad = trained & ((y < 0) | (y >= n_cols))
+        n_valid += trained.to(tl.int32)
+        n_bad += bad.to(tl.int32)
+    tl.store(stats_ptr, tl.sum(n_valid, axis=0))
+    tl.store(stats_ptr + 1, tl.sum(n_bad, axis=0))
+
+
+@triton.jit
+def _scale_inplace_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """x *= scale (a device scalar), computed in fp32 so half tensors round once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.load(scale_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# =============================================================================== launchers
+def _row_block(n_cols: int) -> tuple[int, int]:
+    """Vocab block and warps: big blocks amortise the per-block reductions."""
+    block = min(next_power_of_2(n_cols), 8192)
+    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    return block, num_warps
+
+
+def _launch_ce_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    lse_given: bool,
+    grad: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+) -> None:
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    if logits.stride(1) != 1 or (grad is not None and grad.stride(1) != 1):
+        raise ValueError("cross-entropy kernel: logits and grad rows must have unit stride")
+    block, num_warps = _row_block(n_cols)
+    write_grad = grad is not None
+    if write_grad:
+        scale_stride = 0 if scale.dim() == 0 else 1
+    _ce_rows_kernel[(n_rows,)](
+        logits, logits.stride(0),
+        labels,
+        loss if loss is not None else lse, lse,
+        grad if write_grad else logits, grad.stride(0) if write_grad else 0,
+        scale if write_grad else lse, scale_stride if write_grad else 0,
+        n_cols, int(ignore_index),
+        float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        WRITE_LOSS=loss is not None,
+        LSE_GIVEN=lse_given,
+        WRITE_GRAD=write_grad,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+
+
+def _scale_inplace(x: torch.Tensor, scale: torch.Tensor) -> None:
+    n = x.numel()
+    if n == 0:
+        return
+    block = 4096
+    _scale_inplace_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=8)
+
+
+_SKIP_CHECK_LOGGED = {"done": False}
+
+
+def _label_check_enabled() -> bool:
+    if os.environ.get("FASTSFT_CHECK_LABELS", "1") != "0":
+        return True
+    if not _SKIP_CHECK_LOGGED["done"]:
+        _SKIP_CHECK_LOGGED["done"] = True
+        logger.warning("FASTSFT_CHECK_LABELS=0: labels are not range-checked; a label outside "
+                       "[0, vocab) gives a NaN loss instead of a ValueError")
+    return False
+
+
+def _trained_count_and_check(labels: torch.Tensor, n_cols: int, ignore_index: int, need_count: bool):
+    """Device tensor with the number of trained labels (or None); raises on out-of-range labels.
+
+    Both come from one Triton pass; reading the bad-label count is the op's only host sync.
+    """
+    check = _label_check_enabled()
+    if not (check or need_count):
+        return None
+    stats = empty(2, dtype=torch.int32, device=labels.device)
+    _label_stats_kernel[(1,)](labels, labels.numel(), int(ignore_index), n_cols, stats, BLOCK=1024, num_warps=4)
+    if check:
+        n_bad = int(stats[1].item())  # the one host sync (see module docstring)
+        if n_bad:
+            raise ValueError(f"labels: {n_bad} label(s) outside [0, {n_cols}) that are not "
+                             f"ignore_index={ignore_index}")
+    return stats[0] if need_count else None
+
+
+def _mean_divisor(num_items, count: Optional[torch.Tensor], device):
+    """The "mean" divisor as a float32 device tensor (or a Python float), at least 1."""
+    if num_items is None:
+        return count.to(torch.float32).clamp(min=1.0)
+    if isinstance(num_items, torch.Tensor):
+        return num_items.detach().to(device=device, dtype=torch.float32).reshape(()).clamp(min=1.0)
+    return max(float(num_items), 1.0)
+
+
+def _upstream_scale(grad_output: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
+    """fp32 factor the kernels multiply into d loss_row / d logits: 0-dim or (N,)."""
+    g = grad_output.detach().to(torch.float32)
+    if reduction == "none":
+        return g.reshape(-1).contiguous()
+    if reduction == "mean":
+        g = g / divisor
+    return g.reshape(()).contiguous()
+
+
+def _reduce(loss_rows: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / divisor if reduction == "mean" else total
+
+
+# =============================================================================== input checks
+def _check_options(reduction, ignore_index, num_items, z_loss, softcap, label_smoothing=0.0):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}")
+            if num_items.is_complex():
+                raise ValueError("num_items must be real")
+        elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+            raise ValueError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
+        elif num_items < 0:
+            raise ValueError(f"num_items must be >= 0, got {num_items}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def _check_labels_tensor(labels, rows_shape, what: str):
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"labels has dtype {str(labels.dtype).replace('torch.', '')}; expected an integer dtype (int64)")
+    if tuple(labels.shape) != tuple(rows_shape):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(rows_shape)} "
+                         f"(the leading dimensions of {what})")
+
+
+# =============================================================================== cross_entropy
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, reduction, num_items, label_smoothing, z_loss, softcap):
+        count = _trained_count_and_check(labels, logits.shape[1], ignore_index,
+                                         need_count=reduction == "mean" and num_items is None)
+        divisor = _mean_divisor(num_items, count, logits.device) if reduction == "mean" else None
+        n_rows = logits.shape[0]
+        loss_rows = empty(n_rows, dtype=torch.float32, device=logits.device)
+        lse = empty(n_rows, dtype=torch.float32, device=logits.device)
+        _launch_ce_rows(logits, labels, loss=loss_rows, lse=lse, lse_given=False, grad=None, scale=None,
+                        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.options = (ignore_index, reduction, divisor, label_smoothing, z_loss, softcap)
+        return _reduce(loss_rows, reduction, divisor)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, labels, lse = ctx.saved_tensors
+        ignore_index, reduction, divisor, label_smoothing, z_loss, softcap = ctx.options
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
+            _launch_ce_rows(logits, labels, loss=None, lse=lse, lse_given=True, grad=grad,
+                            scale=_upstream_scale(grad_output, reduction, divisor),
+                            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                            softcap=softcap)
+        return grad, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Masked cross-entropy of logits (..., V) against labels (...); see reference.cross_entropy.
+
+    Returns a float32 loss (0-dim for "mean"/"sum", labels' shape for "none").
+    """
+    check_float("logits", logits)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (N, V) or (..., V), got {tuple(logits.shape)}")
+    _check_labels_tensor(labels, logits.shape[:-1], "logits")
+    check_same_device(logits=logits, labels=labels)
+    _check_options(reduction, ignore_index, num_items, z_loss, softcap, label_smoothing)
+    n_cols = logits.shape[-1]
+    if n_cols == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    rows = logits.reshape(-1, n_cols)
+    flat_labels = labels.reshape(-1)
+
+    if not use_triton(logits):
+        _trained_count_and_check_cpu(flat_labels, n_cols, ignore_index)
+        loss = reference.cross_entropy(rows, flat_labels, ignore_index=ignore_index, reduction=reduction,
+                                       num_items=num_items, label_smoothing=label_smoothing,
+                                       z_loss=z_loss, softcap=softcap)
+        return loss.reshape(labels.shape) if reduction == "none" else loss
+
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()  # the kernel streams rows with unit stride
+    flat_labels = flat_labels.contiguous()
+    loss = _CrossEntropy.apply(rows, flat_labels, ignore_index, reduction, num_items,
+                               float(label_smoothing), float(z_loss), softcap)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def _trained_count_and_check_cpu(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+    """The reference path's label check (plain torch: it runs where Triton does not)."""
+    if not _label_check_enabled():
+        return
+    trained = labels != ignore_index
+    n_bad = int((trained & ((labels < 0) | (labels >= n_cols))).sum())
+    if n_bad:
+        raise ValueError(f"labels: {n_bad} label(s) outside [0, {n_cols}) that are not "
+                         f"ignore_index={ignore_index}")
+
+
+# =============================================================================== linear_cross_entropy
+def _auto_chunk_rows(n_rows: int, n_vocab: int, element_size: int) -> int:
+    """Token rows per chunk (a multiple of 128 unless one chunk holds every row); see _CHUNK_*."""
+    row_bytes = max(1, n_vocab * element_size)
+    budget = min(_CHUNK_BUDGET_BYTES, max(_CHUNK_MIN_BYTES, n_rows * row_bytes // _CHUNK_FRACTION))
+    rows = budget // row_bytes
+    rows = max(_MIN_CHUNK_ROWS, rows // _MIN_CHUNK_ROWS * _MIN_CHUNK_ROWS)
+    return max(1, min(n_rows, rows))
+
+
+def _chunk_logits(hidden_chunk, weight, bias, out):
+    if bias is None:
+        return torch.mm(hidden_chunk, weight.t(), out=out)
+    return torch.addmm(bias, hidden_chunk, weight.t(), out=out)
+
+
+def _backprop_chunk(dlogits, hidden_chunk, weight, grad_hidden_chunk, grad_weight, grad_bias, first: bool):
+    """grad_hidden_chunk = dlogits @ W; grad_W (+)= dlogits^T @ h; grad_bias (+)= sum(dlogits)."""
+    if grad_hidden_chunk is not None:
+        torch.mm(dlogits, weight, out=grad_hidden_chunk)
+    if grad_weight is not None:
+        if first:
+            torch.mm(dlogits.t(), hidden_chunk, out=grad_weight)
+        else:
+            grad_weight.addmm_(dlogits.t(), hidden_chunk)
+    if grad_bias is not None:
+        if first:
+            torch.sum(dlogits, dim=0, dtype=torch.float32, out=grad_bias)
+        else:
+            grad_bias.add_(dlogits.sum(dim=0, dtype=torch.float32))
+
+
+def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, lse, lse_given,
+                scale, grads, options):
+    """Stream token chunks through matmul -> CE kernel (in place) -> gradient matmuls."""
+    ignore_index, z_loss, softcap = options
+    grad_hidden, grad_weight, grad_bias = grads
+    write_grad = scale is not None
+    n_rows = hidden.shape[0]
+    n_vocab = weight.shape[0]
+    if n_rows == 0:  # no chunk runs: the accumulated gradients are zero
+        for g in (grad_weight, grad_bias):
+            if g is not None:
+                g.zero_()
+        return
+    buf = empty(min(chunk_rows, n_rows), n_vocab, dtype=hidden.dtype, device=hidden.device)
+    for index, start in enumerate(range(0, n_rows, chunk_rows)):
+        end = min(start + chunk_rows, n_rows)
+        h = hidden[start:end]
+        logits = _chunk_logits(h, weight, bias, buf[: end - start])
+        chunk_scale = None
+        if write_grad:
+            chunk_scale = scale if scale.dim() == 0 else scale[start:end]
+        _launch_ce_rows(
+            logits, labels[start:end],
+            loss=None if lse_given else loss_rows[start:end],
+            lse=lse[start:end], lse_given=lse_given,
+            grad=logits if write_grad else None, scale=chunk_scale,
+            ignore_index=ignore_index, label_smoothing=0.0, z_loss=z_loss, softcap=softcap,
+        )
+        if write_grad:
+            _backprop_chunk(logits, h, weight,
+                            grad_hidden[start:end] if grad_hidden is not None else None,
+                            grad_weight, grad_bias, first=index == 0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, num_items, softcap, z_loss, chunk_rows):
+        n_rows, n_vocab = hidden.shape[0], weight.shape[0]
+        device = hidden.device
+        count = _trained_count_and_check(labels, n_vocab, ignore_index,
+                                         need_count=reduction == "mean" and num_items is None)
+        divisor = _mean_divisor(num_items, count, device) if reduction == "mean" else None
+        needs = ctx.needs_input_grad
+        want_grad = needs[0] or needs[1] or (bias is not None and needs[2])
+        # "mean"/"sum": the upstream gradient is one scalar, so compute the gradients now
+        # (scale 1) and rescale them in backward; "none": recompute in backward.
+        precompute = want_grad and reduction != "none"
+        grads = (None, None, None)
+        if precompute:
+            grads = _allocate_grads(hidden, weight, bias, needs)
+        loss_rows = empty(n_rows, dtype=torch.float32, device=device)
+        lse = empty(n_rows, dtype=torch.float32, device=device)
+        ones = torch.ones((), dtype=torch.float32, device=device) if precompute else None
+        with torch.autocast(device.type, enabled=False):  # inputs are already cast; keep out= matmuls exact
+            _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=loss_rows, lse=lse,
+                        lse_given=False, scale=ones, grads=grads, options=(ignore_index, z_loss, softcap))
+        ctx.options = (ignore_index, reduction, divisor, softcap, z_loss, chunk_rows, precompute)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if precompute:
+            ctx.grads = grads
+            ctx.consumed = False
+        elif want_grad:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        return _reduce(loss_rows, reduction, divisor)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ignore_index, reduction, divisor, softcap, z_loss, chunk_rows, precompute = ctx.options
+        needs = ctx.needs_input_grad
+        if precompute:
+            if ctx.consumed:
+                raise RuntimeError("linear_cross_entropy: backward ran twice through the same graph; its "
+                                   "gradients are computed in forward and scaled in place (retain_graph is not supported)")
+            ctx.consumed = True
+            grad_hidden, grad_weight, grad_bias = ctx.grads
+            ctx.grads = None
+            scale = _upstream_scale(grad_output, reduction, divisor)
+            for g in (grad_hidden, grad_weight, grad_bias):
+                if g is not None:
+                    _scale_inplace(g, scale)
+        else:
+            hidden, weight, bias, labels, lse = ctx.saved_tensors
+            grad_hidden, grad_weight, grad_bias = _allocate_grads(hidden, weight, bias, needs)
+            with torch.autocast(hidden.device.type, enabled=False):
+                _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=None, lse=lse,
+                            lse_given=True, scale=_upstream_scale(grad_output, reduction, divisor),
+                            grads=(grad_hidden, grad_weight, grad_bias), options=(ignore_index, z_loss, softcap))
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)  # accumulated in fp32
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _allocate_grads(hidden, weight, bias, needs):
+    """Gradient buffers. grad_W accumulates in the weight's dtype through cuBLAS (fp32 math
+    inside every chunk's GEMM); grad_bias accumulates in fp32 (it is tiny)."""
+    grad_hidden = empty(*hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
+    grad_weight = empty(*weight.shape, dtype=weight.dtype, device=weight.device) if needs[1] else None
+    grad_bias = None
+    if bias is not None and needs[2]:
+        grad_bias = empty(*bias.shape, dtype=torch.float32, device=bias.device)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast, cast like F.linear would (e.g. fp32 master weights, bf16 math)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return hidden, weight, bias
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (hidden, weight, bias)]
+    return tuple(cast)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, labels) without the full logits.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, labels (...). ``chunk_size`` is
+    the number of token rows per chunk (default: adapted to V so the chunk logits stay
+    within ~512 MiB). Returns a float32 loss.
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape (N, H) or (..., H), got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden has {hidden.shape[-1]} "
+                         f"features; expected weight (V, {hidden.shape[-1]})")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    _check_labels_tensor(labels, hidden.shape[:-1], "hidden")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    _check_options(reduction, ignore_index, num_items, z_loss, softcap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if not use_triton(hidden):
+        _trained_count_and_check_cpu(flat_labels, weight.shape[0], ignore_index)
+        loss = reference.linear_cross_entropy(rows, weight, flat_labels, bias=bias, ignore_index=ignore_index,
+                                              reduction=reduction, num_items=num_items, softcap=softcap,
+                                              z_loss=z_loss)
+        return loss.reshape(labels.shape) if reduction == "none" else loss
+
+    rows = rows.contiguous()
+    weight_c = weight.contiguous()
+    chunk_rows = chunk_size or _auto_chunk_rows(rows.shape[0], weight.shape[0], rows.element_size())
+    bias_c = bias.contiguous() if bias is not None else None
+    loss = _LinearCrossEntropy.apply(rows, weight_c, bias_c, flat_labels.contiguous(), ignore_index, reduction,
+                                     num_items, softcap, float(z_loss), int(chunk_rows))
+    return loss.reshape(labels.shape) if reduction == "none" else loss

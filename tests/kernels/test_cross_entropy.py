@@ -1,0 +1,244 @@
+"""Parity tests of fastsft_kernels.cross_entropy against the float64 reference.
+
+CPU: the Triton kernels run through the interpreter (tests/conftest.py), shapes
+stay small and odd (37 rows, vocab 509). GPU-marked tests run real sizes.
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsft_kernels as fk
+from fastsft_kernels import reference
+from fastsft_kernels.testing import assert_close
+
+N, V = 37, 509
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp32 math ~1e-7 here; half inputs: the gradient is rounded to the input dtype
+# (bf16 keeps 8 bits -> ~4e-3 relative per element).
+GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOSS_BOUND = 1e-5  # the loss is fp32 from the same (rounded) inputs as the reference
+
+
+def _inputs(dtype, seed, n=N, v=V, ignore_every=4, device="cpu", scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=gen) * scale).to(device=device, dtype=dtype)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    if ignore_every:
+        labels[1::ignore_every] = -100
+    return logits, labels
+
+
+def _check(logits, labels, *, grad_bound, upstream_seed=7, **kwargs):
+    """Forward + backward through fastsft and the float64 reference; compare loss and grad."""
+    x = logits.clone().requires_grad_()
+    loss = fk.cross_entropy(x, labels, **kwargs)
+    gen = torch.Generator().manual_seed(upstream_seed)
+    if loss.dim() == 0:
+        upstream = torch.rand((), generator=gen) + 0.5
+    else:
+        upstream = torch.randn(loss.shape, generator=gen)
+    upstream = upstream.to(loss.device)
+    loss.backward(upstream)
+
+    x64 = logits.detach().to(torch.float64).requires_grad_()
+    ref = reference.cross_entropy(x64.reshape(-1, x64.shape[-1]), labels.reshape(-1), **kwargs)
+    if loss.dim():
+        ref = ref.reshape(loss.shape)
+    ref.backward(upstream.to(torch.float64))
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref, LOSS_BOUND, "loss")
+    assert x.grad.dtype == logits.dtype
+    assert_close(x.grad, x64.grad, grad_bound, "logits grad")
+    return loss, x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_backward(dtype, reduction, device):
+    logits, labels = _inputs(dtype, seed=1, device=device)
+    _, grad = _check(logits, labels, grad_bound=GRAD_BOUND[dtype], reduction=reduction)
+    ignored = labels == -100
+    assert torch.all(grad[ignored] == 0), "ignored rows must get zero gradient"
+
+
+@pytest.mark.parametrize(
+    "dtype,options",
+    [
+        (torch.float32, dict(label_smoothing=0.1)),
+        (torch.float32, dict(z_loss=1e-3)),
+        (torch.float32, dict(softcap=5.0)),
+        (torch.float32, dict(label_smoothing=0.2, z_loss=1e-2, softcap=4.0, reduction="none")),
+        (torch.float16, dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)),
+        (torch.bfloat16, dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, reduction="sum")),
+    ],
+)
+def test_smoothing_zloss_softcap(dtype, options, device):
+    logits, labels = _inputs(dtype, seed=2, device=device)
+    _check(logits, labels, grad_bound=GRAD_BOUND[dtype], **options)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_divides_mean(as_tensor, device):
+    logits, labels = _inputs(torch.float32, seed=3, device=device)
+    num_items = torch.tensor(101, device=device) if as_tensor else 101
+    loss, _ = _check(logits, labels, grad_bound=1e-5, num_items=num_items)
+    total = fk.cross_entropy(logits, labels, reduction="sum")
+    assert_close(loss, total / 101, 1e-6, "mean with num_items")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_not_nan(reduction, device):
+    logits, labels = _inputs(torch.bfloat16, seed=4, n=9, device=device)
+    labels[:] = -100
+    x = logits.clone().requires_grad_()
+    loss = fk.cross_entropy(x, labels, reduction=reduction, z_loss=1e-3)
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    assert torch.all(x.grad == 0)
+
+
+def test_no_rows(device):
+    logits, labels = _inputs(torch.float32, seed=15, n=0, device=device)
+    x = logits.clone().requires_grad_()
+    loss = fk.cross_entropy(x, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, V)
+
+
+def test_custom_ignore_index_and_int32_labels(device):
+    logits, labels = _inputs(torch.float32, seed=5, ignore_every=0, device=device)
+    labels[::3] = 7  # ignore_index may also be a valid class id
+    _check(logits, labels.to(torch.int32), grad_bound=1e-5, ignore_index=7)
+
+
+def test_3d_input_is_flattened(device):
+    logits, labels = _inputs(torch.float32, seed=6, n=3 * 7, device=device)
+    logits, labels = logits.reshape(3, 7, V), labels.reshape(3, 7)
+    loss, grad = _check(logits, labels, grad_bound=1e-5, reduction="none")
+    assert loss.shape == (3, 7) and grad.shape == (3, 7, V)
+    _check(logits, labels, grad_bound=1e-5)
+
+
+def test_strided_rows(device):
+    """Rows with a stride larger than the vocab (a slice of a wider buffer)."""
+    wide, labels = _inputs(torch.float32, seed=8, v=V + 11, device=device)
+    labels = labels.clamp(max=V - 1).masked_fill(labels < 0, -100)
+    logits = wide[:, :V]
+    assert logits.stride(0) == V + 11
+    _check(logits, labels, grad_bound=1e-5)
+
+
+def test_vocab_spanning_several_blocks(device):
+    """Vocab past the largest block (8192) and not a multiple of it."""
+    logits, labels = _inputs(torch.bfloat16, seed=9, n=5, v=8192 + 37, ignore_every=0, device=device)
+    labels[0] = 8192 + 36  # last column, in the partial block
+    _check(logits, labels, grad_bound=GRAD_BOUND[torch.bfloat16], label_smoothing=0.1, softcap=20.0)
+
+
+def test_large_logits_are_stable(device):
+    logits, labels = _inputs(torch.float32, seed=10, device=device, scale=1.0)
+    logits = logits * 30 + 1000.0  # exp would overflow without the running max
+    # x - lse at |x| ~ 1000 in fp32 carries ~|x| * 1.2e-7 ~ 1e-4 absolute error in the
+    # exponent (the float64 reference has none), hence the looser gradient bound.
+    _check(logits, labels, grad_bound=3e-4)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda x, y: (x, y[:-1]), "labels has shape"),
+        (lambda x, y: (x, y.float()), "labels has dtype"),
+        (lambda x, y: (x.to(torch.int32), y), "logits has dtype"),
+        (lambda x, y: (x[0], y[0]), "logits must have shape"),
+        (lambda x, y: (x, y.index_fill(0, torch.tensor([2]), V)), "outside \\[0, 509\\)"),
+        (lambda x, y: (x, y.index_fill(0, torch.tensor([2]), -3)), "outside \\[0, 509\\)"),
+    ],
+)
+def test_bad_inputs_raise(make, match, device):
+    logits, labels = _inputs(torch.float32, seed=11, device=device)
+    logits, labels = make(logits.cpu(), labels.cpu())
+    with pytest.raises(ValueError, match=match):
+        fk.cross_entropy(logits.to(device), labels.to(device))
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(reduction="avg"), "reduction"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(z_loss=-1.0), "z_loss"),
+        (dict(softcap=0.0), "softcap"),
+        (dict(num_items=torch.ones(2)), "num_items"),
+        (dict(num_items="7"), "num_items"),
+        (dict(ignore_index=1.5), "ignore_index"),
+    ],
+)
+def test_bad_options_raise(options, match, device):
+    logits, labels = _inputs(torch.float32, seed=12, device=device)
+    with pytest.raises(ValueError, match=match):
+        fk.cross_entropy(logits, labels, **options)
+
+
+def test_label_check_can_be_disabled_but_never_silently(monkeypatch, device):
+    monkeypatch.setenv("FASTSFT_CHECK_LABELS", "0")
+    logits, labels = _inputs(torch.float32, seed=13, device=device)
+    labels[5] = V + 3
+    loss = fk.cross_entropy(logits, labels, reduction="none")
+    assert torch.isnan(loss[5]), "an out-of-range label must poison its row's loss"
+    assert torch.isfinite(loss[torch.arange(N, device=device) != 5]).all()
+
+
+def test_cpu_without_flag_routes_to_reference(monkeypatch):
+    ce_module = importlib.import_module("fastsft_kernels.cross_entropy")
+
+    logits, labels = _inputs(torch.bfloat16, seed=14)
+    expected = fk.cross_entropy(logits, labels, z_loss=1e-3)  # Triton through the interpreter
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton launcher ran although FASTSFT_TRITON_ON_CPU=0")
+
+    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
+    monkeypatch.setattr(ce_module, "_launch_ce_rows", fail)
+    x = logits.clone().requires_grad_()
+    got = fk.cross_entropy(x, labels, z_loss=1e-3)
+    got.backward()
+    assert_close(got, expected, 1e-6, "reference vs Triton loss")
+    with pytest.raises(ValueError, match="outside"):
+        fk.cross_entropy(logits, labels.index_fill(0, torch.tensor([0]), V))
+
+
+def test_public_name_is_the_function_whatever_the_lookup_order():
+    """fastsft_kernels.cross_entropy must stay the op even when linear_cross_entropy loads its
+    module first (importing the submodule binds the package attribute to the module)."""
+    code = ("import types, fastsft_kernels as fk; fk.linear_cross_entropy; "
+            "assert not isinstance(fk.cross_entropy, types.ModuleType), fk.cross_entropy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ GPU, real sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [128256, 151936])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_real_size_bf16(vocab, reduction):
+    # 16k x 151936 passes 2^31 elements: exercises the int64 row offsets.
+    n = 16384
+    torch.manual_seed(0)
+    logits = (torch.randn(n, vocab, device="cuda") * 2).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    labels[::5] = -100
+    x = logits.clone().requires_grad_()
+    loss = fk.cross_entropy(x, labels, reduction=reduction, z_loss=1e-4)
+    upstream = torch.randn_like(loss) if loss.dim() else torch.tensor(1.0, device="cuda")
+    loss.backward(upstream)
+    # float32 reference (float64 would need ~20 GB per copy at this size)
+    ref_x = logits.float().requires_grad_()
+    ref = reference.cross_entropy(ref_x, labels, reduction=reduction, z_loss=1e-4)
+    ref.backward(upstream)
+    assert_close(loss, ref, 1e-5, "loss")
+    assert_close(x.grad, ref_x.grad, 1e-2, "logits grad")
