@@ -1,0 +1,158 @@
+"""Load raw records (a list of dicts) from files, directories or `datasets` names.
+
+JSONL is parsed here line by line, so a malformed line is reported with its file
+and line number; JSON is parsed here too. Parquet, CSV, directories and dataset
+names go through the `datasets` library. A file is one split; `split` selects
+the split of a directory, a named dataset, or a JSON object of lists per split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+from fastsft.errors import DataError
+
+DATASETS_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
+JSON_SUFFIXES = (".jsonl", ".json")
+_FILE_SUFFIXES = JSON_SUFFIXES + tuple(DATASETS_FILE_BUILDERS)
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """Every record of `source` as a plain dict, in file order."""
+    source = os.path.expanduser(source)
+    if os.path.isfile(source):
+        lower = source.lower()
+        if lower.endswith(".jsonl"):
+            return _read_jsonl(source)
+        if lower.endswith(".json"):
+            return _read_json(source, split)
+        for suffix, builder in DATASETS_FILE_BUILDERS.items():
+            if lower.endswith(suffix):
+                return _to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(
+                    builder, data_files=source, split="train")), source)
+        raise DataError(
+            f"{source}: unsupported file type (expected .jsonl, .json, .parquet or .csv)"
+        )
+    if os.path.isdir(source):
+        return _to_records(_load_directory(source, split), source)
+    if source.lower().endswith(_FILE_SUFFIXES) or source.startswith(("/", "./", "../", "~")):
+        raise DataError(f"{source}: no such file or directory")
+    return _to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(source, split=split)), source)
+
+
+def source_fingerprint(source: str, split: str = "train") -> Optional[str]:
+    """A hash of the source's content, or None when only loading it can tell (hub names)."""
+    source = os.path.expanduser(source)
+    if os.path.isfile(source):
+        return "file:" + _hash_files([source], os.path.dirname(source))
+    if os.path.isdir(source):
+        files = []
+        for root, dirs, names in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        return f"dir:{split}:" + _hash_files(files, source)
+    return None
+
+
+def _hash_files(paths: list[str], root: str) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    records = []
+    with open(path, "r", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}, line {line_number}: malformed JSON ({error.msg} at column {error.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}"
+                )
+            records.append(record)
+    return records
+
+
+def _read_json(path: str, split: str = "train") -> list[dict]:
+    with open(path, "r", encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_jsonl(path)  # JSON lines saved with a .json suffix
+        raise DataError(f"{path}, line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if isinstance(data.get(split), list):
+            lists = [split]  # {"train": [...], "test": [...]}: the split's list
+        if len(lists) != 1:
+            raise DataError(
+                f"{path}: expected a JSON list of examples, or an object with exactly one list "
+                f"of examples or a list named after the split {split!r}, found list fields {lists}"
+            )
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: example {index}: expected a JSON object, got {type(record).__name__}")
+    return data
+
+
+def _load_directory(path: str, split: str):
+    datasets = _datasets()
+    if any(os.path.exists(os.path.join(path, marker)) for marker in _SAVED_DATASET_MARKERS):
+        loaded = _load_with_datasets(path, lambda: datasets.load_from_disk(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r} (splits: {', '.join(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    return _load_with_datasets(path, lambda: datasets.load_dataset(path, split=split))
+
+
+def _load_with_datasets(source: str, load):
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types; the user needs the message
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{source}: cannot load with `datasets`: {message}") from None
+
+
+def _to_records(dataset, source: str) -> list[dict]:
+    if hasattr(dataset, "to_list"):
+        return dataset.to_list()
+    raise DataError(f"{source}: loaded a {type(dataset).__name__}, expected a datasets.Dataset")
+
+
+def records_fingerprint(records: list[dict]) -> str:
+    """A hash of loaded records, for sources without files to hash (dataset names)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return "records:" + digest.hexdigest()
+
+
+def _datasets():
+    import datasets
+
+    return datasets
