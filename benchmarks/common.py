@@ -28,11 +28,13 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _version(module: str) -> Optional[str]:
+def _version(distribution: str) -> Optional[str]:
+    """Installed version of a distribution, read from its metadata (no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        mod = __import__(module)
-        return getattr(mod, "__version__", "unknown")
-    except Exception:
+        return version(distribution)
+    except PackageNotFoundError:
         return None
 
 
@@ -60,22 +62,13 @@ def environment() -> dict:
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "bitsandbytes": _version("bitsandbytes"),
-        "liger_kernel": _liger_version(),
-        "flash_attn": _version("flash_attn"),
+        "liger_kernel": _version("liger-kernel"),
+        "flash_attn": _version("flash-attn"),
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return env
-
-
-def _liger_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version("liger-kernel")
-    except Exception:
-        return None
 
 
 def device_slug() -> str:
@@ -166,9 +159,9 @@ def add_ratios(results: Sequence[Result], baseline: str) -> list:
     return out
 
 
-def write_results(name: str, config: dict, records: list, plot: bool = True) -> str:
-    """Write benchmarks/results/<device>/<name>.json (+ .png); return the JSON path."""
-    out_dir = os.path.join(RESULTS_DIR, device_slug())
+def write_results(name: str, config: dict, records: list, plot: bool = True, out_dir: Optional[str] = None) -> str:
+    """Write <out_dir or benchmarks/results/<device>>/<name>.json (+ .png); return the JSON path."""
+    out_dir = out_dir or os.path.join(RESULTS_DIR, device_slug())
     os.makedirs(out_dir, exist_ok=True)
     payload = {"benchmark": name, "environment": environment(), "config": config, "results": records}
     if has_cuda():
