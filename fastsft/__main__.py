@@ -1,0 +1,6 @@
+"""python -m fastsft ... == the fastsft command."""
+import sys
+
+from fastsft.cli import main
+
+sys.exit(main())

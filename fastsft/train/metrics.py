@@ -1,0 +1,168 @@
+"""metrics.jsonl, the loss-curve PNG, the progress display and the end-of-run summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory (CUDA), or the process's peak resident set size (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - not on Linux/macOS
+        return float("nan")
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; on resume, drops records past the checkpoint's step."""
+
+    def __init__(self, output_dir: str, *, resume_step: Optional[int]):
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        os.makedirs(output_dir, exist_ok=True)
+        kept: List[str] = []
+        if resume_step is not None and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(json.dumps(record))
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+
+    def write(self, record: Dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def records(self) -> List[Dict]:
+        with open(self.path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> Optional[str]:
+    """Training loss per step (and eval loss where measured) -> PNG. Returns the path, or None if no points."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and isinstance(r.get("loss"), float)]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("type") == "eval" and isinstance(r.get("eval_loss"), float)]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """A tqdm bar (loss, tokens/s, peak memory, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, *, total: int, initial: int, mode: str, logging_steps: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.logging_steps = logging_steps
+        use_bar = mode == "on" or (mode == "auto" and getattr(self.stream, "isatty", lambda: False)())
+        self.bar = None
+        if use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.initial = initial
+
+    def update(self, step: int, record: Dict) -> None:
+        text = (
+            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"peak {record['peak_memory_mb']:,.0f} MB"
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        if step % self.logging_steps == 0 or step == self.total:
+            done = step - self.initial
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+            eta_text = _fmt_duration(eta) if math.isfinite(eta) else "?"
+            self.write(f"step {step}/{self.total}  {text}  eta {eta_text}")
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def summary_lines(summary: Dict) -> List[str]:
+    """The end-of-run summary, one fact per line."""
+    lines = ["", "=== fastsft run summary ==="]
+    order = [
+        ("status", "status"), ("steps", "steps"), ("first_loss", "first loss"), ("final_loss", "final loss"),
+        ("eval_loss_start", "eval loss (start)"), ("eval_loss", "eval loss (end)"),
+        ("exact_match_start", "exact match (start)"), ("exact_match", "exact match (end)"),
+        ("skipped_steps", "skipped steps"), ("tokens", "tokens"), ("trained_tokens", "trained tokens"),
+        ("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory MB"), ("elapsed", "time"),
+        ("output_dir", "output"),
+    ]
+    for key, label in order:
+        if key not in summary or summary[key] is None:
+            continue
+        value = summary[key]
+        if key.startswith("exact_match"):
+            value = f"{100 * value:.1f}%"
+        elif key == "elapsed":
+            value = _fmt_duration(value)
+        elif isinstance(value, float):
+            value = f"{value:,.4f}" if value < 100 else f"{value:,.0f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        lines.append(f"  {label:<20} {value}")
+    return lines

@@ -1,0 +1,192 @@
+"""Build the tokenizer and model for a run: tiny-llama or a pretrained model, then LoRA / QLoRA / full, then patch."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from fastsft.errors import ConfigError, DataError
+
+logger = logging.getLogger("fastsft.train")
+
+TINY_MODEL = "tiny-llama"
+BASE_MODEL_DIR = "base_model"  # output_dir/base_model: the tiny model's weights + tokenizer
+
+
+@dataclass
+class Precision:
+    name: str  # "fp32" | "bf16" | "fp16"
+    compute_dtype: torch.dtype
+    autocast: bool  # run the forward under torch.autocast(compute_dtype)
+    scaler: bool  # fp16: dynamic loss scaling
+
+
+def resolve_device(config) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is 'cuda' but no CUDA device is available")
+    return torch.device(config.device)
+
+
+def resolve_precision(config, device: torch.device) -> Precision:
+    name = config.precision
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config key 'precision' is bf16 but this GPU has no bf16; use fp16 (or auto)")
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'precision': fp16 with a loss scaler needs a CUDA device; use bf16 or fp32 on CPU")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(name, dtype, autocast=name != "fp32", scaler=name == "fp16")
+
+
+def iter_dataset_texts(source: str, split: str = "train") -> Iterator[str]:
+    """Every string in a dataset (recursively through messages), to train the tiny tokenizer on."""
+    from fastsft.data.load import load_records
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from strings(item)
+
+    for record in load_records(source, split):
+        yield from strings(record)
+
+
+def build_tiny_base(config, data_source: str, target_dir: str) -> str:
+    """Train a BPE tokenizer on the dataset, build a tiny Llama (seeded), save both to `target_dir`."""
+    from transformers import LlamaForCausalLM
+
+    from fastsft.tiny import build_tokenizer, tiny_llama_config
+
+    if config.tokenizer:  # a given tokenizer; the tiny model is sized to its vocabulary
+        tokenizer = load_tokenizer(config.tokenizer, config)
+    else:
+        texts = list(iter_dataset_texts(data_source, config.dataset_split))
+        if config.eval_dataset:
+            texts += list(iter_dataset_texts(config.eval_dataset, config.dataset_split))
+        if not texts:
+            raise DataError(f"{data_source}: no text found to train the tiny tokenizer on")
+        tokenizer = build_tokenizer(texts, vocab_size=config.tokenizer_vocab_size)
+    try:
+        model_config = tiny_llama_config(len(tokenizer), **config.model_config)
+    except TypeError as exc:
+        raise ConfigError(f"config key 'model_config': {exc}") from None
+    model_config.pad_token_id = tokenizer.pad_token_id
+    model_config.bos_token_id = tokenizer.bos_token_id
+    model_config.eos_token_id = tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the same seed always gives the same initial weights
+        model = LlamaForCausalLM(model_config)
+    os.makedirs(target_dir, exist_ok=True)
+    model.save_pretrained(target_dir)
+    tokenizer.save_pretrained(target_dir)
+    return target_dir
+
+
+def load_tokenizer(path: str, config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out of the loss
+    return tokenizer
+
+
+def load_model(path: str, config, device: torch.device, precision: Precision) -> torch.nn.Module:
+    """The base model in the mode's dtype (QLoRA: 4-bit through BitsAndBytesConfig), then LoRA and checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(trust_remote_code=config.trust_remote_code)
+    if config.mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - a dependency
+            raise ConfigError(f"mode 'qlora' needs bitsandbytes ({exc})") from None
+        compute = precision.compute_dtype if precision.name != "fp32" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": "cpu"}
+    elif config.mode == "lora":
+        # the frozen base in the compute dtype; the adapters stay fp32 (peft's autocast_adapter_dtype)
+        kwargs["dtype"] = precision.compute_dtype
+    else:
+        kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights; autocast computes in bf16/fp16
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.mode != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+
+    if config.mode == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if config.mode in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        try:
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules,
+                bias=config.lora_bias,
+                use_rslora=config.use_rslora,
+                modules_to_save=config.lora_modules_to_save,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise ConfigError(f"LoRA options (lora_*): {exc}") from None
+    if config.patch_kernels:
+        import fastsft
+
+        model = fastsft.patch_model(model)
+    return model
+
+
+def prepare_base(config, output_dir: str, resuming: bool) -> str:
+    """The directory (or hub name) to load the base model and tokenizer from."""
+    if config.model != TINY_MODEL:
+        return config.model
+    target = os.path.join(output_dir, BASE_MODEL_DIR)
+    if resuming and os.path.isfile(os.path.join(target, "config.json")):
+        return os.path.abspath(target)  # the exact weights and tokenizer the run started with
+    return os.path.abspath(build_tiny_base(config, config.dataset, target))
+
+
+def count_parameters(model: torch.nn.Module) -> tuple:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
