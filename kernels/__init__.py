@@ -22,6 +22,8 @@ _OPS = {
     "cross_entropy": "cross_entropy",
     "linear_cross_entropy": "cross_entropy",
     "lora_linear": "lora",
+    "lora_linear_fused": "lora",  # q/k/v or gate/up sharing one x
+    "dequantize_4bit": "lora",  # bitsandbytes NF4/FP4 -> dense, in Triton
     "varlen_attention": "attention",
     "rms_norm": "norm",
     "rope": "rope",

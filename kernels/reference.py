@@ -189,3 +189,68 @@ def varlen_attention(
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = (probs @ vd).transpose(0, 1).to(q.dtype)
     return out
+
+
+# --------------------------------------------------------------------------- LoRA (4-bit base)
+_4BIT_CODES = {
+    "nf4": [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+            -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+            0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+            0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+    "fp4": [v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+                               -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)],
+}
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense (out, in) weight from bitsandbytes 4-bit data (NF4/FP4, optionally double-quantized).
+
+    Flat element i of the row-major weight is the high nibble of byte i // 2 when i
+    is even, the low nibble when odd; its value is code[nibble] * absmax[i // blocksize]
+    in float32, cast to ``dtype`` (default ``quant_state.dtype``). Nested absmax:
+    code2[q[j]] * absmax2[j // blocksize2] + offset.
+    """
+    data = packed.reshape(-1)
+    if data.dtype != torch.uint8:
+        data = data.view(torch.uint8)
+    shape = tuple(int(s) for s in quant_state.shape)
+    numel = shape[0] * shape[1]
+    code = quant_state.code if getattr(quant_state, "code", None) is not None else \
+        torch.tensor(_4BIT_CODES[quant_state.quant_type])
+    code = code.to(device=data.device, dtype=torch.float32)
+    absmax = quant_state.absmax.reshape(-1)
+    if getattr(quant_state, "nested", False) and quant_state.state2 is not None:
+        state2 = quant_state.state2
+        idx = torch.arange(absmax.numel(), device=data.device) // int(state2.blocksize)
+        absmax = state2.code.to(torch.float32)[absmax.long()] * state2.absmax.reshape(-1).to(torch.float32)[idx]
+        absmax = absmax + torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device)
+    absmax = absmax.to(torch.float32)
+    nibbles = torch.stack((data >> 4, data & 15), dim=-1).reshape(-1)[:numel].long()
+    block = torch.arange(numel, device=data.device) // int(quant_state.blocksize)
+    values = code[nibbles] * absmax[block]
+    return values.reshape(shape).to(dtype or quant_state.dtype)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    quant_state=None,
+) -> torch.Tensor:
+    """y = x W^T + scaling * (x A^T) B^T (+ bias), computed in float32 (float64 for float64 x).
+
+    ``weight`` is dense (out, in), or bitsandbytes packed 4-bit data with ``quant_state``
+    (dequantized here to the compute dtype). lora_a (r, in), lora_b (out, r). The
+    result has x's dtype; gradients flow to x, lora_a, lora_b, bias and a dense weight.
+    """
+    dt = _compute_dtype(x)
+    w = dequantize_4bit(weight, quant_state, dtype=dt) if quant_state is not None else weight.to(dt)
+    xf = x.to(dt)
+    y = xf @ w.t() + scaling * ((xf @ lora_a.to(dt).t()) @ lora_b.to(dt).t())
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(x.dtype)

@@ -1,0 +1,207 @@
+"""Route peft LoRA layers through ``fastsft_kernels.lora_linear``.
+
+``apply(model)`` replaces ``forward`` on each eligible peft ``LoraLayer`` instance
+(a ``Linear`` base or a bitsandbytes ``Linear4bit`` base) with one fused call; the
+class is never touched, so merge/unmerge, ``merge_and_unload`` and
+``save_pretrained`` work exactly as in peft. ``revert(model)`` deletes the
+instance attribute, restoring peft's forward.
+
+Per call, the fast path runs only when it computes what peft would: one active
+adapter, not merged, adapters enabled, plain LoRA (no DoRA or other variant, no
+LoRA bias), dropout inactive (p == 0 or eval mode), no per-sample
+``adapter_names``, rank <= 128. Under torch.autocast the dense path computes in
+the autocast dtype, as ``F.linear`` would. Otherwise that call takes peft's own
+forward and the reason is logged once per layer.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from typing import List, Optional
+
+import torch
+
+logger = logging.getLogger("fastsft")
+
+_PATCHED = "_fastsft_lora_patched"
+_NAME = "_fastsft_lora_name"
+_LOGGED = "_fastsft_lora_logged"
+_IS_4BIT = "_fastsft_lora_4bit"
+
+
+def _peft_classes():
+    """(peft lora Linear, peft lora Linear4bit or None, LoraLayer) -- None when peft is missing."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear, LoraLayer
+    except ImportError:
+        return None
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except (ImportError, AttributeError):  # bitsandbytes missing: peft defines no Linear4bit
+        LoraLinear4bit = None
+    return LoraLinear, LoraLinear4bit, LoraLayer
+
+
+def _is_bnb_4bit(layer: torch.nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def _static_reason(module: torch.nn.Module, classes) -> Optional[str]:
+    """Why this LoraLayer can never use the fast path (None when it can)."""
+    lora_linear_cls, lora_4bit_cls, _ = classes
+    base = module.get_base_layer()
+    if lora_4bit_cls is not None and isinstance(module, lora_4bit_cls):
+        if not _is_bnb_4bit(base):
+            return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit"
+        return None
+    if type(module) is not lora_linear_cls:
+        return f"{type(module).__name__} LoRA layers are not supported (only Linear and Linear4bit bases)"
+    if type(base) is not torch.nn.Linear:
+        return f"base layer {type(base).__name__} is not a torch.nn.Linear"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style weights) is not supported"
+    return None
+
+
+def _call_reason(module: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> Optional[str]:
+    """Why this call must take peft's path (None when the fused kernel computes the same thing)."""
+    if module.disable_adapters:
+        return "adapters disabled"
+    if module.merged:
+        return "adapter merged into the base weight"
+    if kwargs.get("adapter_names") is not None:
+        return "per-sample adapter_names"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters (the fused path runs exactly one)"
+    name = active[0]
+    if module.use_dora.get(name, False):
+        return "DoRA"
+    if name in getattr(module, "lora_variant", {}):
+        return f"LoRA variant {type(module.lora_variant[name]).__name__}"
+    if getattr(module, "lora_bias", {}).get(name, False):
+        return "lora_bias=True"
+    dropout = module.lora_dropout[name]
+    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+        return f"dropout p={dropout.p} in training mode"
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
+        return f"dropout module {type(dropout).__name__}"
+    if module.lora_A[name].weight.shape[0] > 128:
+        return f"rank {module.lora_A[name].weight.shape[0]} > 128"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"input dtype {x.dtype}"
+    autocast = _autocast_dtype(x)
+    if autocast is not None and autocast not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"autocast dtype {autocast}"
+    base = module.get_base_layer()
+    weight = base.weight
+    if module.__dict__.get(_IS_4BIT):
+        if getattr(weight, "quant_state", None) is None:
+            return "4-bit weight has no quant_state"
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            return "bitsandbytes repacked this 4-bit weight for its CPU kernel"
+    elif autocast is None and weight.dtype != x.dtype:
+        return f"input dtype {x.dtype} differs from the base weight dtype {weight.dtype}"
+    if x.device != weight.device:
+        return "input and weight on different devices"
+    return None
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in effect for x's device, or None when autocast is off."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _log_once(module: torch.nn.Module, reason: str) -> None:
+    logged = module.__dict__.setdefault(_LOGGED, set())
+    if reason not in logged:
+        logged.add(reason)
+        logger.info("fastsft lora: %s: peft path for this call (%s)", module.__dict__.get(_NAME, "?"), reason)
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft LoraLayer.forward with one active plain adapter, as one fused lora_linear call."""
+    reason = _call_reason(self, x, kwargs) if not args else "extra positional arguments"
+    if reason is not None:
+        _log_once(self, reason)
+        return type(self).forward(self, x, *args, **kwargs)
+    kwargs.pop("adapter_names", None)
+    self._check_forward_args(x, *args, **kwargs)
+    import fastsft_kernels as fk
+
+    name = next(a for a in self.active_adapters if a in self.lora_A)
+    lora_a = self.lora_A[name].weight
+    lora_b = self.lora_B[name].weight
+    scaling = float(self.scaling[name])
+    base = self.get_base_layer()
+    weight = base.weight
+    autocast = _autocast_dtype(x)
+    if not self.__dict__.get(_IS_4BIT):  # dense nn.Linear base
+        bias = base.bias
+        if autocast is not None:
+            # what F.linear does under autocast: x, W and bias in the autocast dtype (the
+            # adapter's tiles are cast inside the kernel, as autocast would cast them)
+            x, weight = x.to(autocast), weight.to(autocast)
+            bias = bias.to(autocast) if bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return fk.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias)
+        return fk.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias)
+    # bitsandbytes Linear4bit: mirror its dtype handling (compute in compute_dtype, return x's dtype)
+    if not getattr(base, "compute_type_is_set", True):
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    inp_dtype = x.dtype
+    compute = base.compute_dtype or x.dtype
+    xc = x.to(compute)
+    bias = base.bias.to(compute) if base.bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = fk.lora_linear(xc, weight.data, lora_a, lora_b, scaling, bias=bias, quant_state=weight.quant_state)
+    return y.to(inp_dtype)
+
+
+def apply(model: torch.nn.Module) -> List[str]:
+    """Patch every eligible peft LoraLayer of ``model`` in place; return what was done and why."""
+    classes = _peft_classes()
+    if classes is None:
+        return []
+    lora_layer_cls = classes[2]
+    lines: List[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer_cls):
+            continue
+        if module.__dict__.get(_PATCHED):
+            continue  # idempotent
+        reason = _static_reason(module, classes)
+        if reason is not None:
+            line = f"{name}: kept on peft's path ({reason})"
+            logger.info("fastsft lora: %s", line)
+            lines.append(line)
+            continue
+        base = module.get_base_layer()
+        is_4bit = _is_bnb_4bit(base)
+        kind = f"4-bit {getattr(base.weight, 'quant_type', '?')}" if is_4bit else "dense"
+        module.__dict__[_IS_4BIT] = is_4bit
+        module.forward = types.MethodType(_fused_forward, module)
+        module.__dict__[_PATCHED] = True
+        module.__dict__[_NAME] = name
+        line = f"{name}: lora_linear ({kind} base {base.in_features}->{base.out_features})"
+        logger.info("fastsft lora: %s", line)
+        lines.append(line)
+    return lines
+
+
+def revert(model: torch.nn.Module) -> None:
+    """Restore peft's forward on every layer ``apply`` patched."""
+    for module in model.modules():
+        if module.__dict__.pop(_PATCHED, False):
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop(_NAME, None)
+            module.__dict__.pop(_LOGGED, None)
+            module.__dict__.pop(_IS_4BIT, None)

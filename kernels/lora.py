@@ -1,0 +1,481 @@
+"""LoRA linear: y = x W^T + scaling * (x A^T) B^T (+ bias), dense or 4-bit W.
+
+Shapes follow peft: x (..., in), weight (out, in) (or bitsandbytes' packed 4-bit
+data + its QuantState), lora_a (r, in), lora_b (out, r).
+
+Kernels (all fp32 accumulation; dot operands in the activation dtype):
+- ``_rank_project_kernel``   xa = x A^T (M, r), and s * g B (M, r): one pass over a
+                              (M, big) operand into a rank-r result.
+- ``_lora_matmul_kernel``    the big matmul with the LoRA term fused into its epilogue:
+                              forward  y  = x W^T + (s xa) B^T + bias
+                              backward dx = g W   + (s g B) A
+                              W tiles are loaded (and 4-bit W dequantized) in
+                              registers, tile by tile; the dense W is never copied.
+- ``_rank_reduce_kernel``    dB = s g^T xa and dA = (s g B)^T x: reductions over
+                              tokens, split over token chunks for parallelism and
+                              summed deterministically (no atomics).
+Backward saves x, the rank-r xa (fp32) and the parameters, never a dequantized W
+or a full-width intermediate. The dense base also uses the Triton matmul (one
+kernel reads x and W once and writes y once, with the LoRA term in the epilogue),
+so the dense and 4-bit paths share all code. On the GPU the 16-bit matmuls choose
+their tile shape by autotuning (keyed on shape and variant); fp32 inputs use exact
+("ieee") fp32 dots with one fixed tile shape.
+
+``lora_linear_fused`` runs several projections that share x (q/k/v, gate/up): one
+pass of x computes every adapter's x A^T, one pass computes every dA, and dx is
+accumulated across projections in one buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_utils import (FLOAT_DTYPES, check_float, check_same_device, empty, is_interpreter,
+                            next_power_of_2, use_triton)
+from .quant import QuantInfo, absmax_fp32, load_weight_tile, quant_info
+
+MAX_RANK = 128
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _rank_project_kernel(x_ptr, p_ptr, out_ptr, M, K, R, scale,
+                         stride_xm, stride_xk, stride_pr, stride_pk, stride_om,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[m, j] = scale * sum_k x[m, k] * p[j, k]  (out fp32, (M, R), rows contiguous)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        p = tl.load(p_ptr + offs_r[None, :].to(tl.int64) * stride_pr + offs_k[:, None].to(tl.int64) * stride_pk,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), p.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :]
+    tl.store(out, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _rank_reduce_kernel(y_ptr, z_ptr, part_ptr, M, D, R, rows_per_split,
+                        stride_ym, stride_yd, stride_zm, stride_zr,
+                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """part[split, d, j] = sum over this split's rows m of y[m, d] * z[m, j]  (fp32)."""
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_d = offs_d < D
+    mask_r = offs_r < R
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        rows = offs_m.to(tl.int64)[:, None]
+        y = tl.load(y_ptr + rows * stride_ym + offs_d[None, :].to(tl.int64) * stride_yd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        z = tl.load(z_ptr + rows * stride_zm + offs_r[None, :] * stride_zr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(tl.trans(y.to(DOT_DTYPE)), z.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    out = part_ptr + split.to(tl.int64) * D * R + offs_d.to(tl.int64)[:, None] * R + offs_r[None, :]
+    tl.store(out, acc, mask=mask_d[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    a_ptr, w_ptr, absmax_ptr, code_ptr, l_ptr, p_ptr, bias_ptr, out_ptr,
+    M, N_OUT, K_RED, R, scale,
+    stride_am, stride_ak, stride_wr, stride_wc, stride_lm, stride_lr, stride_pr, stride_pn,
+    stride_om, stride_on,
+    W_ROWS_ARE_OUT: tl.constexpr, IS_4BIT: tl.constexpr, PAIRED: tl.constexpr, QBLOCK: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out (M, N_OUT) [+]= a (M, K_RED) @ W-side + scale * l (M, R) @ p (R, N_OUT) [+ bias].
+
+    W_ROWS_ARE_OUT: W is (N_OUT, K_RED) and the product is a @ W^T (forward);
+    otherwise W is (K_RED, N_OUT) and the product is a @ W (backward dx).
+    QBLOCK: the 4-bit quantization blocksize (a constexpr: block index math becomes
+    shifts). ROWS_ALIGNED: W's row length is a multiple of QBLOCK, so a tile whose
+    columns fit in one quantization block needs one absmax per row.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    # grouped ordering: programs sharing W tiles run close together (L2 reuse)
+    group_size = GROUP_M * num_n
+    group = pid // group_size
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N_OUT
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_RED, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K_RED), other=0.0)
+        if W_ROWS_ARE_OUT:
+            w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N_OUT, K_RED, stride_wr, stride_wc,
+                                 QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_N, BLOCK_COL=BLOCK_K,
+                                 OUT_DTYPE=DOT_DTYPE, ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_K == 0)
+            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)
+        else:
+            w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_k, pid_n * BLOCK_N, K_RED, N_OUT, stride_wr,
+                                 stride_wc, QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_K,
+                                 BLOCK_COL=BLOCK_N, OUT_DTYPE=DOT_DTYPE,
+                                 ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_N == 0)
+            acc = tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+
+    # LoRA epilogue: rank-r update while the tile is still in registers
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    lo = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    pr = tl.load(p_ptr + offs_r[:, None].to(tl.int64) * stride_pr + offs_n[None, :].to(tl.int64) * stride_pn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    lo = (lo.to(tl.float32) * scale).to(DOT_DTYPE)
+    acc = tl.dot(lo, pr.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# On the GPU the 16-bit matmuls pick their tiles by autotuning (keyed on the problem
+# shape and variant); dx accumulation restores the output between trials.
+_MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                              (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
+]
+_lora_matmul_tuned = triton.autotune(
+    configs=_MATMUL_CONFIGS,
+    key=["N_OUT", "K_RED", "W_ROWS_ARE_OUT", "IS_4BIT", "PAIRED", "QBLOCK", "ROWS_ALIGNED", "HAS_BIAS",
+         "ACCUMULATE", "BLOCK_R"],
+    restore_value=["out_ptr"],
+)(_lora_matmul_kernel)
+
+
+# --------------------------------------------------------------------------- launchers
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_config(dtype: torch.dtype):
+    """Dot operand dtype and precision: 16-bit activations use tensor cores; fp32 stays exact fp32."""
+    return _TL_DTYPE[dtype], ("ieee" if dtype == torch.float32 else None)
+
+
+def _rank_block(r: int) -> int:
+    return max(16, next_power_of_2(r))
+
+
+class _Weight:
+    """The base weight as the kernels see it: dense (out, in) or 4-bit packed + QuantInfo."""
+
+    def __init__(self, weight: torch.Tensor, info: Optional[QuantInfo]):
+        self.weight = weight
+        self.info = info
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.info is not None
+
+    @property
+    def shape(self):
+        return self.info.shape if self.info is not None else tuple(self.weight.shape)
+
+    def kernel_args(self, absmax: Optional[torch.Tensor]):
+        """(w_ptr tensor, absmax, code, stride_row, stride_col, blocksize, paired)."""
+        if self.info is None:
+            w = self.weight
+            return w, w, w, w.stride(0), w.stride(1), 1, False
+        info = self.info
+        return info.packed, absmax, info.code, 0, 0, info.blocksize, info.shape[1] % 2 == 0
+
+
+def _matmul(a: torch.Tensor, weight: _Weight, absmax, lo: torch.Tensor, p: torch.Tensor, p_strides,
+            scale: float, bias: Optional[torch.Tensor], out: torch.Tensor, *, forward: bool,
+            accumulate: bool = False) -> torch.Tensor:
+    """out [+]= a @ W^T (forward) or a @ W (backward), plus scale * lo @ p, plus bias."""
+    M, k_red = a.shape
+    n_out = out.shape[1]
+    r = lo.shape[1]
+    w, am, code, s_wr, s_wc, blocksize, paired = weight.kernel_args(absmax)
+    dot_dtype, precision = _dot_config(a.dtype)
+    args = (a, w, am, code, lo, p, bias if bias is not None else out, out,
+            M, n_out, k_red, r, scale,
+            a.stride(0), a.stride(1), s_wr, s_wc, lo.stride(0), lo.stride(1), p_strides[0], p_strides[1],
+            out.stride(0), out.stride(1))
+    flags = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=weight.is_4bit, PAIRED=paired, QBLOCK=blocksize,
+                 ROWS_ALIGNED=bool(paired and weight.shape[1] % blocksize == 0),
+                 HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+                 DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_R=_rank_block(r))
+    if is_interpreter() or a.dtype == torch.float32:
+        # interpreter: one small config; fp32 (exact ieee dots, not the hot path): tiles that fit registers
+        bm, bn, bk, warps, stages = (32, 64, 64, 4, 1) if is_interpreter() else (64, 64, 32, 8, 3)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(n_out, bn),)
+        _lora_matmul_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                  num_warps=warps, num_stages=stages)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+        _lora_matmul_tuned[grid](*args, **flags)
+    return out
+
+
+def _rank_project(x: torch.Tensor, p: torch.Tensor, p_strides, r: int, scale: float,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """scale * x @ P^T as fp32 (M, r) (into ``out``, unit column stride, when given), P by (row j, col k) strides."""
+    M, K = x.shape
+    if out is None:
+        out = empty(M, r, dtype=torch.float32, device=x.device)
+    dot_dtype, precision = _dot_config(x.dtype)
+    bm, bk = (32, 64) if is_interpreter() else (64, 64)
+    _rank_project_kernel[(triton.cdiv(M, bm),)](
+        x, p, out, M, K, r, scale, x.stride(0), x.stride(1), p_strides[0], p_strides[1], out.stride(0),
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_rank_block(r),
+        num_warps=4, num_stages=1 if is_interpreter() else 4,
+    )
+    return out
+
+
+def _rank_reduce(y: torch.Tensor, z: torch.Tensor, dot_dtype_src: torch.dtype) -> torch.Tensor:
+    """y^T @ z as fp32 (D, R) for y (M, D), z (M, R): reduction over M, split for parallelism."""
+    M, D = y.shape
+    r = z.shape[1]
+    dot_dtype, precision = _dot_config(dot_dtype_src)
+    bd, bm = (64, 32) if is_interpreter() else (64, 64)
+    d_tiles = triton.cdiv(D, bd)
+    # enough programs to fill the GPU; each split sums a contiguous chunk of rows
+    target = 1 if is_interpreter() else 264
+    splits = max(1, min(triton.cdiv(target, d_tiles), triton.cdiv(M, 4 * bm)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), bm) * bm
+    splits = triton.cdiv(M, rows_per_split) if M else 1
+    part = empty(splits, D, r, dtype=torch.float32, device=y.device)
+    _rank_reduce_kernel[(d_tiles, splits)](
+        y, z, part, M, D, r, rows_per_split, y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_D=bd, BLOCK_M=bm, BLOCK_R=_rank_block(r),
+        num_warps=4, num_stages=1 if is_interpreter() else 3,
+    )
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def _dense_or_4bit(weight: torch.Tensor, quant_state) -> _Weight:
+    if quant_state is None:
+        if weight.dtype == torch.uint8:
+            raise ValueError("weight is uint8 (packed 4-bit data?) but quant_state is None")
+        check_float("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        return _Weight(weight, None)
+    return _Weight(weight, quant_info(weight, quant_state))
+
+
+def _check_lora(x: torch.Tensor, w: _Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, bias, name: str = ""):
+    out_f, in_f = w.shape
+    check_float("x", x)
+    check_float(f"lora_a{name}", lora_a)
+    check_float(f"lora_b{name}", lora_b)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features but weight{name} expects in_features={in_f}")
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_f:
+        raise ValueError(f"lora_a{name} must be (r, {in_f}), got {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if lora_b.dim() != 2 or lora_b.shape != (out_f, r):
+        raise ValueError(f"lora_b{name} must be ({out_f}, {r}), got {tuple(lora_b.shape)}")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"LoRA rank must be in 1..{MAX_RANK}, got {r}")
+    if not w.is_4bit and w.weight.dtype != x.dtype:
+        raise ValueError(f"weight{name} dtype {w.weight.dtype} differs from x dtype {x.dtype}")
+    if bias is not None:
+        check_float(f"bias{name}", bias)
+        if bias.shape != (out_f,):
+            raise ValueError(f"bias{name} must be ({out_f},), got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=w.weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+# --------------------------------------------------------------------------- autograd
+class _LoraLinearFn(torch.autograd.Function):
+    """Forward/backward of one or several LoRA projections sharing the input x.
+
+    Projection i has weight[i], lora_a[i], lora_b[i], scaling[i], bias[i]. Tensors
+    are passed flat (autograd needs them as arguments): weights, lora_as, lora_bs,
+    biases, each a run of n entries.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, infos, scalings, *tensors):
+        n = len(scalings)
+        weights, lora_as, lora_bs, biases = (tensors[i * n:(i + 1) * n] for i in range(4))
+        ranks = [a.shape[0] for a in lora_as]
+        # one pass over x for every adapter's x A^T
+        a_cat = lora_as[0] if n == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], 0)
+        xa = _rank_project(x2, a_cat, (a_cat.stride(0), a_cat.stride(1)), a_cat.shape[0], 1.0)
+        outs, offset = [], 0
+        for i in range(n):
+            w = _Weight(weights[i], infos[i])
+            absmax = absmax_fp32(w.info) if w.is_4bit else None
+            y = empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
+            lo = xa[:, offset:offset + ranks[i]]
+            b = lora_bs[i]
+            _matmul(x2, w, absmax, lo, b, (b.stride(1), b.stride(0)), scalings[i], biases[i], y, forward=True)
+            outs.append(y)
+            offset += ranks[i]
+        ctx.save_for_backward(x2, xa, *weights, *lora_as, *lora_bs)
+        ctx.infos, ctx.scalings, ctx.ranks = infos, scalings, ranks
+        ctx.bias_meta = [(b is not None and b.requires_grad, None if b is None else b.dtype) for b in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa, *params = ctx.saved_tensors
+        n = len(ctx.scalings)
+        weights, lora_as, lora_bs = params[:n], params[n:2 * n], params[2 * n:]
+        M = x2.shape[0]
+        need_x = ctx.needs_input_grad[0]
+        out_features = [_Weight(w, info).shape[0] for w, info in zip(weights, ctx.infos)]
+        # an output that did not reach the loss has a zero gradient
+        grads = [torch.zeros(M, n_out, dtype=x2.dtype, device=x2.device) if g is None else
+                 (g if g.stride(-1) == 1 else g.contiguous()) for g, n_out in zip(grads, out_features)]
+        # rank-first: s * g B (M, r) for each projection, side by side in one buffer
+        gbs = empty(M, sum(ctx.ranks), dtype=torch.float32, device=x2.device)
+        d_a, d_b, offset = [], [], 0
+        for i in range(n):
+            g, b, s, r = grads[i], lora_bs[i], ctx.scalings[i], ctx.ranks[i]
+            _rank_project(g, b, (b.stride(1), b.stride(0)), r, s, out=gbs[:, offset:offset + r])
+            # dB = s * g^T xa  (out, r)
+            d_b.append((_rank_reduce(g, xa[:, offset:offset + r], g.dtype) * s).to(b.dtype)
+                       if ctx.needs_input_grad[3 + 2 * n + i] else None)
+            offset += r
+        # dA = (s g B)^T x for all adapters in one pass over x
+        if any(ctx.needs_input_grad[3 + n + i] for i in range(n)):
+            d_a_cat = _rank_reduce(x2, gbs, x2.dtype).t()  # (r_tot, in)
+            offset = 0
+            for i in range(n):
+                r = ctx.ranks[i]
+                d_a.append(d_a_cat[offset:offset + r].to(lora_as[i].dtype).contiguous()
+                           if ctx.needs_input_grad[3 + n + i] else None)
+                offset += r
+        else:
+            d_a = [None] * n
+        dx = None
+        if need_x:
+            dx = empty(M, x2.shape[1], dtype=x2.dtype, device=x2.device)
+            a_cat = lora_as[0] if n == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], 0)
+            for i in range(n):
+                w = _Weight(weights[i], ctx.infos[i])
+                absmax = absmax_fp32(w.info) if w.is_4bit else None
+                # the rank term for all projections rides on the first matmul's epilogue
+                lo, p = (gbs, a_cat) if i == 0 else (gbs[:, :0], a_cat[:0])
+                _matmul(grads[i], w, absmax, lo, p, (p.stride(0), p.stride(1)), 1.0, None, dx,
+                        forward=False, accumulate=i > 0)
+        d_w = []
+        for i in range(n):
+            if ctx.infos[i] is None and ctx.needs_input_grad[3 + i]:
+                gw = empty(*weights[i].shape, dtype=weights[i].dtype, device=x2.device)
+                torch.mm(grads[i].t(), x2, out=gw)  # full fine-tuning of the base: cuBLAS
+                d_w.append(gw)
+            else:
+                d_w.append(None)
+        d_bias = [grads[i].sum(0, dtype=torch.float32).to(dt) if needs else None
+                  for i, (needs, dt) in enumerate(ctx.bias_meta)]
+        return (dx, None, None, *d_w, *d_a, *d_b, *d_bias)
+
+
+def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states):
+    n = len(weights)
+    for name, seq in (("lora_as", lora_as), ("lora_bs", lora_bs), ("scalings", scalings),
+                      ("biases", biases), ("quant_states", quant_states)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries; expected one per weight ({n})")
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dims (..., in), got shape {tuple(x.shape)}")
+    ws = [_dense_or_4bit(w, q) for w, q in zip(weights, quant_states)]
+    for i, w in enumerate(ws):
+        _check_lora(x, w, lora_as[i], lora_bs[i], biases[i], name="" if n == 1 else f"[{i}]")
+    for i, s in enumerate(scalings):
+        if not isinstance(s, (int, float)) or s != s:
+            raise ValueError(f"scaling must be a finite Python number, got {s!r}")
+    lead = x.shape[:-1]
+    if x.numel() == 0:  # no tokens: nothing to launch; the reference handles the empty shapes
+        return [reference.lora_linear(x, w, a, b, s, bias=bi, quant_state=q)
+                for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
+    x2 = _as_2d(x)
+    outs = _LoraLinearFn.apply(
+        x2, [w.info for w in ws], [float(s) for s in scalings],
+        *[w.weight if w.info is None else w.info.packed for w in ws], *lora_as, *lora_bs, *biases)
+    return [y.reshape(*lead, y.shape[-1]) for y in outs]
+
+
+# --------------------------------------------------------------------------- public API
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float, *, bias: Optional[torch.Tensor] = None, quant_state=None) -> torch.Tensor:
+    """y = x W^T + scaling * (x A^T) B^T (+ bias); W dense or bitsandbytes 4-bit (quant_state)."""
+    if not use_triton(x):
+        return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, quant_state=quant_state)
+    return _run(x, [weight], [lora_a], [lora_b], [scaling], [bias], [quant_state])[0]
+
+
+def lora_linear_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
+                      lora_bs: Sequence[torch.Tensor], scalings: Sequence[float], *,
+                      biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                      quant_states: Optional[Sequence] = None) -> list:
+    """Several LoRA projections of one x (q/k/v, gate/up): [lora_linear(x, W_i, A_i, B_i, s_i, ...)].
+
+    x is read once for all x A_i^T and once for all dA_i, and dx accumulates every
+    projection's g_i W_i + s_i (g_i B_i) A_i into one buffer.
+    """
+    n = len(weights)
+    if n == 0:
+        raise ValueError("weights is empty; lora_linear_fused needs at least one projection")
+    biases = list(biases) if biases is not None else [None] * n
+    quant_states = list(quant_states) if quant_states is not None else [None] * n
+    if not use_triton(x):
+        return [reference.lora_linear(x, w, a, b, s, bias=bi, quant_state=q)
+                for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
+    return _run(x, list(weights), list(lora_as), list(lora_bs), list(scalings), biases, quant_states)
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense (out, in) W from bitsandbytes 4-bit data (Triton; CPU -> reference unless FASTSFT_TRITON_ON_CPU=1)."""
+    if not use_triton(packed):
+        return reference.dequantize_4bit(packed, quant_state, dtype=dtype)
+    from .quant import dequantize_4bit as triton_dequantize_4bit
+
+    return triton_dequantize_4bit(packed, quant_state, dtype=dtype)
+
+
+__all__ = ["lora_linear", "lora_linear_fused", "dequantize_4bit", "MAX_RANK", "FLOAT_DTYPES"]
