@@ -37,8 +37,7 @@ def main(argv=None):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    peft_config = None
-    if args.lora:
+    if args.lora:  # wrap before patching, so fastsft also routes the LoRA layers through its kernels
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -47,7 +46,7 @@ def main(argv=None):
     config = trl.SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=2,
                            gradient_accumulation_steps=4, learning_rate=2e-4 if args.lora else 2e-5,
                            packing=True, padding_free=True, bf16=args.bf16, logging_steps=1, report_to=[])
-    trainer = trl.SFTTrainer(model=model, args=config, peft_config=peft_config,
+    trainer = trl.SFTTrainer(model=model, args=config,
                              train_dataset=datasets.load_dataset(args.dataset, split="train"))
     trainer.train()
 

@@ -1,0 +1,192 @@
+"""RMSNorm, RoPE and SwiGLU patching of a model's modules (per instance, reversible).
+
+- rms_norm: each known RMSNorm module's forward -> fastsft_kernels.rms_norm with
+  the family's casting (offset 0: Llama style; offset 1: Gemma's (1 + w)).
+  Qwen3's and Gemma-3's q_norm/k_norm (over head_dim) are the same classes.
+- swiglu: each known MLP whose activation is SiLU -> down(swiglu(gate(x), up(x)))
+  (Phi-3: its fused gate_up_proj is split by a view, no copy). Gemma's MLPs use
+  gelu(tanh): GeGLU has no kernel here, so they are left to PyTorch and reported.
+- rope: each known attention module gets its own copy of the class's forward
+  whose globals map ``apply_rotary_pos_emb`` to the kernel. Nothing global is
+  touched -- other models in the process keep the stock function -- and
+  gradient checkpointing recomputes through the same patched forward. The copy
+  sees a snapshot of the modeling module's globals taken at patch time (other
+  names in that module rebound later are not seen by the patched forward;
+  objects mutated in place, such as the attention-function registry, are).
+
+The kernel calls are wrapped in torch.compiler.disable, so torch.compile of a
+patched model works: the kernels run eagerly between compiled graphs.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from typing import Callable, Dict, List
+
+import torch
+
+import fastsft_kernels as fk
+
+from . import base_model_of
+from .families import (
+    is_known_attention, is_patched, is_rms_norm_like, mlp_layout, norm_info,
+    original_forward, restore_forward, set_forward,
+)
+
+logger = logging.getLogger("fastsft.patch")
+
+WHICH = ("rms_norm", "rope", "swiglu")
+_TAGS = {"rms_norm": "fastsft.rms_norm", "rope": "fastsft.rope", "swiglu": "fastsft.swiglu"}
+
+
+# ---------------------------------------------------------------- kernels, opaque to torch.compile
+@torch.compiler.disable
+def _rms_norm(x, weight, eps, offset):
+    return fk.rms_norm(x, weight, eps, offset=offset)
+
+
+@torch.compiler.disable
+def _swiglu(gate, up):
+    return fk.swiglu(gate, up)
+
+
+@torch.compiler.disable
+def _rope(q, k, cos, sin):
+    return fk.rope(q, k, cos, sin)
+
+
+# ---------------------------------------------------------------- rms_norm
+def _make_norm_forward(offset: float, eps_attr: str) -> Callable:
+    def forward(self, hidden_states):
+        return _rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset)
+
+    return forward
+
+
+def _apply_rms_norm(model) -> List[str]:
+    done: Dict[str, int] = {}
+    skipped = set()
+    for _, module in model.named_modules():
+        info = norm_info(module)
+        if info is None:
+            if is_rms_norm_like(module):
+                skipped.add(type(module).__name__)
+            continue
+        offset, eps_attr = info
+        set_forward(module, _make_norm_forward(offset, eps_attr), _TAGS["rms_norm"])
+        done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
+    if skipped:
+        logger.warning("fastsft.patch_model: rms_norm: unknown norm classes left to PyTorch: %s", ", ".join(sorted(skipped)))
+    return [f"{n} x{c}" for n, c in sorted(done.items())]
+
+
+# ---------------------------------------------------------------- swiglu
+def _is_silu(act) -> bool:
+    if isinstance(act, torch.nn.SiLU):
+        return True
+    if type(act).__name__ == "SiLUActivation":
+        return True
+    return act is torch.nn.functional.silu
+
+
+def _split_mlp_forward(self, x):
+    return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_mlp_forward(self, hidden_states):
+    gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+    return self.down_proj(_swiglu(gate, up))
+
+
+def _apply_swiglu(model) -> List[str]:
+    done: Dict[str, int] = {}
+    not_silu = set()
+    for _, module in model.named_modules():
+        layout = mlp_layout(module)
+        if layout is None:
+            continue
+        act = getattr(module, "act_fn", None) if layout == "split" else getattr(module, "activation_fn", None)
+        if not _is_silu(act):
+            not_silu.add(f"{type(module).__name__} ({type(act).__name__})")
+            continue
+        fn = _split_mlp_forward if layout == "split" else _fused_mlp_forward
+        set_forward(module, fn, _TAGS["swiglu"])
+        done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
+    if not_silu:
+        logger.warning("fastsft.patch_model: swiglu: MLPs whose activation is not SiLU are left to PyTorch "
+                       "(no GeGLU kernel): %s", ", ".join(sorted(not_silu)))
+    return [f"{n} x{c}" for n, c in sorted(done.items())]
+
+
+# ---------------------------------------------------------------- rope
+def _make_fast_apply_rotary(stock: Callable) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        # the kernel covers HF's standard call: q/k (batch, heads, seq, dim), cos/sin (batch, seq, rot)
+        if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() not in (2, 3):
+            return stock(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return _rope(q, k, cos, sin)
+
+    apply_rotary_pos_emb.__wrapped__ = stock
+    return apply_rotary_pos_emb
+
+
+_FORWARD_COPIES: Dict[type, Callable] = {}
+
+
+def _rope_forward_for(cls: type) -> Callable:
+    """cls.forward re-created with apply_rotary_pos_emb bound to the kernel (cached per class)."""
+    if cls in _FORWARD_COPIES:
+        return _FORWARD_COPIES[cls]
+    fn = cls.__dict__.get("forward")
+    if not isinstance(fn, types.FunctionType) or hasattr(fn, "__wrapped__"):
+        raise ValueError(f"{cls.__name__}.forward is wrapped or inherited; its rotary call cannot be redirected")
+    if "apply_rotary_pos_emb" not in fn.__code__.co_names or "apply_rotary_pos_emb" not in fn.__globals__:
+        raise ValueError(f"{cls.__name__}.forward does not call a module-level apply_rotary_pos_emb")
+    new_globals = dict(fn.__globals__)
+    new_globals["apply_rotary_pos_emb"] = _make_fast_apply_rotary(fn.__globals__["apply_rotary_pos_emb"])
+    copy = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    _FORWARD_COPIES[cls] = copy
+    return copy
+
+
+def _apply_rope(model) -> List[str]:
+    done: Dict[str, int] = {}
+    for _, module in model.named_modules():
+        if not is_known_attention(module):
+            continue
+        try:
+            fn = _rope_forward_for(type(module))
+        except ValueError as exc:
+            logger.warning("fastsft.patch_model: rope: %s; left to PyTorch", exc)
+            continue
+        set_forward(module, fn, _TAGS["rope"])
+        done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
+    return [f"{n} x{c}" for n, c in sorted(done.items())]
+
+
+_APPLY = {"rms_norm": _apply_rms_norm, "rope": _apply_rope, "swiglu": _apply_swiglu}
+
+
+def apply(model: torch.nn.Module, *, which: str) -> List[str]:
+    """Patch one of rms_norm / rope / swiglu on every known module of ``model``."""
+    if which not in _APPLY:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}; got {which!r}")
+    base = base_model_of(model)
+    done = _APPLY[which](base)
+    if not done:
+        logger.warning("fastsft.patch_model: %s: no supported module in %s (model_type %r); left to PyTorch",
+                       which, type(base).__name__, getattr(getattr(base, "config", None), "model_type", None))
+    return done
+
+
+def revert(model: torch.nn.Module, *, which: str) -> None:
+    if which not in _TAGS:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}; got {which!r}")
+    for _, module in base_model_of(model).named_modules():
+        restore_forward(module, _TAGS[which])
+
+
+__all__ = ["apply", "revert", "is_patched", "original_forward"]
