@@ -1,0 +1,373 @@
+"""fastsft's packed varlen attention as a transformers attention implementation.
+
+``apply(model)`` registers ``fastsft_varlen`` with transformers' AttentionInterface
+(and a matching AttentionMaskInterface entry, so mask creation hands over the 2-D
+padding mask, or nothing, instead of building a 4-D mask) and switches the model
+*instance* to it through ``set_attn_implementation``; ``revert(model)`` switches back.
+
+Per attention call the backend finds the document boundaries, in this order:
+1. ``cu_seq_lens_q`` passed by the caller (transformers' FlashAttentionKwargs, e.g.
+   from DataCollatorWithFlattening; ``max_length_q`` is not needed, the exact maximum
+   comes from the same host copy);
+2. a 2-D padding mask: the valid tokens are gathered (unpad), run as documents
+   and scattered back (padded positions get zeros);
+3. ``position_ids`` that restart per document: a document starts wherever the
+   position is not the previous one + 1;
+4. otherwise every batch row is one document.
+Boundaries are computed once per batch (one small device->host copy of the
+cu_seq_lens, mask or position ids), cached on the identity of that tensor, and
+reused by every later layer and the backward with no host sync.
+
+Cases the kernel does not cover (attention dropout > 0, decoding with a KV cache,
+custom 4-D masks) run an exact eager computation instead, logged once per reason.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import List, Optional
+
+import torch
+
+logger = logging.getLogger("fastsft")
+
+IMPLEMENTATIONS = {"triton": "fastsft_varlen", "flash_attn": "fastsft_varlen_fa2"}
+_PREVIOUS_ATTR = "_fastsft_attention_previous"
+_logged: set = set()
+
+
+def _log_once(key: str, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.warning(message, *args)
+
+
+# =============================================================================== boundaries
+class _Boundaries:
+    """Document boundaries of one batch: cu_seqlens on the device, the max length,
+    and for the unpad path the (row, column) index of every valid token."""
+
+    __slots__ = ("source", "version", "shape", "cu", "total", "max_len", "rows", "cols")
+
+    def __init__(self, source, cu, total, max_len, rows=None, cols=None):
+        self.source = source  # strong reference: identity checks stay sound while cached
+        self.version = source._version if isinstance(source, torch.Tensor) else None
+        self.shape = tuple(source.shape) if isinstance(source, torch.Tensor) else None
+        self.cu, self.total, self.max_len, self.rows, self.cols = cu, total, max_len, rows, cols
+
+    def matches(self, source) -> bool:
+        return (self.source is source and self.version == source._version
+                and self.shape == tuple(source.shape))
+
+
+_CACHE: List[_Boundaries] = []
+_CACHE_SIZE = 4  # e.g. a full-attention and a sliding-window mask of the same batch
+
+
+def _cached(source) -> Optional[_Boundaries]:
+    for entry in _CACHE:
+        if entry.matches(source):
+            return entry
+    return None
+
+
+def _remember(entry: _Boundaries) -> _Boundaries:
+    _CACHE.insert(0, entry)
+    del _CACHE[_CACHE_SIZE:]
+    return entry
+
+
+def _make_cu(bounds, device) -> torch.Tensor:
+    from fastsft_kernels.attention import make_cu_seqlens
+
+    return make_cu_seqlens(bounds, device)
+
+
+def boundaries_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int, device) -> _Boundaries:
+    """Documents of the flattened (batch * seqlen) tokens: a new one starts at each row
+    start and wherever a position is not the previous position + 1."""
+    entry = _cached(position_ids)
+    if entry is not None and entry.rows is None and entry.total == batch * seqlen:
+        return entry
+    pos = position_ids.detach()
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    pos = pos.expand(batch, seqlen).to("cpu", torch.int64)  # the one sync of this batch
+    starts = torch.ones(batch, seqlen, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    bounds = starts.reshape(-1).nonzero().flatten().tolist() + [batch * seqlen]
+    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return _remember(_Boundaries(position_ids, _make_cu(bounds, device), bounds[-1], max_len))
+
+
+def boundaries_from_padding_mask(mask: torch.Tensor, device) -> _Boundaries:
+    """Unpad a (batch, seqlen) mask: each row's valid tokens form one document."""
+    entry = _cached(mask)
+    if entry is not None and entry.rows is not None:
+        return entry
+    host = mask.detach().to("cpu", torch.bool)  # the one sync of this batch
+    lengths = host.sum(dim=1).tolist()
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + int(n))
+    rows, cols = host.nonzero(as_tuple=True)
+    return _remember(_Boundaries(mask, _make_cu(bounds, device), bounds[-1], max(lengths) if lengths else 0,
+                                 rows.to(device, non_blocking=True), cols.to(device, non_blocking=True)))
+
+
+def boundaries_from_cu_seqlens(cu_seqlens: torch.Tensor, device) -> _Boundaries:
+    """Caller-provided cu_seq_lens (any int dtype/device): validated and copied to an
+    int32 device tensor once per batch, so each layer's kernel call skips the sync."""
+    entry = _cached(cu_seqlens)
+    if entry is not None and entry.rows is None:
+        return entry
+    bounds = [int(b) for b in cu_seqlens.detach().to("cpu").tolist()]  # the one sync of this batch
+    max_len = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    return _remember(_Boundaries(cu_seqlens, _make_cu(bounds, device), bounds[-1] if bounds else 0, max_len))
+
+
+_ROW_CACHE: dict = {}
+
+
+def boundaries_one_per_row(batch: int, seqlen: int, device) -> _Boundaries:
+    key = (batch, seqlen, str(device))
+    entry = _ROW_CACHE.get(key)
+    if entry is None:
+        if len(_ROW_CACHE) > 16:
+            _ROW_CACHE.clear()
+        entry = _Boundaries(None, _make_cu([i * seqlen for i in range(batch + 1)], device), batch * seqlen, seqlen)
+        _ROW_CACHE[key] = entry
+    return entry
+
+
+# =============================================================================== attention functions
+def _run_kernel(backend, q, k, v, cu, max_len, scale, causal, window, softcap, dropout):
+    """q (T, H, D), k/v (T, H_kv, D) -> (T, H, D) with the chosen backend."""
+    if backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_varlen_func
+
+        left = window - 1 if window is not None else -1
+        right = (0 if causal else left) if window is not None else -1
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
+                                      causal=causal, window_size=(left, right), softcap=softcap or 0.0)
+    if backend == "flash_attn":
+        _log_once("fa-dtype", "fastsft attention: flash-attn needs fp16/bf16 CUDA tensors (got %s on %s); "
+                  "using fastsft's Triton kernel for these calls", q.dtype, q.device)
+    import fastsft_kernels
+
+    return fastsft_kernels.varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=scale,
+                                            window=window, softcap=softcap)
+
+
+def eager_attention(query, key, value, attention_mask, scale, causal, window, softcap, dropout, training):
+    """Exact reference computation for the cases the kernel does not take.
+
+    query (B, H, S, D), key/value (B, H_kv, L, D); queries are the last S of the L
+    positions (bottom-right aligned, as with a KV cache). Returns (B, S, H, D).
+    """
+    batch, n_heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    group = n_heads // key.shape[1]
+    k = key.repeat_interleave(group, dim=1) if group > 1 else key
+    v = value.repeat_interleave(group, dim=1) if group > 1 else value
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(q_len, device=query.device).unsqueeze(1) + (kv_len - q_len)
+    j = torch.arange(kv_len, device=query.device).unsqueeze(0)
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= (i - j < window) if causal else ((i - j).abs() < window)
+    allowed = allowed.expand(batch, 1, q_len, kv_len)
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+        elif attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask[..., -kv_len:]
+        else:  # additive float mask
+            scores = scores + attention_mask[..., -kv_len:].float()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing to attend -> 0
+    if dropout and training:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.transpose(1, 2).contiguous()
+
+
+def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    batch, n_heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    window = int(sliding_window) if sliding_window is not None else None
+    if window is not None and window >= max(q_len, kv_len) and causal:
+        window = None  # covers every key: skip the window arithmetic
+    training = module.training
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+
+    reason = None
+    if dropout and training:
+        reason = "attention dropout > 0 (the kernel has no dropout)"
+    elif q_len != kv_len:
+        reason = "query and key lengths differ (KV cache)"
+    elif attention_mask is not None and attention_mask.dim() != 2:
+        reason = f"a {attention_mask.dim()}-D attention mask was passed"
+    if reason is not None:
+        _log_once(reason, "fastsft attention: %s; using an eager attention fallback for these calls", reason)
+        return eager_attention(query, key, value, attention_mask, scale, causal, window, softcap, dropout,
+                               training), None
+
+    q = query.transpose(1, 2)  # (B, S, H, D) views
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    if attention_mask is not None:
+        bnd = boundaries_from_padding_mask(attention_mask[:, -kv_len:], query.device)
+        out = _run_kernel(backend, q[bnd.rows, bnd.cols], k[bnd.rows, bnd.cols], v[bnd.rows, bnd.cols],
+                          bnd.cu, max(bnd.max_len, 1), scale, causal, window, softcap, 0.0)
+        padded = out.new_zeros(batch, q_len, n_heads, out.shape[-1])
+        return padded.index_put((bnd.rows, bnd.cols), out), None
+
+    cu_q = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    if cu_q is not None:
+        # max_length_q is not needed: the exact maximum comes with the one host copy
+        bnd = boundaries_from_cu_seqlens(cu_q, query.device)
+    elif position_ids is not None:
+        bnd = boundaries_from_position_ids(position_ids, batch, q_len, query.device)
+    else:
+        bnd = boundaries_one_per_row(batch, q_len, query.device)
+    cu, max_len = bnd.cu, max(bnd.max_len, 1)
+    out = _run_kernel(backend, q.reshape(batch * q_len, n_heads, head_dim),
+                      k.reshape(batch * kv_len, k.shape[2], head_dim),
+                      v.reshape(batch * kv_len, v.shape[2], v.shape[3]),
+                      cu, max_len, scale, causal, window, softcap, 0.0)
+    return out.view(batch, q_len, n_heads, out.shape[-1]), None
+
+
+def fastsft_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function backed by fastsft_kernels.varlen_attention."""
+    return _varlen_forward("triton", module, query, key, value, attention_mask, scaling=scaling,
+                           dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs)
+
+
+def fastsft_varlen_fa2(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       sliding_window=None, softcap=None, **kwargs):
+    """Same plumbing, with flash-attn's flash_attn_varlen_func as the kernel."""
+    return _varlen_forward("flash_attn", module, query, key, value, attention_mask, scaling=scaling,
+                           dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs)
+
+
+def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """Mask builder for the varlen backends: the 2-D padding mask when some token is
+    padding (or the lengths differ), else None -- never a 4-D mask."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+_FUNCTIONS = {"fastsft_varlen": fastsft_varlen, "fastsft_varlen_fa2": fastsft_varlen_fa2}
+
+
+def register() -> bool:
+    """Register the fastsft implementations with transformers (idempotent).
+
+    Returns False when this transformers has no AttentionMaskInterface (before 4.53):
+    its models then build a plain 4-D causal mask for any custom implementation,
+    which does not separate packed documents, so the backend cannot be used."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    for name, fn in _FUNCTIONS.items():
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, padding_only_mask)
+    return True
+
+
+# =============================================================================== apply / revert
+def _transformers_model(model):
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        try:
+            model = get_base()
+        except Exception:
+            pass
+    return model
+
+
+def _set_implementation(model, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(name)
+    else:  # transformers without set_attn_implementation: set every config of the model
+        for sub in model.modules():
+            config = getattr(sub, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        raise ValueError(f"{type(model).__name__} did not accept attn_implementation={name!r} "
+                         f"(it reports {model.config._attn_implementation!r})")
+
+
+def apply(model, backend: str = "triton") -> List[str]:
+    """Make ``model`` use fastsft's varlen attention; returns what was done."""
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"backend must be one of {sorted(IMPLEMENTATIONS)}, got {backend!r}")
+    if backend == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("backend='flash_attn' needs the flash-attn package "
+                              "(pip install -e '.[flash]' on a CUDA machine)") from exc
+    base = _transformers_model(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise ValueError(f"{type(model).__name__} is not a transformers model (no config._attn_implementation)")
+    name = IMPLEMENTATIONS[backend]
+    if not getattr(base, "_supports_attention_backend", False):
+        line = (f"attention: {type(base).__name__} does not support custom attention implementations; "
+                f"left at {config._attn_implementation!r}")
+        logger.warning(line)
+        return []
+    if not register():
+        import transformers
+
+        logger.warning("attention: transformers %s has no AttentionMaskInterface (needs >= 4.53); "
+                       "left at %r", transformers.__version__, config._attn_implementation)
+        return []
+    current = config._attn_implementation
+    if current == name:
+        return [f"attention: already {name}"]
+    previous = getattr(base, _PREVIOUS_ATTR, None)
+    if previous is None:
+        previous = current
+    _set_implementation(base, name)
+    object.__setattr__(base, _PREVIOUS_ATTR, previous)
+    line = f"attention: {current} -> {name} (packed varlen, {backend} kernel)"
+    logger.info(line)
+    return [line]
+
+
+def revert(model) -> None:
+    """Restore the attention implementation the model had before apply (no-op if not applied)."""
+    base = _transformers_model(model)
+    previous = getattr(base, _PREVIOUS_ATTR, None)
+    if previous is None:
+        return
+    _set_implementation(base, previous)
+    object.__delattr__(base, _PREVIOUS_ATTR)
+    logger.info("attention: restored %s", previous)
+
+
+__all__ = ["apply", "revert", "register", "fastsft_varlen", "fastsft_varlen_fa2", "eager_attention",
+           "padding_only_mask", "IMPLEMENTATIONS"]
