@@ -3,11 +3,10 @@ gradients and AdamW loss curve; packed rows == documents one by one; gradient
 accumulation == one big batch.
 
 Every kernel runs through the Triton interpreter on CPU, so models are tiny
-(hidden 64, 2 layers, one row of 20 tokens). The 30-step AdamW curve runs for
-Llama in fp32 (plus 4 steps in bf16); the other families run 5 steps each to
-keep the suite within its time budget -- their step-0 loss, logits and gradients
-are checked in full. The cost is almost all
-the interpreter running the attention and cross-entropy kernels.
+(hidden 64, 2 layers, one row of 20 tokens). Every family runs the 30-step AdamW
+curve in fp32 and in bf16; step 0 also checks loss, logits and every gradient
+(fp32). The cost is almost all the interpreter running the attention and
+cross-entropy kernels.
 """
 import copy
 
@@ -64,16 +63,20 @@ def _step(model, opt, ids, labels):
 
 
 @pytest.mark.parametrize("family,steps,dtype,bound", [
-    ("llama", 30, torch.float32, 1e-4),
-    ("llama", 4, torch.bfloat16, 1e-2),
-    *[(f, 5, torch.float32, 1e-4) for f in FAMILIES if f != "llama"],
+    *[(f, 30, torch.float32, 1e-4) for f in FAMILIES],
+    *[(f, 30, torch.bfloat16, 1e-2) for f in FAMILIES],
 ])
 def test_patched_matches_unpatched(family, steps, dtype, bound):
     """Step 0: same loss, gradients (fp32 1e-5) and logits; then the same AdamW loss curve."""
     ref = tiny_model(family, dtype)
     fast = fastsft.patch_model(copy.deepcopy(ref))
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.01)
-    opt_fast = torch.optim.AdamW(fast.parameters(), lr=3e-3, weight_decay=0.01)
+    # lr 1e-3, not higher: at 3e-3 the tiny model overfits its two batches within
+    # ~20 steps, and AdamW (which rescales every update by its gradient's RMS)
+    # turns rounding-level differences into 1e-4 loss differences even with the
+    # PyTorch reference ops on both sides (measured: mistral fp32, step 23, 1.2e-4).
+    # At 1e-3 the same comparison stays at 2e-7 (fp32) and 6e-4 (bf16).
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_fast = torch.optim.AdamW(fast.parameters(), lr=1e-3, weight_decay=0.01)
     ref_losses, fast_losses = [], []
     for step in range(steps):
         ids, labels = _batch(step % 2)  # two batches in turn: the model can fit them
