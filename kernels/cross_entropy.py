@@ -494,14 +494,15 @@ def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, lse, lse
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, num_items, softcap, z_loss, chunk_rows):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, num_items, softcap, z_loss, chunk_rows,
+                grad_enabled):
         n_rows, n_vocab = hidden.shape[0], weight.shape[0]
         device = hidden.device
         count = _trained_count_and_check(labels, n_vocab, ignore_index,
                                          need_count=reduction == "mean" and num_items is None)
         divisor = _mean_divisor(num_items, count, device) if reduction == "mean" else None
         needs = ctx.needs_input_grad
-        want_grad = needs[0] or needs[1] or (bias is not None and needs[2])
+        want_grad = grad_enabled and (needs[0] or needs[1] or (bias is not None and needs[2]))
         # "mean"/"sum": the upstream gradient is one scalar, so compute the gradients now
         # (scale 1) and rescale them in backward; "none": recompute in backward.
         precompute = want_grad and reduction != "none"
@@ -547,7 +548,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                             grads=(grad_hidden, grad_weight, grad_bias), options=(ignore_index, z_loss, softcap))
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)  # accumulated in fp32
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def _allocate_grads(hidden, weight, bias, needs):
@@ -631,6 +632,9 @@ def linear_cross_entropy(
     weight_c = weight.contiguous()
     chunk_rows = chunk_size or _auto_chunk_rows(rows.shape[0], weight.shape[0], rows.element_size())
     bias_c = bias.contiguous() if bias is not None else None
+    # Grad mode is read here: inside Function.forward it is always off, and
+    # needs_input_grad stays True under torch.no_grad (evaluation would otherwise
+    # pay for the gradient matmuls it never uses).
     loss = _LinearCrossEntropy.apply(rows, weight_c, bias_c, flat_labels.contiguous(), ignore_index, reduction,
-                                     num_items, softcap, float(z_loss), int(chunk_rows))
+                                     num_items, softcap, float(z_loss), int(chunk_rows), torch.is_grad_enabled())
     return loss.reshape(labels.shape) if reduction == "none" else loss

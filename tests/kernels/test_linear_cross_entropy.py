@@ -173,6 +173,23 @@ def test_no_grad_forward(device):
     assert_close(loss, ref, 1e-5, "no-grad loss")
 
 
+def test_no_grad_forward_skips_the_gradient_matmuls(monkeypatch, device):
+    """Under torch.no_grad (evaluation) the forward must not precompute gradients."""
+    import importlib
+
+    module = importlib.import_module("fastsft_kernels.cross_entropy")
+    calls = []
+    original = module._backprop_chunk
+    monkeypatch.setattr(module, "_backprop_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=10, device=device)
+    with torch.no_grad():
+        fk.linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=16)
+    assert calls == []
+    hidden.requires_grad_(True)
+    fk.linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=16).backward()
+    assert len(calls) > 0
+
+
 def test_second_backward_through_precomputed_grads_raises(device):
     hidden, weight, bias, labels = _inputs(torch.float32, seed=10, device=device)
     h = hidden.clone().requires_grad_()
