@@ -107,6 +107,32 @@ def selected(args, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- rms_norm
+def measure_providers(case: str, providers: Dict[str, Callable], input_sets: List[tuple],
+                      bytes_per_mode: Dict[str, float], args, unsupported: Optional[Dict[str, str]] = None) -> list:
+    """Time every selected provider on one case; a provider that cannot run gets a skip row."""
+    results = []
+    for provider, fn in providers.items():
+        if not selected(args, provider):
+            continue
+        why = (unsupported or {}).get(provider) or (liger_available() if provider == "liger" else None)
+        if why:
+            results.append(skipped(case, provider, why))
+            continue
+        results.extend(measure(case, provider, fn, input_sets, bytes_per_mode, quick=args.quick))
+    return results
+
+
+def smoke_providers(case: str, providers: Dict[str, Callable], inputs: tuple, args) -> list:
+    """One tiny CPU call per selected provider (skip rows for those that cannot run)."""
+    results = []
+    for provider, fn in providers.items():
+        if not selected(args, provider):
+            continue
+        why = liger_available() if provider == "liger" else None
+        results.append(skipped(case, provider, why) if why else smoke_measure(case, provider, fn, inputs))
+    return results
+
+
 def _torch_rms_norm(x, w, eps, offset):
     from fastsft_kernels import reference
 
@@ -148,14 +174,7 @@ def run(op, args):
         sets = [_inputs(rows, hidden, offset, dtype, "cuda", s) for s in range(3)]
         elt = 2
         nbytes = {"fwd": 2 * rows * hidden * elt, "bwd": 3 * rows * hidden * elt, "full": 5 * rows * hidden * elt}
-        for provider, fn in PROVIDERS.items():
-            if not selected(args, provider):
-                continue
-            why = liger_available() if provider == "liger" else None
-            if why:
-                results.append(skipped(name, provider, why))
-                continue
-            results.extend(measure(name, provider, fn, sets, nbytes, quick=args.quick))
+        results.extend(measure_providers(name, PROVIDERS, sets, nbytes, args))
         del sets
     config = {"dtype": "bfloat16", "cases": [dict(zip(("name", "rows", "hidden", "offset"), c)) for c in cases],
               "bytes": "fwd: read x + write y; bwd: read dy, x + write dx; full: both"}
@@ -166,9 +185,5 @@ def smoke(op, args):
     results = []
     for name, offset in (("tiny_llama", 0.0), ("tiny_gemma", 1.0)):
         inputs = _inputs(37, 96, offset, torch.float32, "cpu", 0)
-        for provider, fn in PROVIDERS.items():
-            if not selected(args, provider):
-                continue
-            why = liger_available() if provider == "liger" else None
-            results.append(skipped(name, provider, why) if why else smoke_measure(name, provider, fn, inputs))
+        results.extend(smoke_providers(name, PROVIDERS, inputs, args))
     return results

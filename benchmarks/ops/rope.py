@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .norm import liger_available, measure, selected, skipped, smoke_measure
+from .norm import measure_providers, smoke_providers
 
 
 def _rotate_half(x):
@@ -61,16 +61,8 @@ def run(op, args):
         sets = [_inputs(tokens, heads, kv, dim, rot, torch.bfloat16, "cuda", s) for s in range(3)]
         n = tokens * (heads + kv) * dim * 2
         nbytes = {"fwd": 2 * n, "bwd": 2 * n, "full": 4 * n}
-        for provider, fn in PROVIDERS.items():
-            if not selected(args, provider):
-                continue
-            why = liger_available() if provider == "liger" else None
-            if provider == "liger" and rot != dim:
-                why = "Liger's rope rotates the full head_dim (no partial rotary)"
-            if why:
-                results.append(skipped(name, provider, why))
-                continue
-            results.extend(measure(name, provider, fn, sets, nbytes, quick=args.quick))
+        unsupported = {"liger": "Liger's rope rotates the full head_dim (no partial rotary)"} if rot != dim else None
+        results.extend(measure_providers(name, PROVIDERS, sets, nbytes, args, unsupported))
         del sets
     config = {"dtype": "bfloat16",
               "cases": [dict(zip(("name", "tokens", "heads", "kv_heads", "head_dim", "rot_dim"), c)) for c in cases],
@@ -80,10 +72,4 @@ def run(op, args):
 
 def smoke(op, args):
     inputs = _inputs(13, 4, 2, 16, 16, torch.float32, "cpu", 0)
-    results = []
-    for provider, fn in PROVIDERS.items():
-        if not selected(args, provider):
-            continue
-        why = liger_available() if provider == "liger" else None
-        results.append(skipped("tiny", provider, why) if why else smoke_measure("tiny", provider, fn, inputs))
-    return results
+    return smoke_providers("tiny", PROVIDERS, inputs, args)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .norm import liger_available, measure, selected, skipped, smoke_measure
+from .norm import measure_providers, smoke_providers
 
 
 def _torch_swiglu(gate, up):
@@ -42,14 +42,7 @@ def run(op, args):
         sets = [_inputs(tokens, inter, torch.bfloat16, "cuda", s) for s in range(2)]
         n = tokens * inter * 2
         nbytes = {"fwd": 3 * n, "bwd": 5 * n, "full": 8 * n}  # bwd recomputes silu from gate, up
-        for provider, fn in PROVIDERS.items():
-            if not selected(args, provider):
-                continue
-            why = liger_available() if provider == "liger" else None
-            if why:
-                results.append(skipped(name, provider, why))
-                continue
-            results.extend(measure(name, provider, fn, sets, nbytes, quick=args.quick))
+        results.extend(measure_providers(name, PROVIDERS, sets, nbytes, args))
         del sets
     config = {"dtype": "bfloat16", "cases": [dict(zip(("name", "tokens", "intermediate"), c)) for c in cases],
               "bytes": "fwd: read gate, up + write h; bwd: read dh, gate, up + write dgate, dup"}
@@ -58,10 +51,4 @@ def run(op, args):
 
 def smoke(op, args):
     inputs = _inputs(37, 150, torch.float32, "cpu", 0)
-    results = []
-    for provider, fn in PROVIDERS.items():
-        if not selected(args, provider):
-            continue
-        why = liger_available() if provider == "liger" else None
-        results.append(skipped("tiny", provider, why) if why else smoke_measure("tiny", provider, fn, inputs))
-    return results
+    return smoke_providers("tiny", PROVIDERS, inputs, args)
