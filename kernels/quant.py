@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from ._triton_utils import FLOAT_DTYPES, empty, is_interpreter
 
 SUPPORTED_QUANT_TYPES = ("nf4", "fp4")
@@ -108,20 +109,10 @@ def quant_info(packed: torch.Tensor, quant_state) -> QuantInfo:
     return info
 
 
-_CODES = {
-    "nf4": [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-            -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-            0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-            0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
-    # FP4 (1 sign, 2 exponent, 1 mantissa bits) in bit-pattern order, normalised by 12
-    "fp4": [v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                               -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)],
-}
-
-
 def standard_code(quant_type: str, device) -> torch.Tensor:
     """The 16-entry table bitsandbytes uses for ``quant_type`` (fp32)."""
-    return torch.tensor(_CODES[quant_type], dtype=torch.float32, device=device)
+    # one table for the oracle and the kernels; parity tests against bitsandbytes check it
+    return torch.tensor(reference.FOUR_BIT_CODES[quant_type], dtype=torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------- kernels

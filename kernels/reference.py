@@ -192,7 +192,8 @@ def varlen_attention(
 
 
 # --------------------------------------------------------------------------- LoRA (4-bit base)
-_4BIT_CODES = {
+# The 16 values of bitsandbytes' NF4 and FP4 codes, indexed by the 4-bit pattern.
+FOUR_BIT_CODES = {
     "nf4": [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
@@ -216,7 +217,7 @@ def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dty
     shape = tuple(int(s) for s in quant_state.shape)
     numel = shape[0] * shape[1]
     code = quant_state.code if getattr(quant_state, "code", None) is not None else \
-        torch.tensor(_4BIT_CODES[quant_state.quant_type])
+        torch.tensor(FOUR_BIT_CODES[quant_state.quant_type])
     code = code.to(device=data.device, dtype=torch.float32)
     absmax = quant_state.absmax.reshape(-1)
     if getattr(quant_state, "nested", False) and quant_state.state2 is not None:
