@@ -196,6 +196,24 @@ def eager_attention(query, key, value, attention_mask, scale, causal, window, so
     return out.transpose(1, 2).contiguous()
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype attention runs in: autocast's when it is on for these tensors'
+    device (the stock RoPE promotes q and k to fp32 under autocast while v stays in
+    the autocast dtype), else the common dtype of the inputs."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _to_compute_dtype(query, key, value):
+    dtype = compute_dtype(query, key, value)
+    return query.to(dtype), key.to(dtype), value.to(dtype)  # no-ops when already there
+
+
 def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, is_causal=None, **kwargs):
     batch, n_heads, q_len, head_dim = query.shape
@@ -206,8 +224,7 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     if window is not None and window >= max(q_len, kv_len) and causal:
         window = None  # covers every key: skip the window arithmetic
     training = module.training
-    if key.dtype != query.dtype:
-        key, value = key.to(query.dtype), value.to(query.dtype)
+    query, key, value = _to_compute_dtype(query, key, value)
 
     reason = None
     if dropout and training:

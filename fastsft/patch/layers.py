@@ -9,7 +9,9 @@
 - rope: each known attention module gets its own copy of the class's forward
   whose globals map ``apply_rotary_pos_emb`` to the kernel. Nothing global is
   touched -- other models in the process keep the stock function -- and
-  gradient checkpointing recomputes through the same patched forward. The copy
+  gradient checkpointing recomputes through the same patched forward. A forward
+  wrapped by decorators (transformers' ``deprecate_kwarg``) is unwrapped, copied
+  and wrapped again in the same decorators. The copy
   sees a snapshot of the modeling module's globals taken at patch time (other
   names in that module rebound later are not seen by the patched forward;
   objects mutated in place, such as the attention-function registry, are).
@@ -133,21 +135,64 @@ def _make_fast_apply_rotary(stock: Callable) -> Callable:
 _FORWARD_COPIES: Dict[type, Callable] = {}
 
 
+def _with_rotary_kernel(fn: types.FunctionType, cls_name: str) -> types.FunctionType:
+    """A copy of the undecorated forward whose globals map apply_rotary_pos_emb to the kernel."""
+    if "apply_rotary_pos_emb" not in fn.__code__.co_names or "apply_rotary_pos_emb" not in fn.__globals__:
+        raise ValueError(f"{cls_name}.forward does not call a module-level apply_rotary_pos_emb")
+    new_globals = dict(fn.__globals__)
+    new_globals["apply_rotary_pos_emb"] = _make_fast_apply_rotary(fn.__globals__["apply_rotary_pos_emb"])
+    return _copy_function(fn, new_globals, fn.__closure__)
+
+
+def _copy_function(fn: types.FunctionType, globals_: dict, closure) -> types.FunctionType:
+    copy = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, closure)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
+def _cell_holds(cell, value) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
+def _rewrapped(fn: types.FunctionType, cls_name: str) -> types.FunctionType:
+    """fn with its innermost function replaced by the rotary-kernel copy, every decorator kept.
+
+    transformers wraps attention forwards in decorators such as ``deprecate_kwarg``
+    (functools.wraps style: the wrapper's closure holds the wrapped function and
+    ``__wrapped__`` points at it). Each wrapper layer is re-created around the new
+    inner function, so the decorators still rename or check their arguments."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        return _with_rotary_kernel(fn, cls_name)
+    if not isinstance(inner, types.FunctionType):
+        raise ValueError(f"{cls_name}.forward is wrapped around a {type(inner).__name__}, not a function")
+    cells = fn.__closure__ or ()
+    holders = [i for i, cell in enumerate(cells) if _cell_holds(cell, inner)]
+    if len(holders) != 1:
+        raise ValueError(f"{cls_name}.forward is wrapped by a decorator whose closure does not hold the "
+                         f"wrapped function once ({fn.__module__}.{fn.__qualname__}); cannot re-wrap it")
+    new_inner = _rewrapped(inner, cls_name)
+    closure = tuple(types.CellType(new_inner) if i == holders[0] else cell for i, cell in enumerate(cells))
+    copy = _copy_function(fn, fn.__globals__, closure)
+    copy.__wrapped__ = new_inner
+    return copy
+
+
 def _rope_forward_for(cls: type) -> Callable:
     """cls.forward re-created with apply_rotary_pos_emb bound to the kernel (cached per class)."""
     if cls in _FORWARD_COPIES:
         return _FORWARD_COPIES[cls]
     fn = cls.__dict__.get("forward")
-    if not isinstance(fn, types.FunctionType) or hasattr(fn, "__wrapped__"):
-        raise ValueError(f"{cls.__name__}.forward is wrapped or inherited; its rotary call cannot be redirected")
-    if "apply_rotary_pos_emb" not in fn.__code__.co_names or "apply_rotary_pos_emb" not in fn.__globals__:
-        raise ValueError(f"{cls.__name__}.forward does not call a module-level apply_rotary_pos_emb")
-    new_globals = dict(fn.__globals__)
-    new_globals["apply_rotary_pos_emb"] = _make_fast_apply_rotary(fn.__globals__["apply_rotary_pos_emb"])
-    copy = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    copy.__qualname__ = fn.__qualname__
-    copy.__doc__ = fn.__doc__
+    if not isinstance(fn, types.FunctionType):
+        raise ValueError(f"{cls.__name__}.forward is inherited or not a plain function; "
+                         "its rotary call cannot be redirected")
+    copy = _rewrapped(fn, cls.__name__)
     _FORWARD_COPIES[cls] = copy
     return copy
 

@@ -41,8 +41,6 @@ def resolve_precision(config, device: torch.device) -> Precision:
             name = "fp32"
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("config key 'precision' is bf16 but this GPU has no bf16; use fp16 (or auto)")
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("config key 'precision': fp16 with a loss scaler needs a CUDA device; use bf16 or fp32 on CPU")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, dtype, autocast=name != "fp32", scaler=name == "fp16")
 
