@@ -222,11 +222,11 @@ class _ChatRenderer:
                 if i + 1 == n:
                     end = body_end
                 else:
-                    end = self._prefix_end(texts[(k, i + 1, False)], full, i + 1, n, index, mask)
+                    end = self._prefix_end(texts[(k, i + 1, False)], full, i + 1, sample, index, mask)
                 if i == 0:
                     start = self._first_start(sample, full, index)
                 else:
-                    before = self._prefix_end(texts[(k, i, False)], full, i, n, index, mask)
+                    before = self._prefix_end(texts[(k, i, False)], full, i, sample, index, mask)
                     start, habit = (self._reply_start(texts[(k, i, True)], full, before) if gen else (before, None))
                     if habit:
                         habits.add(habit)
@@ -243,14 +243,14 @@ class _ChatRenderer:
                                     final_trained=final_trained))
         return results
 
-    def _prefix_end(self, text: str, full: str, count: int, n: int, index: int, mask: str) -> int:
+    def _prefix_end(self, text: str, full: str, count: int, sample: Chat, index: int, mask: str) -> int:
         """Where the rendering of the first `count` messages ends inside the full rendering."""
         if full.startswith(text):
             return len(text)
         suffix = self.suffix
         if suffix and text.endswith(suffix) and full.startswith(text[:len(text) - len(suffix)]):
             return len(text) - len(suffix)
-        raise _not_prefix_stable(text, full, count, n, index, mask)
+        raise _not_prefix_stable(text, full, count, sample, index, mask)
 
     def _reply_start(self, prompted: str, full: str, before: int) -> tuple[int, Optional[str]]:
         """Where an assistant reply starts: after the generation prompt when that is a prefix of the
@@ -330,14 +330,17 @@ def _check_system_kept(sample: Chat, full: str, index: int) -> None:
             )
 
 
-def _not_prefix_stable(text: str, full: str, count: int, n: int, index: int, mask: str) -> DataError:
-    at = len(os.path.commonprefix([text, full]))
+def _not_prefix_stable(text: str, full: str, count: int, sample: Chat, index: int, mask: str) -> DataError:
+    at, n = len(os.path.commonprefix([text, full])), len(sample.messages)
     if "<think>" in text[at:]:
         what = ("the template drops the <think> block of an assistant reply once a later user turn follows it "
                 "(as Qwen3's does)")
     else:
         what = "the template renders earlier messages differently once later ones follow"
-    if mask == "assistant":
+    if sample.messages[-1]["role"] != "assistant":
+        way = ("end the conversation with its last reply (a trailing user turn changes how the replies before "
+               "it render), or use a chat_template that renders every turn the same whatever follows it")
+    elif mask == "assistant":
         way = ("use mask: last_assistant (only the final reply is trained, and its rendering is stable), or a "
                "chat_template that renders every turn the same whatever follows it")
     else:
