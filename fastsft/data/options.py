@@ -61,7 +61,8 @@ class DataOptions:
         if self.eval_source is not None and self.eval_fraction > 0:
             raise ConfigError("give either eval_source or eval_fraction, not both")
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template.strip()):
-            raise ConfigError(f"chat_template must be a template name, a .jinja path or Jinja text, got {self.chat_template!r}")
+            raise ConfigError(
+                f"chat_template must be a template name, a .jinja path or Jinja text, got {self.chat_template!r}")
         check_template_option(self.chat_template)
         workers = self.num_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
