@@ -101,10 +101,14 @@ def test_zephyr_style_template(write_jsonl, tokenizer, trained_runs):
     assert example.input_ids[-1] != tok.eos_token_id  # ends "<|im_end|>\n": EOS present, none appended
 
 
-def test_template_that_is_not_prefix_stable_is_an_error(write_jsonl, tokenizer):
+def test_template_that_is_not_prefix_stable_is_an_error(write_jsonl, tokenizer, trained_runs):
     records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}, CHAT]
-    with pytest.raises(DataError, match=r"example 1: the chat template is not prefix-stable"):
+    with pytest.raises(DataError, match=r"example 1: the chat template is not prefix-stable: .* renders earlier "
+                                        r"messages differently .*use mask: last_assistant"):
         prepare(write_jsonl, tokenizer, records, chat_template=UNSTABLE_TEMPLATE)
+    # the final reply renders the same with or without what follows: last_assistant is exact
+    last = prepare(write_jsonl, tokenizer, records, chat_template=UNSTABLE_TEMPLATE, mask="last_assistant")
+    assert trained_runs(last.train[1]) == ["fine, thanks<|im_end|>"]
     # mask="all" needs no prefix renderings, so the same template works.
     data = prepare(write_jsonl, tokenizer, records, chat_template=UNSTABLE_TEMPLATE, mask="all")
     assert "HELLO!" in tokenizer.decode(data.train[1].input_ids)
