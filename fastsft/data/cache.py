@@ -18,7 +18,7 @@ import numpy as np
 from fastsft.data.example import Example
 from fastsft.data.stats import DataStats
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: masks of first-message replies, shared-prefix and closing-suffix templates
 # Options that change the tokenised examples (cache_dir and the source paths do not:
 # sources enter the key through their content).
 _KEYED_OPTIONS = ("split", "format", "mask", "max_seq_length", "truncation", "eval_fraction", "seed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from fastsft.data.templates import check_template_option
 from fastsft.errors import ConfigError
 
 FORMATS = ("auto", "messages", "prompt_completion", "instruction", "text")
@@ -21,8 +22,10 @@ class DataOptions:
     mask: which tokens are trained (see fastsft.data.render for the rules per format).
     truncation: "truncate" keeps the first max_seq_length tokens, "drop" drops
         over-long examples; both are counted in DataStats.
-    chat_template: a Jinja template overriding the tokenizer's, "default" for
-        fastsft's ChatML template, None for the tokenizer's own.
+    chat_template: None or "tokenizer" for the tokenizer's own template; a name
+        of a template shipped with fastsft (fastsft.data.templates: chatml, llama3,
+        llama3.1, qwen2.5, qwen3, mistral, gemma, phi3, phi4, deepseek, zephyr;
+        "default" = chatml); a path to a .jinja file; or Jinja text.
     eval_fraction: share of the training examples held out for evaluation
         (only when eval_source is None), chosen by `seed`.
     cache_dir: where tokenised data is cached (None = no cache).
@@ -58,7 +61,9 @@ class DataOptions:
         if self.eval_source is not None and self.eval_fraction > 0:
             raise ConfigError("give either eval_source or eval_fraction, not both")
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template.strip()):
-            raise ConfigError(f"chat_template must be a Jinja template string or 'default', got {self.chat_template!r}")
+            raise ConfigError(
+                f"chat_template must be a template name, a .jinja path or Jinja text, got {self.chat_template!r}")
+        check_template_option(self.chat_template)
         workers = self.num_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"num_workers must be a positive integer, got {workers!r}")

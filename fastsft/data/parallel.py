@@ -13,7 +13,7 @@ import os
 from typing import Optional
 
 from fastsft.data.formats import Sample
-from fastsft.data.render import check_encodable, encode_samples
+from fastsft.data.render import RenderNotes, check_encodable, encode_samples
 
 _CHUNKS_PER_WORKER = 4
 _MIN_CHUNK = 256  # smaller chunks cost more in messages than they save
@@ -22,7 +22,8 @@ _worker_state: dict = {}
 
 
 def encode_in_workers(samples: list[Sample], indices: list[int], tokenizer, *, mask: str,
-                      chat_template: Optional[str], num_workers: int) -> list[tuple[list[int], list[int]]]:
+                      chat_template: Optional[str], num_workers: int
+                      ) -> tuple[list[tuple[list[int], list[int]]], RenderNotes]:
     check_encodable(samples, indices, tokenizer, chat_template)
     if num_workers <= 1 or len(samples) < 2:
         return encode_samples(samples, indices, tokenizer, mask=mask, chat_template=chat_template)
@@ -37,9 +38,11 @@ def encode_in_workers(samples: list[Sample], indices: list[int], tokenizer, *, m
     with ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_init_worker,
                              initargs=(tokenizer, mask, chat_template)) as pool:
         out: list = []
-        for part in pool.map(_encode_chunk, chunks):
+        notes = RenderNotes()
+        for part, part_notes in pool.map(_encode_chunk, chunks):
             out.extend(part)
-    return out
+            notes.add(part_notes)
+    return out, notes
 
 
 def _init_worker(tokenizer, mask: str, chat_template: Optional[str]) -> None:

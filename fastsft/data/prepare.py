@@ -12,6 +12,7 @@ from fastsft.data.formats import detect_format, to_sample
 from fastsft.data.load import load_records, records_fingerprint, source_fingerprint
 from fastsft.data.options import DataOptions
 from fastsft.data.parallel import encode_in_workers
+from fastsft.data.render import report_notes
 from fastsft.data.stats import DataStats
 from fastsft.data.templates import resolve_chat_template
 from fastsft.errors import DataError
@@ -102,10 +103,11 @@ def _build(records: list[dict], indices: list[int], options: DataOptions, tokeni
         raise DataError(f"{source}: no examples")
     fmt = options.format if options.format != "auto" else detect_format(records[0], 0)
     samples = [to_sample(records[i], fmt, i) for i in indices]
-    encoded = encode_in_workers(samples, indices, tokenizer, mask=options.mask, chat_template=template,
-                                num_workers=options.num_workers)
-    counts = dict(split=split, format=fmt, loaded=len(indices), truncated=0, dropped_too_long=0,
-                  dropped_no_trained_tokens=0)
+    encoded, notes = encode_in_workers(samples, indices, tokenizer, mask=options.mask, chat_template=template,
+                                       num_workers=options.num_workers)
+    report_notes(notes, f"{source} ({split})")
+    counts = dict(split=split, format=fmt, loaded=len(indices), truncated=0, truncated_no_trained_tokens=0,
+                  dropped_too_long=0, dropped_no_trained_tokens=0)
     examples = []
     for index, (input_ids, labels) in zip(indices, encoded):
         too_long = len(input_ids) > options.max_seq_length
@@ -113,10 +115,13 @@ def _build(records: list[dict], indices: list[int], options: DataOptions, tokeni
             counts["dropped_too_long"] += 1
             continue
         if too_long:
+            # The first max_seq_length tokens are kept, and nothing is appended: an EOS after the cut
+            # would teach the model to stop mid-reply. The cut example counts as truncated, kept or not.
             input_ids, labels = input_ids[:options.max_seq_length], labels[:options.max_seq_length]
+            counts["truncated"] += 1
         if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never trained (shift)
             counts["dropped_no_trained_tokens"] += 1
+            counts["truncated_no_trained_tokens"] += too_long
             continue
-        counts["truncated"] += too_long
         examples.append(Example(input_ids, labels, index))
     return examples, DataStats.from_examples(examples, **counts)

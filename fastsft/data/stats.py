@@ -18,7 +18,8 @@ class DataStats:
     format: str = ""
     loaded: int = 0
     kept: int = 0
-    truncated: int = 0
+    truncated: int = 0  # cut to max_seq_length (the first tokens are kept), including those then dropped
+    truncated_no_trained_tokens: int = 0  # of those, cut to no trained token and dropped
     dropped_too_long: int = 0
     dropped_no_trained_tokens: int = 0
     total_tokens: int = 0
@@ -53,7 +54,7 @@ class DataStats:
     def summary_lines(self) -> list[str]:
         lines = [
             f"{self.split}: {self.kept} examples kept of {self.loaded} loaded (format {self.format})",
-            f"  truncated {self.truncated}, dropped {self.dropped_too_long} too long, "
+            f"  truncated {self.truncated}{self._truncated_detail()}, dropped {self.dropped_too_long} too long, "
             f"dropped {self.dropped_no_trained_tokens} with no trained token",
             f"  tokens {self.total_tokens}, trained {self.trained_tokens} ({100 * self.trained_share:.1f}%)",
         ]
@@ -65,6 +66,11 @@ class DataStats:
         if self.cache_hit:
             lines.append("  (tokenised data reused from the cache)")
         return lines
+
+    def _truncated_detail(self) -> str:
+        if not self.truncated_no_trained_tokens:
+            return ""
+        return f" ({self.truncated_no_trained_tokens} of them left with no trained token, dropped)"
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataStats":

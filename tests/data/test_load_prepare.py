@@ -139,7 +139,9 @@ def test_truncate_and_drop_are_counted(write_jsonl, tokenizer):
 def test_truncation_that_removes_every_trained_token_drops(write_jsonl, tokenizer):
     records = [{"prompt": "hello world " * 10, "completion": " ok"}, RECORDS[0]]
     data = prepare_data(DataOptions(source=write_jsonl(records), max_seq_length=12), tokenizer)
-    assert data.stats.dropped_no_trained_tokens == 1 and data.stats.truncated == 0
+    # the cut example counts as truncated although it is then dropped (issue 14)
+    assert data.stats.dropped_no_trained_tokens == 1 and data.stats.truncated == 1
+    assert data.stats.truncated_no_trained_tokens == 1
     assert [e.source_index for e in data.train] == [1]
 
 

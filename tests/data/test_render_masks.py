@@ -101,10 +101,14 @@ def test_zephyr_style_template(write_jsonl, tokenizer, trained_runs):
     assert example.input_ids[-1] != tok.eos_token_id  # ends "<|im_end|>\n": EOS present, none appended
 
 
-def test_template_that_is_not_prefix_stable_is_an_error(write_jsonl, tokenizer):
+def test_template_that_is_not_prefix_stable_is_an_error(write_jsonl, tokenizer, trained_runs):
     records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}, CHAT]
-    with pytest.raises(DataError, match=r"example 1: the chat template is not prefix-stable"):
+    with pytest.raises(DataError, match=r"example 1: the chat template is not prefix-stable: .* renders earlier "
+                                        r"messages differently .*use mask: last_assistant"):
         prepare(write_jsonl, tokenizer, records, chat_template=UNSTABLE_TEMPLATE)
+    # the final reply renders the same with or without what follows: last_assistant is exact
+    last = prepare(write_jsonl, tokenizer, records, chat_template=UNSTABLE_TEMPLATE, mask="last_assistant")
+    assert trained_runs(last.train[1]) == ["fine, thanks<|im_end|>"]
     # mask="all" needs no prefix renderings, so the same template works.
     data = prepare(write_jsonl, tokenizer, records, chat_template=UNSTABLE_TEMPLATE, mask="all")
     assert "HELLO!" in tokenizer.decode(data.train[1].input_ids)
@@ -118,14 +122,22 @@ def test_template_error_names_the_example(write_jsonl, tokenizer):
         prepare(write_jsonl, tokenizer, records, chat_template=template)
 
 
-def test_generation_prompt_not_a_prefix_falls_back_and_warns(write_jsonl, tokenizer, trained_runs, caplog):
+@pytest.mark.parametrize("prompt, runs, message", [
+    # "[bot]" and "[assistant]" part after "[": the reply starts there (longest common prefix)
+    ("[bot]", ["assistant]yo<|im_end|>"], "longest common prefix"),
+    # nothing shared: the header is trained, and the warning says so
+    ("BOT:", ["[assistant]yo<|im_end|>"], "header tokens are trained"),
+])
+def test_generation_prompt_not_a_prefix(write_jsonl, tokenizer, trained_runs, caplog, prompt, runs, message):
     template = ("{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] + eos_token }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '[bot]' }}{% endif %}")
-    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+                "{% if add_generation_prompt %}{{ '" + prompt + "' }}{% endif %}")
+    pair = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    records = [{"messages": pair}, {"messages": pair}]
     with caplog.at_level(logging.WARNING, logger="fastsft.data.render"):
-        (example,) = prepare(write_jsonl, tokenizer, [record], chat_template=template).train
-    assert trained_runs(example) == ["[assistant]yo<|im_end|>"]  # the role header is trained too
-    assert any("generation prompt is not a prefix" in r.getMessage() for r in caplog.records)
+        data = prepare(write_jsonl, tokenizer, records, chat_template=template)
+    assert [trained_runs(example) for example in data.train] == [runs, runs]
+    warnings = [r.getMessage() for r in caplog.records if "generation prompt is not a prefix" in r.getMessage()]
+    assert len(warnings) == 1 and "in 2 example(s) (first: example 0)" in warnings[0] and message in warnings[0]
 
 
 def test_missing_chat_template_is_a_clear_error_and_default_works(write_jsonl, tokenizer, trained_runs):
