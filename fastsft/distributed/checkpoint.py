@@ -49,10 +49,10 @@ def check_world_size(path: str, world_size: int) -> None:
         )
 
 
-def _state_dict_options():
+def _state_dict_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def save_checkpoint(output_dir: str, *, step: int, model, tokenizer, optimizer, scheduler, scaler,
@@ -105,8 +105,9 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, rank: int
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options())
     loaded = {"model": model_state, "optim": optim_state}
     dcp.load(loaded, checkpoint_id=os.path.join(path, DCP_DIR))
+    # not strict: the frozen base is not in the checkpoint (dcp.load above already failed on any missing key)
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
-                   options=_state_dict_options())
+                   options=_state_dict_options(strict=False))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])

@@ -51,6 +51,6 @@ def check_enough_batches(num_micro_batches: int, world_size: int, dataset: str) 
     if num_micro_batches < world_size:
         raise ConfigError(
             f"{dataset}: {world_size} processes need at least {world_size} micro-batches per epoch, but the data "
-            f"packs into {num_micro_batches}: use --nproc {max(1, num_micro_batches)} or fewer, a smaller "
+            f"packs into {num_micro_batches}: use at most {max(1, num_micro_batches)} processes, a smaller "
             f"'batch_tokens' (or 'batch_size'), or more data"
         )

@@ -138,10 +138,12 @@ def wrap_fsdp(model: torch.nn.Module, config, device: torch.device, compute_dtyp
     # packed) parameters are never cast by FSDP2, so they shard as they are stored
     low = compute_dtype if compute_dtype != torch.float32 else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.set_gradient_divide_factor(1.0)  # sum, see the module docstring
+    units = decoder_layers(model) + [model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    for unit in units:  # a plain SUM reduce-scatter (see the module docstring); gloo has no PREMUL_SUM
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
     return model
 
 
