@@ -9,12 +9,14 @@ TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
 WORLD = 2
 
 # name -> config values of a 2-process run (the 1-process reference doubles gradient_accumulation_steps)
+EVAL = dict(eval_fraction=0.1, eval_exact_match=True, eval_max_examples=2, eval_max_new_tokens=3)
 RUNS = {
-    "lora_ddp": dict(mode="lora"),
+    "lora_ddp": dict(mode="lora", **EVAL),
     "full_fsdp": dict(mode="full", save_steps=2, save_total_limit=0),
     "full_fsdp_unpatched": dict(mode="full", patch_kernels=False),
     "qlora_ddp": dict(mode="qlora"),
     "qlora_fsdp": dict(mode="qlora", distributed="fsdp"),
+    "full_fsdp_eval": dict(mode="full", max_steps=1, **EVAL),  # evaluation and generation under FSDP2
 }
 
 

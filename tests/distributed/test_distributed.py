@@ -87,6 +87,19 @@ def test_two_processes_match_one_with_the_same_global_batch(worker, data, tmp_pa
     reference = one_process(data, str(tmp_path / name), **values)
     assert_close(run["losses"], reference)
     assert len(set(run["losses"])) == len(run["losses"])  # the steps trained (different losses)
+    if "eval_fraction" in values:  # every rank evaluates the whole held-out split: the same eval losses
+        evals = [r["eval_loss"] for r in _metrics(os.path.join(worker[1], name)) if r.get("type") == "eval"]
+        assert_close(evals, [r["eval_loss"] for r in _metrics(str(tmp_path / name)) if r.get("type") == "eval"])
+
+
+def test_evaluation_and_generation_under_fsdp(worker):
+    _, out = worker
+    fsdp = [r for r in _metrics(os.path.join(out, "full_fsdp_eval")) if r.get("type") == "eval"]
+    ddp = [r for r in _metrics(os.path.join(out, "lora_ddp")) if r.get("type") == "eval"]
+    assert [r["step"] for r in fsdp] == [0, 1] and all(r["eval_examples"] == 2 for r in fsdp + ddp)
+    # the same untrained base (LoRA starts as the identity) evaluated sharded and replicated
+    assert_close([fsdp[0]["eval_loss"]], [ddp[0]["eval_loss"]])
+    assert fsdp[1]["eval_loss"] < fsdp[0]["eval_loss"]
 
 
 def test_kernels_run_on_unsharded_parameters_under_fsdp(worker):
