@@ -33,8 +33,10 @@ def parse_nproc(value: Optional[str]) -> Optional[int]:
     return n
 
 
-def launch(nproc: int, fastsft_args: Sequence[str]) -> int:
-    """Run ``python -m fastsft <fastsft_args>`` on `nproc` local processes; returns the exit code."""
+def launch(nproc: int, fastsft_args: Sequence[str], *, entry: Sequence[str] = ("--module", "fastsft")) -> int:
+    """Run ``python -m fastsft <fastsft_args>`` on `nproc` local processes; returns the exit code.
+
+    `entry`: what torchrun runs (its ``--module NAME`` or a script path) before the arguments."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -42,7 +44,7 @@ def launch(nproc: int, fastsft_args: Sequence[str]) -> int:
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "--module", "fastsft", *fastsft_args])
+    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", *entry, *fastsft_args])
     args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"  # what --standalone means to torchrun
     import uuid
 

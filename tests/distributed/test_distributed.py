@@ -49,19 +49,38 @@ def _torchrun(*args, timeout=LAUNCH_TIMEOUT_S):
     return subprocess.run(cmd, env=_env(), cwd=HERE, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+def _shared_dir(tmp_path_factory) -> str:
+    """A folder every pytest-xdist worker of this session sees (the CI runs `pytest -n 2`)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("dist-data"))
-    write_data(folder)
+    from filelock import FileLock
+
+    folder = os.path.join(_shared_dir(tmp_path_factory), "dist-data")
+    with FileLock(folder + ".lock"):
+        if not os.path.isfile(os.path.join(folder, "one.jsonl")):
+            write_data(folder)
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worker(data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dist-runs"))
-    done = _torchrun("runs", data, out)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
+    """The 2-process worker run, launched once per session even when xdist spreads these tests."""
+    from filelock import FileLock
+
+    out = os.path.join(_shared_dir(tmp_path_factory), "dist-runs")
+    results = os.path.join(out, "results.json")
+    with FileLock(out + ".lock"):
+        if not os.path.isfile(results):
+            os.makedirs(out, exist_ok=True)
+            done = _torchrun("runs", data, out)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    with open(results, encoding="utf-8") as handle:
         return json.load(handle), out
 
 
@@ -190,10 +209,16 @@ def test_sigterm_then_resume_with_nproc(data, tmp_path):
 
 
 def test_one_rank_raising_stops_every_rank_with_its_error(data, tmp_path):
+    """Through the --nproc launcher: the failing rank, its error and its exit code come back."""
     started = time.monotonic()
-    done = _torchrun("raise", data, str(tmp_path))
-    assert done.returncode != 0
-    assert "rank 1 raised on purpose at step 2" in done.stderr + done.stdout
+    code = (f"import sys; from fastsft.distributed.launch import launch; "
+            f"sys.exit(launch({WORLD}, ['raise', {data!r}, {str(tmp_path)!r}], entry=[{os.path.join(HERE, 'worker.py')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=HERE, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    output = done.stderr + done.stdout
+    assert done.returncode == 1, output[-4000:]
+    assert "rank 1 raised on purpose at step 2" in output
+    assert f"fastsft: rank 1 of {WORLD} failed (exit code 1" in output
     assert time.monotonic() - started < LAUNCH_TIMEOUT_S  # no rank left waiting in a collective
     steps = [r["step"] for r in _metrics(str(tmp_path / "raise")) if r.get("type") == "train"]
     assert steps and max(steps) < 50
