@@ -211,8 +211,9 @@ def test_sigterm_then_resume_with_nproc(data, tmp_path):
 def test_one_rank_raising_stops_every_rank_with_its_error(data, tmp_path):
     """Through the --nproc launcher: the failing rank, its error and its exit code come back."""
     started = time.monotonic()
+    script = os.path.join(HERE, "worker.py")
     code = (f"import sys; from fastsft.distributed.launch import launch; "
-            f"sys.exit(launch({WORLD}, ['raise', {data!r}, {str(tmp_path)!r}], entry=[{os.path.join(HERE, 'worker.py')!r}]))")
+            f"sys.exit(launch({WORLD}, ['raise', {data!r}, {str(tmp_path)!r}], entry=[{script!r}]))")
     done = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=HERE, capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT_S)
     output = done.stderr + done.stdout
