@@ -13,8 +13,9 @@ USAGE = """\
 usage: fastsft <command> [arguments]
 
 commands:
-  train   [CONFIG.yaml] [--key value ...] [--resume [CHECKPOINT]]
-          fine-tune a causal LM; every --key overrides the config file
+  train   [CONFIG.yaml] [--key value ...] [--resume [CHECKPOINT]] [--nproc N]
+          fine-tune a causal LM; every --key overrides the config file;
+          --nproc N starts N processes through torchrun (DDP / FSDP2, key 'distributed')
   inspect [CONFIG.yaml] [--key value ...] [--examples N] [--color | --no-color]
           print rendered examples (trained tokens highlighted) and dataset statistics
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16]
@@ -69,7 +70,12 @@ def cmd_train(args: Sequence[str]) -> int:
     from fastsft.config import load_config
 
     path, overrides = _split_config(args)
+    from fastsft.distributed.launch import launch, parse_nproc
+
+    nproc = parse_nproc(_pop_value(overrides, "--nproc"))
     config = load_config(path, overrides)
+    if nproc is not None and nproc > 1:  # torchrun, one process per rank, each running this command
+        return launch(nproc, ["train", *([path] if path else []), *overrides])
     _quiet_library_bars()
     from fastsft.train import train  # after the config is known to be good: torch etc. load here
 

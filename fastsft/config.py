@@ -30,6 +30,7 @@ CHOICES: Dict[str, tuple] = {
     "bnb_4bit_quant_type": ("nf4", "fp4"),
     "device": ("auto", "cpu", "cuda"),
     "progress_bar": ("auto", "on", "off"),
+    "distributed": ("auto", "ddp", "fsdp"),
 }
 
 
@@ -90,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     cpu_threads: int = 0  # > 0: torch intra-op threads on CPU (tiny models run best on 1-2)
+    distributed: str = "auto"  # torchrun / --nproc: ddp | fsdp | auto (DDP for lora/qlora, FSDP2 for full)
     # --- evaluation
     eval_steps: int = 0  # 0: evaluate only at the end (when there is an eval split)
     eval_at_start: bool = True  # measure the untrained model first (baseline)

@@ -110,6 +110,11 @@ class _SignalCatcher:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def agreed(self, dist) -> Optional[int]:
+        """The signal any rank received (every process stops after the same step)."""
+        self.received = dist.agreed_signal(self.received)
+        return self.received
+
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
@@ -160,15 +165,22 @@ class Trainer:
     def setup(self) -> None:
         from fastsft.data import prepare_data
 
+        from fastsft.distributed import NullMetrics, setup_distributed
+
         config = self.config
+        self.dist = setup_distributed(config)  # torchrun: this rank; else a single process
+        if not self.dist.is_main:
+            self.stream = open(os.devnull, "w")  # logs and metrics come from rank 0
         os.makedirs(self.output_dir, exist_ok=True)
-        self.resume_from = self._resume_path()
-        seed_everything(config.seed)
-        self.device = resolve_device(config)
-        if self.device.type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
-        self.precision = resolve_precision(config, self.device)
-        base = prepare_base(config, self.output_dir, resuming=self.resume_from is not None)
+        with self.dist.main_first():  # rank 0 clears / builds output_dir files before the others read them
+            self.resume_from = self._resume_path()
+            seed_everything(config.seed)
+            self.device = self.dist.device_for(resolve_device(config))
+            if self.device.type == "cpu" and config.cpu_threads > 0:
+                torch.set_num_threads(config.cpu_threads)
+            self.precision = resolve_precision(config, self.device)
+            base = prepare_base(config, self.output_dir,
+                                resuming=self.resume_from is not None or not self.dist.is_main)
         # tiny-llama: base holds the tokenizer the model was sized for (trained on the data, or config.tokenizer)
         self.tokenizer = load_tokenizer(base if config.model == TINY_MODEL else (config.tokenizer or base), config)
         self.data = prepare_data(config.data_options(), self.tokenizer)
@@ -185,11 +197,13 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         self.say(f"model: {config.model} ({config.mode}, {self.precision.name} on {self.device.type}): "
                  f"{trainable:,} trainable of {total:,} parameters")
+        self.model = self.dist.wrap_model(self.model, config, self.device, self.precision.compute_dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         lengths = [len(e.input_ids) for e in self.data.train]
         self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs)
-        window = config.gradient_accumulation_steps
+        self.dist.check_data(len(self.stream_data.plan(0)), config.dataset)
+        window = config.gradient_accumulation_steps * self.dist.world_size  # micro-batches of all ranks per step
         self.total_steps = config.max_steps if config.max_steps > 0 else self.stream_data.count_steps(window)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
@@ -199,7 +213,7 @@ class Trainer:
         self.totals = {"tokens": 0, "trained_tokens": 0, "skipped_steps": 0, "elapsed": 0.0}
         self.eval_history: Dict[str, Optional[float]] = {}
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, model=self.model, optimizer=self.optimizer,
+            state = self.dist.load_checkpoint(self.resume_from, model=self.model, optimizer=self.optimizer,
                                          scheduler=self.scheduler, scaler=self.scaler)
             self.global_step = state["global_step"]
             self.stream_data.epoch, self.stream_data.index = state["epoch"], state["batch_index"]
@@ -209,7 +223,8 @@ class Trainer:
             self._warn_config_changes()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.metrics = MetricsWriter(self.output_dir, resume_step=self.global_step if self.resume_from else None)
+        self.metrics = (MetricsWriter(self.output_dir, resume_step=self.global_step if self.resume_from else None)
+                        if self.dist.is_main else NullMetrics())
 
     # keys that may change between a run and its resumption without breaking exactness
     _RESUME_FREE_KEYS = {"resume", "output_dir", "save_steps", "save_total_limit", "eval_steps",
@@ -247,17 +262,21 @@ class Trainer:
             out = self.model(**inputs, num_items_in_batch=num_items, use_cache=False)
         return out.loss
 
-    def accumulate(self, batches: List[dict]) -> tuple:
-        """Forward + backward of every micro-batch in the window; returns (window loss, trained tokens)."""
-        num_items = sum(b["num_trained_tokens"] for b in batches)
+    def accumulate(self, batches: List[dict], num_items: Optional[int] = None) -> tuple:
+        """Forward + backward of every micro-batch in the window; returns (window loss, trained tokens).
+
+        `num_items`: the trained tokens of the whole window (all ranks); default: those of `batches`."""
+        if num_items is None:
+            num_items = sum(b["num_trained_tokens"] for b in batches)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         if num_items == 0:
             return total, 0
-        for batch in batches:
-            loss = self.compute_loss(batch, num_items)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        for i, batch in enumerate(batches):
+            with self.dist.grad_sync(self.model, last=i == len(batches) - 1):
+                loss = self.compute_loss(batch, num_items)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach().float()
-        return total, num_items
+        return self.dist.sum_over_ranks(total), num_items
 
     def _skip_or_stop(self, what: str, value: float) -> None:
         if self.config.nonfinite_loss == "skip":
@@ -274,14 +293,14 @@ class Trainer:
         )
 
     def train_step(self) -> Optional[dict]:
-        windows = self.stream_data.next_window(self.config.gradient_accumulation_steps)
+        windows = self.stream_data.next_window(self.config.gradient_accumulation_steps * self.dist.world_size)
         if not windows:
             return None
         started = time.perf_counter()
-        batches = [self.collate(indices) for indices in windows]  # whole window first: its trained-token count
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        batches = self.dist.local_batches(windows, self.collate)  # whole window first: its trained-token count
+        tokens, trained = self.dist.window_counts(batches)  # of every rank
         lr = self.optimizer.param_groups[0]["lr"]
-        loss, trained = self.accumulate(batches)
+        loss, trained = self.accumulate(batches, trained)
         loss_value = float(loss)
         grad_norm = float("nan")
         if trained == 0:
@@ -294,7 +313,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = self.dist.clip_grad_norm(self.params, max_norm)
             if self.scaler is not None:
                 # fp16: an overflow is expected now and then; the scaler skips the step and lowers the scale
                 self.scaler.step(self.optimizer)
@@ -335,7 +354,7 @@ class Trainer:
         text = f"eval @ step {self.global_step}: loss {record['eval_loss']:.4f}"
         if self.config.eval_exact_match:
             examples = self.data.eval[: self.config.eval_max_examples or None]
-            score, samples = exact_match(self.model, self.tokenizer, examples, device=self.device,
+            score, samples = exact_match(self.dist.unwrap(self.model), self.tokenizer, examples, device=self.device,
                                          autocast=self.autocast, max_new_tokens=self.config.eval_max_new_tokens,
                                          batch_size=self.config.eval_batch_size)
             record["eval_exact_match"] = score
@@ -360,7 +379,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> str:
-        path = ckpt.save_checkpoint(
+        path = self.dist.save_checkpoint(
             self.output_dir, step=self.global_step, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             train_state=self.train_state(), config_dict=self._config_dict(), keep=self.config.save_total_limit,
@@ -376,7 +395,9 @@ class Trainer:
     def save_final(self) -> None:
         import yaml
 
-        ckpt.save_model_files(self.model, self.tokenizer, self.output_dir)
+        self.dist.save_model_files(self.model, self.tokenizer, self.output_dir)
+        if not self.dist.is_main:
+            return
         with open(os.path.join(self.output_dir, "fastsft_config.yaml"), "w", encoding="utf-8") as handle:
             yaml.safe_dump(self._config_dict(), handle, sort_keys=False)
 
@@ -396,7 +417,7 @@ class Trainer:
                 if has_eval and config.eval_at_start and self.global_step == 0:
                     self.evaluate()
                     last_eval_step = 0
-                while self.global_step < self.total_steps and signals.received is None:
+                while self.global_step < self.total_steps and signals.agreed(self.dist) is None:
                     record = self.train_step()
                     if record is None:
                         break  # the data ran out (num_epochs)
@@ -410,7 +431,7 @@ class Trainer:
                         last_eval_step = self.global_step
                     if config.save_steps > 0 and self.global_step % config.save_steps == 0:
                         self.save_checkpoint()
-                if signals.received is not None:
+                if signals.agreed(self.dist) is not None:
                     result.status, result.signal = "interrupted", signals.received
                     name = signal.Signals(signals.received).name
                     existing = dict(ckpt.list_checkpoints(self.output_dir)).get(self.global_step)

@@ -1,0 +1,38 @@
+"""Configs shared by the distributed tests and their torchrun worker."""
+import os
+
+from fastsft.config import load_config
+from fastsft.demo_data import make_records, write_jsonl
+
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
+WORLD = 2
+
+# name -> config values of a 2-process run (the 1-process reference doubles gradient_accumulation_steps)
+EVAL = dict(eval_fraction=0.1, eval_exact_match=True, eval_max_examples=2, eval_max_new_tokens=3)
+RUNS = {
+    "lora_ddp": dict(mode="lora", **EVAL),
+    "full_fsdp": dict(mode="full", save_steps=2, save_total_limit=0),
+    "full_fsdp_unpatched": dict(mode="full", patch_kernels=False),
+    "qlora_ddp": dict(mode="qlora"),
+    "qlora_fsdp": dict(mode="qlora", distributed="fsdp"),
+    "full_fsdp_eval": dict(mode="full", max_steps=1, **EVAL),  # evaluation and generation under FSDP2
+}
+
+
+def write_data(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    train, _ = make_records(40, 1, seed=1)
+    write_jsonl(os.path.join(folder, "train.jsonl"), train)
+    write_jsonl(os.path.join(folder, "one.jsonl"), train[:2])  # one packed micro-batch
+
+
+def make_config(data: str, output_dir: str, max_examples_dataset: bool = False, **values):
+    base = dict(
+        model="tiny-llama", model_config=TINY_MODEL, tokenizer_vocab_size=300,
+        dataset=os.path.join(data, "one.jsonl" if max_examples_dataset else "train.jsonl"),
+        max_seq_length=64, batch_tokens=128, max_steps=3, learning_rate=1e-2, lr_scheduler="linear",
+        warmup_steps=1, output_dir=output_dir, progress_bar="off", seed=0, cpu_threads=1,
+    )
+    base.update(values)
+    return load_config(None, **base)
