@@ -171,7 +171,12 @@ def cmd_inspect(args: Sequence[str]) -> int:
         check_model_source(config.tokenizer or config.model, key="tokenizer" if config.tokenizer else "model",
                            tokenizer=True)
         tokenizer = load_tokenizer(config.tokenizer or config.model, config)
-    data = prepare_data(config.data_options(), tokenizer)
+    if config.datasets:
+        from fastsft.data.mix import prepare_mixture
+
+        data = prepare_mixture(config, tokenizer)[0]
+    else:
+        data = prepare_data(config.data_options(), tokenizer)
     print(inspect_report(data, tokenizer, num_examples=numbers["--n"], color=color,
                          batch_tokens=config.batch_tokens if config.packing else None, seed=config.seed,
                          start_index=numbers["--index"], tokens=tokens))

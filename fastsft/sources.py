@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 from typing import Optional
-from urllib.parse import urlparse
 
 from fastsft.errors import ConfigError, DataError
 
@@ -30,22 +28,27 @@ def hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = 1.0) -> bool:
-    """One TCP connection to the hub within `timeout` (DNS included, so a thread bounds it)."""
+    """Does the hub answer an HTTP request within `timeout`? (a thread bounds DNS too; a bare TCP connect
+    is not proof: some sandboxes accept every connection and never answer)"""
     endpoint = hub_endpoint()
     if endpoint in _reachable_cache:
         return _reachable_cache[endpoint]
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    import urllib.error
+    import urllib.request
+
     answer = []
 
-    def connect():
+    def ask():
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD"),
+                                   timeout=timeout).close()
             answer.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # an HTTP status is an answer
+            answer.append(True)
+        except (OSError, ValueError):
             answer.append(False)
 
-    worker = threading.Thread(target=connect, daemon=True)
+    worker = threading.Thread(target=ask, daemon=True)
     worker.start()
     worker.join(timeout)
     _reachable_cache[endpoint] = bool(answer and answer[0])

@@ -75,10 +75,11 @@ def seed_everything(seed: int) -> None:
 class DataStream:
     """Micro-batches in a deterministic per-(seed, epoch) plan; the position is (epoch, index)."""
 
-    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int]):
+    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int], mixture=None):
         from fastsft.data import plan_batches
 
         self._plan_batches = plan_batches
+        self.mixture = mixture  # several sources: which examples each epoch holds (fastsft.data.mix)
         self.lengths = lengths
         self.config = config
         self.epochs_limit = epochs_limit  # None: cycle through epochs until max_steps
@@ -88,12 +89,15 @@ class DataStream:
 
     def plan(self, epoch: int) -> List[List[int]]:
         if epoch not in self._plans:
-            self._plans = {epoch: self._plan_batches(
-                self.lengths, batch_tokens=self.config.batch_tokens, packing=self.config.packing,
+            chosen = self.mixture.epoch_indices(epoch) if self.mixture is not None else None
+            lengths = self.lengths if chosen is None else [self.lengths[i] for i in chosen]
+            plan = self._plan_batches(
+                lengths, batch_tokens=self.config.batch_tokens, packing=self.config.packing,
                 batch_size=self.config.batch_size, seed=self.config.seed, epoch=epoch,
-            )}
+            )
+            self._plans = {epoch: plan if chosen is None else [[chosen[i] for i in batch] for batch in plan]}
             if not self._plans[epoch]:
-                raise DataError(f"{self.config.dataset}: no training examples left to batch")
+                raise DataError(f"{self.config.dataset or 'datasets'}: no training examples left to batch")
         return self._plans[epoch]
 
     def next_window(self, size: int) -> List[List[int]]:
@@ -216,6 +220,16 @@ class Trainer:
         _repoint(self.model, self.tokenizer, os.path.abspath(final))
         return os.path.abspath(final)
 
+    def _prepare_data(self) -> tuple:
+        """(PreparedData, Mixture or None): one dataset, or several mixed by weight (config key datasets)."""
+        from fastsft.data import prepare_data
+
+        if self.config.datasets:
+            from fastsft.data.mix import prepare_mixture
+
+            return prepare_mixture(self.config, self.tokenizer)
+        return prepare_data(self.config.data_options(), self.tokenizer), None
+
     def _no_examples_message(self) -> str:
         stats = self.data.stats
         reasons = []
@@ -230,7 +244,6 @@ class Trainer:
         return f"{source}: no training examples left after preparation: {stats.loaded} loaded, dropped {why}"
 
     def setup(self) -> None:
-        from fastsft.data import prepare_data
 
         config = self.config
         self.preflight()
@@ -243,7 +256,7 @@ class Trainer:
         try:
             # tiny-llama: base holds the tokenizer the model was sized for (trained on the data, or config.tokenizer)
             self.tokenizer = load_tokenizer(base if config.model == TINY_MODEL else (config.tokenizer or base), config)
-            self.data = prepare_data(config.data_options(), self.tokenizer)
+            self.data, self.mixture = self._prepare_data()
             if not self.data.train:
                 raise DataError(self._no_examples_message())
             needs_eval = config.eval_steps > 0 or config.eval_exact_match
@@ -259,13 +272,19 @@ class Trainer:
                 shutil.rmtree(staging, ignore_errors=True)
         for line in self.data.summary_lines():
             self.say(line)
+        if self.mixture is not None:
+            from fastsft.data.mix import mixture_lines
+
+            for line in mixture_lines(config, self.mixture):
+                self.say(line)
         trainable, total = count_parameters(self.model)
         self.say(f"model: {config.model} ({config.mode}, {self.precision.name} on {self.device.type}): "
                  f"{trainable:,} trainable of {total:,} parameters")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         lengths = [len(e.input_ids) for e in self.data.train]
-        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs)
+        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs,
+                                      mixture=self.mixture)
         window = config.gradient_accumulation_steps
         self.total_steps = config.max_steps if config.max_steps > 0 else self.stream_data.count_steps(window)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
