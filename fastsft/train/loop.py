@@ -306,6 +306,8 @@ class Trainer:
             self.say(f"resumed from {self.resume_from} at step {self.global_step}")
             if self.resume_changes:
                 self._honour_changes()
+            else:
+                self._sync_lr()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.metrics = MetricsWriter(self.output_dir, resume_step=self.global_step if self.resume_from else None)
@@ -322,6 +324,15 @@ class Trainer:
                 self.eval_history["eval_loss"] = record.get("eval_loss")
                 self.eval_history["exact_match"] = record.get("eval_exact_match")
 
+    def _sync_lr(self) -> None:
+        """The learning rate of the next update (number global_step, 0-based) from the schedule of *this*
+        config: a resumed run with a larger max_steps continues on the stretched schedule at once, not
+        with the rate its checkpoint ended on."""
+        self.scheduler.last_epoch = self.global_step
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(self.global_step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def _honour_changes(self) -> None:
         """--resume_changed_config: the optimizer hyper-parameters and the schedule take the new values
         from the resumed step (the checkpoint's own were restored with its state)."""
@@ -336,10 +347,7 @@ class Trainer:
             group["initial_lr"] = new["lr"]
         del fresh
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        self.scheduler.last_epoch = self.global_step  # the next update is number global_step (0-based)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["lr"] = group["initial_lr"] * factor(self.global_step)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self._sync_lr()
         self.say(f"resume: continuing with the changed config ({preflight.describe_changes(self.resume_changes)}) "
                  f"from step {self.global_step}; the learning-rate schedule is rebuilt")
 

@@ -200,3 +200,16 @@ def test_wandb_offline(tmp_path, monkeypatch):
     config = make_config(tmp_path, DATA, report_to=["wandb"], max_steps=2, save_steps=0)
     Trainer(config).train()
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def test_several_datasets_train_and_resume_identically(tmp_path):
+    first = make_config(tmp_path)  # writes the data
+    sources = [{"path": first.dataset}, {"path": first.dataset, "mask": "all", "weight": 0.5}]
+    values = dict(dataset=None, datasets=sources, report_to="none", max_steps=4, save_steps=2, eval_dataset=None,
+                  lr_scheduler="constant")  # the 2-step run then takes the same steps as the first half of 4
+    log = io.StringIO()
+    straight = Trainer(make_config(tmp_path, output_dir=str(tmp_path / "a"), **values), stream=log).train()
+    assert f"source {first.dataset}: 24 examples, weight 0.5 -> 12 per epoch" in log.getvalue()
+    Trainer(make_config(tmp_path, output_dir=str(tmp_path / "b"), **{**values, "max_steps": 2})).train()
+    resumed = Trainer(make_config(tmp_path, output_dir=str(tmp_path / "b"), resume=True, **values)).train()
+    assert resumed.losses == straight.losses[2:]
