@@ -107,6 +107,15 @@ def _saved_config_for_resume(overrides: Sequence[str]) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def _run_folder_of(checkpoint_config: str) -> Optional[str]:
+    """output_dir/checkpoints/step-N/fastsft_config.yaml -> output_dir (the run folder, wherever it is now)."""
+    from fastsft import run_dir
+
+    checkpoint = os.path.dirname(checkpoint_config)
+    parent = os.path.dirname(checkpoint)
+    return os.path.dirname(parent) if os.path.basename(parent) == run_dir.CHECKPOINTS_DIR else None
+
+
 def cmd_train(args: Sequence[str]) -> int:
     from fastsft import preflight
     from fastsft.config import load_config
@@ -115,6 +124,9 @@ def cmd_train(args: Sequence[str]) -> int:
     path, overrides = _split_config(args)
     if path is None:
         path = _saved_config_for_resume(overrides)
+        folder = _run_folder_of(path) if path else None
+        if folder and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in overrides):
+            overrides = [*overrides, "--output_dir", folder]  # the run continues where it now is
     config = load_config(path, overrides)
     # before torch / transformers load and before anything is written: the folder, the resume point, the
     # model path, every record of the data

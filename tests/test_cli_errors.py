@@ -158,3 +158,19 @@ def test_version_and_generated_help(project):
     assert proc.returncode == 0
     assert "--learning_rate (float, default 0.0002)\n      peak learning rate" in proc.stdout
     assert "num_train_epochs = num_epochs" in proc.stdout
+
+
+def test_resume_a_run_folder_without_its_config(project, tmp_path, monkeypatch, capsys):
+    """fastsft train --resume DIR (no CONFIG.yaml): the checkpoint's saved config, from any directory."""
+    import shutil
+
+    from fastsft.cli import main
+
+    run = tmp_path / "moved_run"
+    shutil.copytree(project / "out", run)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(run), "--max_steps", "3"]) == 0  # output_dir: the moved folder
+    err = capsys.readouterr().err
+    assert f"resumed from {run / 'checkpoints' / 'step-2'} at step 2" in err
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
