@@ -31,6 +31,8 @@ CHOICES: Dict[str, tuple] = {
     "bnb_4bit_quant_type": ("nf4", "fp4"),
     "device": ("auto", "cpu", "cuda"),
     "progress_bar": ("auto", "on", "off"),
+    "save_strategy": ("steps", "epoch", "no"),
+    "eval_strategy": ("steps", "epoch", "no"),
 }
 
 
@@ -95,6 +97,7 @@ class TrainConfig:
     cpu_threads: int = 0  # > 0: torch intra-op threads on CPU (tiny models run best on 1-2)
     # --- evaluation
     eval_steps: int = 0  # 0: evaluate only at the end (when there is an eval split)
+    eval_strategy: str = "steps"  # steps: every eval_steps; epoch: at the end of every epoch; no: at the end only
     eval_at_start: bool = True  # measure the untrained model first (baseline)
     eval_exact_match: bool = False  # greedy generation compared with the reference answer
     eval_max_new_tokens: int = 64
@@ -103,6 +106,7 @@ class TrainConfig:
     # --- output
     output_dir: str = "outputs/run"
     save_steps: int = 0  # 0: no intermediate checkpoints (the final model is always written)
+    save_strategy: str = "steps"  # steps: every save_steps; epoch: at the end of every epoch; no: none
     save_total_limit: int = 2
     logging_steps: int = 1  # console lines every N steps (metrics.jsonl gets every step)
     progress_bar: str = "auto"  # auto: a tqdm bar on a terminal, plain log lines otherwise

@@ -64,6 +64,7 @@ HELP: Dict[str, str] = {
     "device": "auto | cpu | cuda",
     "cpu_threads": "> 0: torch threads on CPU",
     "eval_steps": "evaluate every N steps (0: at the end only)",
+    "eval_strategy": "steps (every eval_steps) | epoch (end of every epoch) | no (at the end of the run only)",
     "eval_at_start": "evaluate the untrained model first (a baseline)",
     "eval_exact_match": "also score greedy generations against the reference answers",
     "eval_max_new_tokens": "exact match: generation length limit",
@@ -71,6 +72,7 @@ HELP: Dict[str, str] = {
     "eval_batch_size": "exact match: generation batch size",
     "output_dir": "where the run writes (relative: the current directory, or next to the config if it exists there)",
     "save_steps": "checkpoint every N steps (0: only the final model)",
+    "save_strategy": "steps (every save_steps) | epoch (end of every epoch) | no (only the final model)",
     "save_total_limit": "checkpoints kept (0: all)",
     "logging_steps": "console line every N steps (metrics.jsonl gets every step)",
     "progress_bar": "auto | on | off",
@@ -114,6 +116,7 @@ ALIASES: Dict[str, Alias] = {
     "sample_packing": Alias("packing", _AX),
     "val_set_size": Alias("eval_fraction", _AX),
     "resume_from_checkpoint": Alias("resume", _TA),
+    "evaluation_strategy": Alias("eval_strategy", _TA),
     "overwrite": Alias("overwrite_output_dir", "fastsft (--overwrite)"),
 }
 

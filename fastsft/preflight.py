@@ -15,7 +15,7 @@ from fastsft.errors import ConfigError
 # keys that may change between a run and its resumption: they do not shape the steps already taken
 RESUME_FREE_KEYS = {
     "resume", "resume_changed_config", "output_dir", "overwrite_output_dir", "max_steps", "num_epochs",
-    "save_steps", "save_total_limit", "eval_steps", "eval_at_start", "eval_exact_match", "eval_max_new_tokens",
+    "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_strategy", "eval_at_start", "eval_exact_match", "eval_max_new_tokens",
     "eval_max_examples", "eval_batch_size", "logging_steps", "progress_bar", "cpu_threads", "report_to",
     "cache_dir",
 }

@@ -113,6 +113,12 @@ class DataStream:
             self.index += 1
         return window
 
+    def epochs_passed(self) -> int:
+        """Whole epochs consumed (an epoch whose last micro-batch was taken counts as passed)."""
+        if self.epochs_limit is not None and self.epoch >= self.epochs_limit:
+            return self.epoch
+        return self.epoch + (1 if self.index >= len(self.plan(self.epoch)) else 0)
+
     def progress(self) -> float:
         """Epochs done, as a fraction."""
         plan = self.plan(self.epoch) if self.epochs_limit is None or self.epoch < self.epochs_limit else None
@@ -259,7 +265,8 @@ class Trainer:
             self.data, self.mixture = self._prepare_data()
             if not self.data.train:
                 raise DataError(self._no_examples_message())
-            needs_eval = config.eval_steps > 0 or config.eval_exact_match
+            needs_eval = (config.eval_steps > 0 and config.eval_strategy == "steps") or config.eval_exact_match \
+                or config.eval_strategy == "epoch"
             if needs_eval and not self.data.eval:
                 raise ConfigError(
                     "evaluation (eval_steps / eval_exact_match) needs a held-out split: set 'eval_dataset' or "
@@ -524,6 +531,7 @@ class Trainer:
             with _SignalCatcher() as signals:
                 if has_eval and config.eval_at_start and self.global_step == 0:
                     self.evaluate()
+                epochs_before = self.stream_data.epochs_passed()
                 while self.global_step < self.total_steps and signals.received is None:
                     record = self.train_step()
                     if record is None:
@@ -533,9 +541,11 @@ class Trainer:
                     self.progress.update(self.global_step, record)
                     for callback in self.callbacks:
                         callback(self, record)
-                    if has_eval and config.eval_steps > 0 and self.global_step % config.eval_steps == 0:
+                    epoch_done = self.stream_data.epochs_passed() > epochs_before
+                    epochs_before = self.stream_data.epochs_passed()
+                    if has_eval and self._due(config.eval_strategy, config.eval_steps, epoch_done):
                         self.evaluate()
-                    if config.save_steps > 0 and self.global_step % config.save_steps == 0:
+                    if self._due(config.save_strategy, config.save_steps, epoch_done):
                         self.save_checkpoint()
                 if signals.received is not None:
                     result.status, result.signal = "interrupted", signals.received
@@ -559,6 +569,12 @@ class Trainer:
         for line in summary_lines(result.summary):
             print(line, file=self.stream, flush=True)
         return result
+
+    def _due(self, strategy: str, every: int, epoch_done: bool) -> bool:
+        """save_strategy / eval_strategy: is a checkpoint (an eval) due after this step?"""
+        if strategy == "epoch":
+            return epoch_done
+        return strategy == "steps" and every > 0 and self.global_step % every == 0
 
     def resume_command(self) -> str:
         """The command that continues this run: the one that started it plus --resume (the CLI's argv),

@@ -213,3 +213,19 @@ def test_several_datasets_train_and_resume_identically(tmp_path):
     Trainer(make_config(tmp_path, output_dir=str(tmp_path / "b"), **{**values, "max_steps": 2})).train()
     resumed = Trainer(make_config(tmp_path, output_dir=str(tmp_path / "b"), resume=True, **values)).train()
     assert resumed.losses == straight.losses[2:]
+
+
+def test_epoch_strategies_save_and_evaluate_at_epoch_ends(tmp_path):
+    config = make_config(tmp_path, max_steps=-1, num_epochs=2, save_steps=0, save_strategy="epoch",
+                         eval_strategy="epoch", save_total_limit=0, report_to="none", gradient_accumulation_steps=2)
+    trainer = Trainer(config)
+    trainer.setup()
+    per_epoch = len(trainer.stream_data.plan(0))
+    result = trainer.train()
+    # windows of 2 micro-batches: epoch e ends in the step that takes its last micro-batch
+    ends = sorted({-(-(per_epoch * (e + 1)) // 2) for e in range(2)})
+    assert result.global_step == ends[-1]
+    from fastsft.train.checkpoint import list_checkpoints
+
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == ends
+    assert [r["step"] for r in records(config.output_dir) if r["type"] == "eval"] == ends
