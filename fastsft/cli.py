@@ -277,6 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_command_help(command))
         return EXIT_OK
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # bitsandbytes logs, at import, that an optional hub kernel package is absent: noise for every run
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from fastsft.errors import ConfigError, DataError
 
     try:

@@ -82,6 +82,11 @@ CASES = [
      "'train' is not a local path and not in the hub cache"),
     ("ratio", ["train", "run.yaml", "--warmup_ratio", "2"], "'warmup_ratio' must be in [0, 1], got 2.0"),
     ("two spellings", ["train", "run.yaml", "--max_length", "64", "--max_seq_length", "64"], "both set"),
+    # found after torch + transformers load, still before anything is written
+    ("model_config key", ["train", "run.yaml", "--output_dir", "o", "--model_config", "{hidden_sise: 32}"],
+     "'hidden_sise' is not a field of LlamaConfig; did you mean 'hidden_size'?"),
+    ("LoRA target", ["train", "run.yaml", "--overwrite", "--lora_target_modules", "nope"],
+     "Target modules nope not found"),
     ("merge into a file", ["merge", "--adapter", "out", "--output", "a_file"], "--output"),
     ("merge into a run", ["merge", "--adapter", "out", "--output", "out"], "is not empty: pass --overwrite"),
 ]

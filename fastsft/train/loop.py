@@ -177,12 +177,10 @@ class Trainer:
         from fastsft import preflight
 
         config = self.config
-        for note in getattr(config, "_notes", []):
-            self.say(note)
         self.output_state, self.resume_from, self.resume_changes = preflight.check_run(config, self.output_dir)
+        preflight.check_model_config_keys(config)
         if config.resume not in (False, None, "") and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from scratch")
-        preflight.check_model_config_keys(config)
 
     def _stage_base(self) -> tuple:
         """(directory or hub name to load from, staging folder or None). tiny-llama is built in a
@@ -277,6 +275,8 @@ class Trainer:
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+        for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
+            self.say(note)
         for line in self.data.summary_lines():
             self.say(line)
         if self.mixture is not None:
