@@ -35,7 +35,8 @@ class Records(list):
         return f"{self.source}, record {index + 1}"
 
 
-_recent: dict = {}  # the last file read: the CLI's early check and prepare_data read it once
+_recent: dict = {}  # the last files read: the CLI's early check and prepare_data read each once
+_RECENT_FILES = 4  # a run's train and eval files (several datasets: the last few)
 
 
 def load_records(source: str, split: str = "train") -> Records:
@@ -48,7 +49,8 @@ def load_records(source: str, split: str = "train") -> Records:
             records = _load_file(source, split)
             if not records:
                 raise DataError(f"{source}: no examples (the file is empty)")
-            _recent.clear()
+            while len(_recent) >= _RECENT_FILES:
+                _recent.pop(next(iter(_recent)))
             _recent[key] = records
         return _recent[key]
     if os.path.isdir(source):
