@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers) are imported inside the commands so that
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -13,18 +14,38 @@ USAGE = """\
 usage: fastsft <command> [arguments]
 
 commands:
-  train   [CONFIG.yaml] [--key value ...] [--resume [CHECKPOINT]] [--nproc N]
-          fine-tune a causal LM; every --key overrides the config file;
+  train   [CONFIG.yaml] [--key value ...] [--resume [RUN_DIR | CHECKPOINT]] [--overwrite] [--nproc N]
+          fine-tune a causal LM; every --key overrides the config file
+          (fastsft train --help lists every key);
           --nproc N starts N processes through torchrun (DDP / FSDP2, key 'distributed')
-  inspect [CONFIG.yaml] [--key value ...] [--examples N] [--color | --no-color]
+  inspect [CONFIG.yaml] [--key value ...] [--n N] [--index I] [--tokens] [--color | --no-color]
           print rendered examples (trained tokens highlighted) and dataset statistics
-  merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16]
+  merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
           merge a LoRA / QLoRA adapter into its base model
   bench   how to run the benchmarks
 
-Config keys are the fields of fastsft.config.TrainConfig (see examples/demo.yaml).
+fastsft --version prints the version.
 Exit codes: 0 done, 1 training stopped (e.g. non-finite loss), 2 bad config or data,
 128+N stopped by signal N after writing a checkpoint (resume with --resume).
+"""
+
+TRAIN_USAGE = """\
+usage: fastsft train [CONFIG.yaml] [--key value ...]
+
+  --resume                  continue from the newest checkpoint in output_dir
+  --resume DIR              ... from a run folder's newest checkpoint, or from a checkpoint
+                            (without CONFIG.yaml the checkpoint's own config is used)
+  --resume_changed_config   resume although the config changed (new values from the resumed step)
+  --overwrite               replace a finished run (or its checkpoints) in output_dir
+"""
+
+INSPECT_USAGE = """\
+usage: fastsft inspect [CONFIG.yaml] [--key value ...] [options]
+
+  --n N, --examples N   how many examples to show (default 3)
+  --index I             start at the example with source index I (0-based, as the headers show)
+  --tokens              one line per token: position, id, text, trained or not
+  --color / --no-color  trained tokens in bold green (default: on a terminal) or [[between brackets]]
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -66,20 +87,61 @@ def _quiet_library_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _saved_config_for_resume(overrides: Sequence[str]) -> Optional[str]:
+    """`fastsft train --resume DIR` without a config file: the checkpoint's own fastsft_config.yaml."""
+    from fastsft import preflight, run_dir
+    from fastsft.config import parse_overrides
+
+    values = dict(parse_overrides(overrides))
+    resume = values.get("resume", values.get("resume_from_checkpoint"))
+    if resume in (None, False, "false", ""):
+        return None
+    output_dir = values.get("output_dir")
+    if resume in (True, "latest"):
+        if output_dir is None:
+            return None
+        resume = output_dir
+    checkpoint = preflight.resolve_resume(str(resume), str(output_dir or resume))
+    if checkpoint is None:
+        return None
+    path = os.path.join(checkpoint, run_dir.CONFIG_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def _run_folder_of(checkpoint_config: str) -> Optional[str]:
+    """output_dir/checkpoints/step-N/fastsft_config.yaml -> output_dir (the run folder, wherever it is now)."""
+    from fastsft import run_dir
+
+    checkpoint = os.path.dirname(checkpoint_config)
+    parent = os.path.dirname(checkpoint)
+    return os.path.dirname(parent) if os.path.basename(parent) == run_dir.CHECKPOINTS_DIR else None
+
+
 def cmd_train(args: Sequence[str]) -> int:
+    from fastsft import preflight
     from fastsft.config import load_config
+    from fastsft.data.check import check_config_data
 
     path, overrides = _split_config(args)
     from fastsft.distributed.launch import launch, parse_nproc
 
     nproc = parse_nproc(_pop_value(overrides, "--nproc"))
+    if path is None:
+        path = _saved_config_for_resume(overrides)
+        folder = _run_folder_of(path) if path else None
+        if folder and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in overrides):
+            overrides = [*overrides, "--output_dir", folder]  # the run continues where it now is
     config = load_config(path, overrides)
+    # before torch / transformers load and before anything is written: the folder, the resume point, the
+    # model path, every record of the data
+    preflight.check_run(config, os.path.abspath(config.output_dir))
+    check_config_data(config)
     if nproc is not None and nproc > 1:  # torchrun, one process per rank, each running this command
         return launch(nproc, ["train", *([path] if path else []), *overrides])
     _quiet_library_bars()
-    from fastsft.train import train  # after the config is known to be good: torch etc. load here
+    from fastsft.train import train
 
-    result = train(config)
+    result = train(config, command=["train", *args])
     if result.status == "interrupted":
         return 128 + int(result.signal or 0)
     return EXIT_OK
@@ -87,22 +149,29 @@ def cmd_train(args: Sequence[str]) -> int:
 
 def cmd_inspect(args: Sequence[str]) -> int:
     from fastsft.config import load_config
+    from fastsft.data.check import check_config_data
+    from fastsft.errors import ConfigError
 
     path, rest = _split_config(args)
     rest = list(rest)
     count = _pop_value(rest, "--examples")
+    count = _pop_value(rest, "--n") or count
+    start = _pop_value(rest, "--index")
+    tokens = bool(_pop_flag(rest, "--tokens"))
     color_flag = _pop_flag(rest, "--color", "--no-color")
     config = load_config(path, rest)
-    try:
-        num_examples = int(count) if count is not None else 3
-    except ValueError:
-        from fastsft.errors import ConfigError
-
-        raise ConfigError(f"--examples expects an integer, got {count!r}") from None
+    numbers = {}
+    for name, value, default in (("--n", count, 3), ("--index", start, None)):
+        try:
+            numbers[name] = int(value) if value is not None else default
+        except ValueError:
+            raise ConfigError(f"{name} expects an integer, got {value!r}") from None
+        if numbers[name] is not None and numbers[name] < 0:
+            raise ConfigError(f"{name} must be >= 0, got {numbers[name]}")
+    check_config_data(config)
     color = sys.stdout.isatty() if color_flag is None else color_flag == "--color"
     _quiet_library_bars()
 
-    import os
     import tempfile
 
     from fastsft.data import inspect_report, prepare_data
@@ -111,13 +180,24 @@ def cmd_inspect(args: Sequence[str]) -> int:
     if config.model == TINY_MODEL:
         # the tokenizer the run would train on this dataset (nothing is written to output_dir)
         with tempfile.TemporaryDirectory() as scratch:
-            base = build_tiny_base(config, config.dataset, os.path.join(scratch, "base"))
+            source = config.dataset or config.datasets[0]["path"]
+            base = build_tiny_base(config, source, os.path.join(scratch, "base"))
             tokenizer = load_tokenizer(base, config)
     else:
+        from fastsft.sources import check_model_source
+
+        check_model_source(config.tokenizer or config.model, key="tokenizer" if config.tokenizer else "model",
+                           tokenizer=True)
         tokenizer = load_tokenizer(config.tokenizer or config.model, config)
-    data = prepare_data(config.data_options(), tokenizer)
-    print(inspect_report(data, tokenizer, num_examples=num_examples, color=color,
-                         batch_tokens=config.batch_tokens if config.packing else None, seed=config.seed))
+    if config.datasets:
+        from fastsft.data.mix import prepare_mixture
+
+        data = prepare_mixture(config, tokenizer)[0]
+    else:
+        data = prepare_data(config.data_options(), tokenizer)
+    print(inspect_report(data, tokenizer, num_examples=numbers["--n"], color=color,
+                         batch_tokens=config.batch_tokens if config.packing else None, seed=config.seed,
+                         start_index=numbers["--index"], tokens=tokens))
     return EXIT_OK
 
 
@@ -129,7 +209,21 @@ def cmd_merge(args: Sequence[str]) -> int:
     parser.add_argument("--output", required=True, help="where to write the merged model")
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --output already holds")
     options = parser.parse_args(list(args))
+    from fastsft.preflight import check_writable
+    from fastsft.errors import ConfigError
+    from fastsft.sources import check_model_source
+
+    check_writable(options.output, "--output")
+    if os.path.isdir(options.output) and os.listdir(options.output) and not options.overwrite:
+        raise ConfigError(f"--output {options.output!r} is not empty: pass --overwrite to replace what it holds, "
+                          f"or choose another folder")
+    if not os.path.isfile(os.path.join(options.adapter, "adapter_config.json")):
+        raise ConfigError(f"--adapter {options.adapter!r} holds no adapter_config.json (is it a LoRA/QLoRA "
+                          f"output_dir or checkpoint?)")
+    if options.base:
+        check_model_source(options.base, key="--base")
     _quiet_library_bars()
     from fastsft.train.merge import merge_adapter
 
@@ -148,11 +242,35 @@ def cmd_bench(args: Sequence[str]) -> int:
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "bench": cmd_bench}
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastsft")
+    except Exception:  # not installed (a bare checkout): the package's own
+        from fastsft import __version__
+
+        return __version__
+
+
+def _command_help(command: str) -> str:
+    if command == "train":
+        from fastsft.config import help_text
+
+        return TRAIN_USAGE + "\n" + help_text()
+    if command == "inspect":
+        return INSPECT_USAGE
+    return USAGE
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return EXIT_OK if argv else EXIT_USAGE
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"fastsft {_version()}")
+        return EXIT_OK
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         import difflib
@@ -162,20 +280,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastsft: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
     if command != "merge" and any(a in ("-h", "--help") for a in rest):
-        print(USAGE)
+        print(_command_help(command))
         return EXIT_OK
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # bitsandbytes logs, at import, that an optional hub kernel package is absent: noise for every run
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from fastsft.errors import ConfigError, DataError
 
     try:
         return COMMANDS[command](rest)
     except (ConfigError, DataError) as exc:
         kind = "config error" if isinstance(exc, ConfigError) else "data error"
-        print(f"fastsft {command}: {kind}: {exc}", file=sys.stderr)
+        print(f"fastsft {command}: {kind}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"fastsft {command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a disk that fills up or a folder removed under the run: say which file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"fastsft {command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a training stop the loop explains (TrainingError) exits 1 without a traceback
         from fastsft.train.loop import TrainingError
 
@@ -183,6 +307,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"fastsft {command}: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

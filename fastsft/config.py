@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from fastsft.config_names import ALIASES, HELP, NO_CHANGE
 from fastsft.errors import ConfigError
 
 # keys whose value must be one of a fixed set
@@ -31,13 +32,15 @@ CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "progress_bar": ("auto", "on", "off"),
     "distributed": ("auto", "ddp", "fsdp"),
+    "save_strategy": ("steps", "epoch", "no"),
+    "eval_strategy": ("steps", "epoch", "no"),
 }
 
 
 @dataclass
 class TrainConfig:
     # --- model
-    model: str = "tiny-llama"  # "tiny-llama", a local directory or a hub name for AutoModelForCausalLM
+    model: Optional[str] = None  # required: "tiny-llama", a local directory or a hub name for AutoModelForCausalLM
     tokenizer: Optional[str] = None  # default: the model's own (tiny-llama: trained on the dataset)
     model_config: Dict[str, Any] = field(default_factory=dict)  # tiny-llama only: LlamaConfig overrides
     tokenizer_vocab_size: int = 512  # tiny-llama only: size of the BPE vocabulary trained on the data
@@ -56,9 +59,11 @@ class TrainConfig:
     bnb_4bit_use_double_quant: bool = True
     # --- data (fastsft.data.DataOptions)
     dataset: Optional[str] = None
+    datasets: Optional[List[Any]] = None  # several sources: [{path, format, mask, weight, split, text_field}]
     dataset_split: str = "train"
     dataset_format: str = "auto"
     mask: str = "assistant"
+    dataset_text_field: str = "text"  # format text: the field holding the text
     max_seq_length: int = 2048
     truncation: str = "truncate"
     chat_template: Optional[str] = None
@@ -94,6 +99,7 @@ class TrainConfig:
     distributed: str = "auto"  # torchrun / --nproc: ddp | fsdp | auto (DDP for lora/qlora, FSDP2 for full)
     # --- evaluation
     eval_steps: int = 0  # 0: evaluate only at the end (when there is an eval split)
+    eval_strategy: str = "steps"  # steps: every eval_steps; epoch: at the end of every epoch; no: at the end only
     eval_at_start: bool = True  # measure the untrained model first (baseline)
     eval_exact_match: bool = False  # greedy generation compared with the reference answer
     eval_max_new_tokens: int = 64
@@ -102,11 +108,14 @@ class TrainConfig:
     # --- output
     output_dir: str = "outputs/run"
     save_steps: int = 0  # 0: no intermediate checkpoints (the final model is always written)
+    save_strategy: str = "steps"  # steps: every save_steps; epoch: at the end of every epoch; no: none
     save_total_limit: int = 2
     logging_steps: int = 1  # console lines every N steps (metrics.jsonl gets every step)
     progress_bar: str = "auto"  # auto: a tqdm bar on a terminal, plain log lines otherwise
+    report_to: Union[str, List[str]] = "none"  # none | tensorboard | wandb, or a list
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
+    resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -123,6 +132,7 @@ class TrainConfig:
             eval_fraction=self.eval_fraction,
             seed=self.seed,
             cache_dir=self.cache_dir,
+            text_field=self.dataset_text_field,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -131,15 +141,28 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+REPORTERS = ("none", "tensorboard", "wandb")
+DATASET_ENTRY_KEYS = ("path", "split", "format", "mask", "weight", "text_field")
+# Axolotl's dataset `type` names for fastsft's formats
+AXOLOTL_TYPES = {"alpaca": "instruction", "sharegpt": "messages", "chat_template": "messages", "completion": "text"}
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    # close names only: a far-fetched suggestion (per_device_train_batch_size -> eval_batch_size) misleads
+    close = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1, cutoff=0.8)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{where}{hint}")
+    return ConfigError(f"unknown config key {key!r}{where}{hint} (fastsft train --help lists the keys)")
 
 
 def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (list, List):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Dict):
+        return "mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -216,6 +239,47 @@ def _set(values: Dict[str, Any], key: str, value: Any, where: str) -> None:
     values[key] = value
 
 
+def _canonical(key: str, value: Any, where: str) -> tuple:
+    """(fastsft key, value) for a key that may be an alias; the value may be NO_CHANGE."""
+    alias = ALIASES.get(key)
+    if alias is None:
+        if key not in FIELDS:
+            raise _unknown_key(key, where)
+        return key, value
+    if alias.values is None:
+        return alias.key, value
+    lookup = value
+    if any(isinstance(k, bool) for k in alias.values):
+        lookup = _coerce(key, value, bool, where)
+    elif isinstance(value, str):
+        lookup = value.lower()
+    if lookup not in alias.values:
+        allowed = ", ".join(str(k).lower() for k in alias.values)
+        raise ConfigError(f"config key {key!r}{where} (alias of {alias.key!r}): {value!r} is not one of {allowed}")
+    return alias.key, alias.values[lookup]
+
+
+def _apply_layer(merged: Dict[str, Any], items, where_of) -> None:
+    """One source of values (the file, the flags or keyword values); two spellings of a key in one
+    source are an error, except a value-mapped flag that agrees (load_in_4bit: true with mode: qlora)."""
+    spelled: Dict[str, tuple] = {}  # fastsft key -> (name as written, value)
+    layer: Dict[str, Any] = {}
+    for key, value in items:
+        where = where_of(key)
+        canonical, mapped = _canonical(key, value, where)
+        if mapped is NO_CHANGE:
+            continue
+        if canonical in spelled and spelled[canonical][0] != key:
+            other, other_value = spelled[canonical]
+            renames = ALIASES.get(key, None), ALIASES.get(other, None)
+            plain = any(a is not None and a.values is None for a in renames) or all(a is None for a in renames)
+            if plain or other_value != mapped:
+                raise ConfigError(f"config keys {other!r} and {key!r}{where} both set {canonical!r}; keep one")
+        spelled[canonical] = (key, mapped)
+        _set(layer, canonical, mapped, where)
+    merged.update(layer)
+
+
 def parse_overrides(args: Sequence[str]) -> List[tuple]:
     """``["--max_steps", "10", "--packing=false", "--bf16"]`` -> [(key, raw_value), ...].
 
@@ -251,11 +315,22 @@ def parse_overrides(args: Sequence[str]) -> List[tuple]:
     return pairs
 
 
+def _resolve_relative(value: str, config_dir: Optional[str]) -> tuple:
+    """(path, base) for a relative path: the current directory, or next to the config file when it exists
+    only there (so a config moved with its data keeps working)."""
+    if not value or os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value), None
+    if config_dir is not None and not os.path.exists(value) and os.path.exists(os.path.join(config_dir, value)):
+        return os.path.join(config_dir, value), f"next to the config file, {config_dir}"
+    return os.path.abspath(value), "relative to the current directory"
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **values: Any) -> TrainConfig:
     """Read a YAML config file, then apply CLI overrides (``--key value``), then keyword values.
 
-    Relative ``dataset`` / ``eval_dataset`` paths that do not exist from the
-    current directory are looked up next to the config file.
+    Aliases (ALIASES: TRL / TrainingArguments / Axolotl names) map onto fastsft's keys. Relative
+    ``dataset`` / ``eval_dataset`` / ``output_dir`` / ``resume`` paths that do not exist from the
+    current directory but do next to the config file are taken from there.
     """
     import yaml
 
@@ -265,51 +340,105 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         config_dir = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8") as handle:
-            try:
+        try:
+            with open(path, encoding="utf-8") as handle:
                 data = yaml.safe_load(handle)
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                line = f" line {mark.line + 1}" if mark is not None else ""
-                raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte offset {exc.start}: {exc.reason})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__}")
-        for key, value in data.items():
-            _set(merged, str(key), value, f" in {path}")
-    for key, value in parse_overrides(overrides):
-        _set(merged, key, value, f" (command-line flag --{key})")
-    for key, value in values.items():
-        _set(merged, key, value, "")
+        _apply_layer(merged, [(str(k), v) for k, v in data.items()], lambda key: f" in {path}")
+    _apply_layer(merged, parse_overrides(overrides), lambda key: f" (command-line flag --{key})")
+    _apply_layer(merged, list(values.items()), lambda key: "")
     config = TrainConfig(**merged)
-    if config_dir is not None:
-        for key in ("dataset", "eval_dataset"):
-            value = getattr(config, key)
-            if value and not os.path.isabs(value) and not os.path.exists(value):
-                candidate = os.path.join(config_dir, value)
-                if os.path.exists(candidate):
-                    setattr(config, key, candidate)
+    config._notes = []  # lines the trainer prints (where relative paths were found)
+    for key in ("dataset", "eval_dataset", "output_dir"):
+        value = getattr(config, key)
+        if value:
+            resolved, base = _resolve_relative(value, config_dir)
+            if key == "dataset" or key == "eval_dataset":
+                # a relative name that exists nowhere may be a datasets hub name: keep it as written
+                if base is not None and not os.path.exists(resolved):
+                    continue
+            setattr(config, key, resolved)
+            if key == "output_dir" and base is not None:
+                config._notes.append(f"output_dir: {resolved} ({base})")
+    if isinstance(config.resume, str) and config.resume.lower() not in ("true", "false", "yes", "no", "latest", ""):
+        config.resume = _resolve_relative(config.resume, config_dir)[0]
+    for entry in config.datasets or []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]:
+            resolved, base = _resolve_relative(entry["path"], config_dir)
+            if base is None or os.path.exists(resolved):
+                entry["path"] = resolved
     validate(config)
     return config
 
 
+def _check_datasets(entries: List[Dict[str, Any]]) -> None:
+    from fastsft.data.options import FORMATS, MASKS  # no heavy imports there
+
+    for n, entry in enumerate(entries, start=1):
+        where = f"config key 'datasets', entry {n}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'path' (and format, mask, weight, split), got {entry!r}")
+        if "type" in entry and "format" not in entry:  # Axolotl's spelling
+            kind = entry.pop("type")
+            entry["format"] = AXOLOTL_TYPES.get(kind, kind)
+        for key in entry:
+            if key not in DATASET_ENTRY_KEYS:
+                close = difflib.get_close_matches(key, DATASET_ENTRY_KEYS, n=1, cutoff=0.7)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(DATASET_ENTRY_KEYS)}){hint}")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ConfigError(f"{where}: 'path' (a file, directory or datasets name) is required")
+        for key, choices in (("format", FORMATS), ("mask", MASKS)):
+            if key in entry and entry[key] not in choices:
+                raise ConfigError(f"{where}: {key} {entry[key]!r} is not one of {', '.join(choices)}")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 100:
+            raise ConfigError(f"{where}: weight must be a number in (0, 100], got {weight!r}")
+        for key in ("split", "text_field"):
+            if key in entry and not isinstance(entry[key], str):
+                raise ConfigError(f"{where}: {key} must be a string, got {entry[key]!r}")
+
+
 def validate(config: TrainConfig) -> None:
     """Checks that span keys or ranges (types were checked on the way in)."""
-    if not config.dataset:
+    if isinstance(config.resume, str) and config.resume.lower() in ("true", "false", "yes", "no", ""):
+        config.resume = config.resume.lower() in ("true", "yes")
+    if not config.model:
+        raise ConfigError("config key 'model' is required: a local model directory, a hub name, "
+                          "or tiny-llama for a tiny model built from the data")
+    if config.datasets and config.dataset:
+        raise ConfigError("config keys 'dataset' and 'datasets' both given; keep one")
+    if config.datasets:
+        _check_datasets(config.datasets)
+    elif not config.dataset:
         raise ConfigError("config key 'dataset' is required (a .jsonl/.json/.parquet/.csv file, a directory or a dataset name)")
     positive = ("batch_tokens", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r",
-                "num_epochs", "logging_steps", "eval_batch_size", "pad_to_multiple_of", "eval_max_new_tokens")
+                "num_epochs", "logging_steps", "eval_batch_size", "pad_to_multiple_of", "eval_max_new_tokens",
+                "tokenizer_vocab_size")
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {getattr(config, key)}")
-    non_negative = ("save_steps", "eval_steps", "warmup_steps", "warmup_ratio", "eval_max_examples", "learning_rate",
-                    "weight_decay", "lora_dropout", "min_lr_ratio", "save_total_limit", "cpu_threads")
+    non_negative = ("save_steps", "eval_steps", "warmup_steps", "eval_max_examples", "learning_rate",
+                    "weight_decay", "save_total_limit", "cpu_threads", "adam_epsilon")
     for key in non_negative:
         if getattr(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(config, key)}")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise ConfigError(f"config key 'eval_fraction' must be in [0, 1), got {config.eval_fraction}")
+    for key, low, high, closed in (("warmup_ratio", 0, 1, True), ("min_lr_ratio", 0, 1, True),
+                                   ("eval_fraction", 0, 1, False), ("lora_dropout", 0, 1, False),
+                                   ("adam_beta1", 0, 1, False), ("adam_beta2", 0, 1, False)):
+        value = getattr(config, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
+            raise ConfigError(f"config key {key!r} must be in {interval}, got {value}")
     if config.packing and config.batch_tokens < config.max_seq_length:
         raise ConfigError(
             f"config key 'batch_tokens' ({config.batch_tokens}) must be >= 'max_seq_length' "
@@ -319,5 +448,34 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("config key 'model_config' applies only to model: tiny-llama")
     if config.offload_activations and not config.gradient_checkpointing:
         raise ConfigError("config key 'offload_activations' needs 'gradient_checkpointing: true'")
-    if isinstance(config.resume, str) and config.resume.lower() in ("true", "false", "yes", "no"):
-        config.resume = config.resume.lower() in ("true", "yes")
+    if config.overwrite_output_dir and config.resume not in (False, None, ""):
+        raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
+                          "overwrite deletes it; give one")
+    if not config.dataset_text_field:
+        raise ConfigError("config key 'dataset_text_field' must name a field")
+    reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)
+    for name in reporters:
+        if name not in REPORTERS:
+            raise ConfigError(f"config key 'report_to': {name!r} is not one of {', '.join(REPORTERS)}")
+
+
+def reporters(config: TrainConfig) -> List[str]:
+    names = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)
+    return [n for n in names if n != "none"]
+
+
+def help_text() -> str:
+    """Every key with its type, default and a one-line description, then the aliases."""
+    lines = ["config keys (YAML `key: value`, or --key value on the command line):"]
+    for name, f in FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = _type_name(_HINTS[name])
+        lines.append(f"  --{name} ({kind}, default {default!r})")
+        lines.append(f"      {HELP.get(name, '')}")
+    lines.append("")
+    lines.append("aliases (TRL / TrainingArguments / Axolotl names; both spellings in one config is an error):")
+    for name, alias in ALIASES.items():
+        mapping = "" if alias.values is None else " (" + ", ".join(
+            f"{str(k).lower()} -> {'unchanged' if v is NO_CHANGE else v}" for k, v in alias.values.items()) + ")"
+        lines.append(f"  {name} = {alias.key}{mapping}   [{alias.origin}]")
+    return "\n".join(lines)

@@ -99,9 +99,17 @@ def test_demo_config_end_to_end(tmp_path, capsys):
 def test_inspect_prints_examples_and_statistics(tmp_path, capsys):
     assert main(["inspect", DEMO, "--examples", "2", "--no-color"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("legend: trained tokens are [[between brackets]]")
     assert out.count("--- example") == 2
     assert "[[" in out and "]]" in out  # trained tokens highlighted
     assert "reverse:" in out and "kept" in out and "trained" in out and "packing" in out
+    assert main(["inspect", DEMO, "--n", "1", "--index", "5", "--tokens"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("legend: position, token id, '+' trained")
+    assert out.count("--- example") == 1 and "(source index 5," in out
+    rows = [line.split() for line in out.splitlines() if line[:6].strip().isdigit()]
+    assert rows and {row[2] for row in rows} == {"+", "."} and [int(row[0]) for row in rows] == list(range(len(rows)))
+    assert main(["inspect", DEMO, "--n", "x"]) == 2
 
 
 def test_merge_writes_a_loadable_model(tmp_path, capsys):
@@ -145,6 +153,7 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM received" in err and "Traceback" not in err
+    assert f"Continue with: fastsft train {config} --max_steps 100000 --resume" in err  # the command that ran
     checkpoints = list((tmp_path / "out" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "training_state.pt").exists()
     # --resume continues from it (a couple more steps) and writes the final adapter

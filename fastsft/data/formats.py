@@ -44,24 +44,38 @@ class Plain:
 Sample = Union[Chat, Plain]
 
 
-def detect_format(record: dict, index: int = 0) -> str:
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+
+
+def _label(index, where: Optional[str]) -> str:
+    """Where a record is, for messages: 'file, line N' from the caller, else 'record N' (1-based)."""
+    return where if where is not None else f"record {index + 1}"
+
+
+def detect_format(record: dict, index: int = 0, where: Optional[str] = None, text_field: str = "text") -> str:
     """The format of one record, from its fields."""
+    index = _label(index, where)
     if "messages" in record or "conversations" in record:
         return "messages"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "instruction" in record and "output" in record:
         return "instruction"
-    if "text" in record:
+    if text_field in record:
         return "text"
     raise DataError(
-        f"example {index}: cannot detect the format from fields {sorted(record)}; expected "
+        f"{index}: cannot detect the format from fields {sorted(record)}; expected "
         "'messages', 'prompt'+'completion', 'instruction'+'output' or 'text' (or set format explicitly)"
     )
 
 
-def to_sample(record: dict, fmt: str, index: int) -> Sample:
-    """Convert one record of format `fmt`; a missing or wrong field names the example and the field."""
+def to_sample(record: dict, fmt: str, index: int, where: Optional[str] = None, text_field: str = "text") -> Sample:
+    """Convert one record of format `fmt`; a missing or wrong field names the record and the field.
+
+    `where` says where the record is ('file, line N'); without it messages say 'record N' (1-based).
+    `text_field` is the field of the text format (TRL's dataset_text_field).
+    """
+    index = _label(index, where)
     if fmt == "messages":
         if "messages" in record:
             return Chat(_messages(record["messages"], index, "messages"))
@@ -83,63 +97,76 @@ def to_sample(record: dict, fmt: str, index: int) -> Sample:
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return Chat([{"role": "user", "content": user}, {"role": "assistant", "content": output}], completion_start=1)
     if fmt == "text":
-        return Plain("", _string(_field(record, "text", index, fmt), index, "text"), is_text=True)
+        return Plain("", _string(_field(record, text_field, index, fmt), index, text_field), is_text=True)
     raise DataError(f"unknown data format {fmt!r}")
 
 
-def _field(record: dict, name: str, index: int, fmt: str):
+def _field(record: dict, name: str, index: str, fmt: str):
     if name not in record:
         raise _missing(index, name, fmt)
     return record[name]
 
 
-def _missing(index: int, name: str, fmt: str) -> DataError:
-    return DataError(f"example {index}: missing field '{name}' (format '{fmt}')")
+def _missing(index: str, name: str, fmt: str) -> DataError:
+    return DataError(f"{index}: missing field '{name}' (format '{fmt}')")
 
 
-def _string(value, index: int, name: str) -> str:
+def _string(value, index: str, name: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"example {index}: field '{name}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{index}: field '{name}' must be a string, got {type(value).__name__}")
     return value
 
 
-def _messages(value, index: int, name: str, allow_empty: bool = False) -> list[dict]:
+def _messages(value, index: str, name: str, allow_empty: bool = False) -> list[dict]:
     if not isinstance(value, list):
-        raise DataError(f"example {index}: field '{name}' must be a list of messages, got {type(value).__name__}")
+        raise DataError(f"{index}: field '{name}' must be a list of messages, got {type(value).__name__}")
     if not value and not allow_empty:
-        raise DataError(f"example {index}: field '{name}' is an empty list of messages")
+        raise DataError(f"{index}: field '{name}' is an empty list of messages")
     messages = []
     for position, message in enumerate(value):
         where = f"{name}[{position}]"
         if not isinstance(message, dict):
-            raise DataError(f"example {index}: field '{where}' must be an object, got {type(message).__name__}")
+            raise DataError(f"{index}: field '{where}' must be an object, got {type(message).__name__}")
         for key in ("role", "content"):
             if key not in message:
-                raise DataError(f"example {index}: missing field '{where}.{key}'")
+                raise DataError(f"{index}: missing field '{where}.{key}'")
             if not isinstance(message[key], str):
                 raise DataError(
-                    f"example {index}: field '{where}.{key}' must be a string, got {type(message[key]).__name__}"
+                    f"{index}: field '{where}.{key}' must be a string, got {type(message[key]).__name__}"
                 )
+        if message["role"] not in KNOWN_ROLES:
+            raise DataError(f"{index}: field '{where}.role' is {message['role']!r}, expected one of "
+                            f"{', '.join(KNOWN_ROLES)}")
         # Drop None-valued extras (as transformers does); keep the others for the template.
         messages.append({key: item for key, item in message.items() if item is not None})
     return messages
 
 
-def _sharegpt(value, index: int) -> list[dict]:
+def _sharegpt(value, index: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"example {index}: field 'conversations' must be a non-empty list of turns")
+        raise DataError(f"{index}: field 'conversations' must be a non-empty list of turns")
     messages = []
     for position, turn in enumerate(value):
         where = f"conversations[{position}]"
         if not isinstance(turn, dict):
-            raise DataError(f"example {index}: field '{where}' must be an object, got {type(turn).__name__}")
+            raise DataError(f"{index}: field '{where}' must be an object, got {type(turn).__name__}")
         for key in ("from", "value"):
             if not isinstance(turn.get(key), str):
-                raise DataError(f"example {index}: missing or non-string field '{where}.{key}'")
+                raise DataError(f"{index}: missing or non-string field '{where}.{key}'")
         role = _SHAREGPT_ROLES.get(turn["from"])
         if role is None:
             raise DataError(
-                f"example {index}: field '{where}.from' is {turn['from']!r}, expected one of {sorted(_SHAREGPT_ROLES)}"
+                f"{index}: field '{where}.from' is {turn['from']!r}, expected one of {sorted(_SHAREGPT_ROLES)}"
             )
         messages.append({"role": role, "content": turn["value"]})
     return messages
+
+
+def records_to_samples(records, indices: list[int], fmt: str = "auto", text_field: str = "text") -> tuple:
+    """(format, samples) of `records[i]` for i in indices; errors say where each record is
+    (records from fastsft.data.load know their file and line)."""
+    where = getattr(records, "where", None)
+    place = (lambda i: where(i)) if where is not None else (lambda i: None)
+    if fmt == "auto":
+        fmt = detect_format(records[0], 0, place(0), text_field=text_field)
+    return fmt, [to_sample(records[i], fmt, i, place(i), text_field=text_field) for i in indices]

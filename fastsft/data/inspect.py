@@ -39,19 +39,42 @@ def _piece(tokens: list[int], trained: bool, tokenizer, color: bool) -> str:
     return f"{TRAINED_ON}{text}{TRAINED_OFF}" if color else f"{OPEN}{text}{CLOSE}"
 
 
+def render_tokens(example: Example, tokenizer) -> str:
+    """One line per token: position, id, trained ('+') or not ('.'), and its text (repr, so spaces show)."""
+    lines = []
+    for position, (token, label) in enumerate(zip(example.input_ids, example.labels)):
+        text = tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        lines.append(f"{position:>6} {token:>8} {'+' if label != IGNORE_INDEX else '.'} {text!r}")
+    return "\n".join(lines)
+
+
+def legend(*, color: bool, tokens: bool) -> str:
+    if tokens:
+        return "legend: position, token id, '+' trained (its label is the token) or '.' context only, token text"
+    marked = f"{TRAINED_ON}bold green{TRAINED_OFF}" if color else f"{OPEN}between brackets{CLOSE}"
+    return f"legend: trained tokens are {marked} (the loss is computed on them); the rest is context only"
+
+
 def inspect_report(prepared, tokenizer, *, num_examples: int = 3, color: bool = False,
                    batch_tokens: Optional[int] = None, seed: int = 0, packing: bool = True,
-                   batch_size: int = 1) -> str:
-    """A few rendered examples, the dataset statistics and (given batch_tokens) the
+                   batch_size: int = 1, start_index: Optional[int] = None, tokens: bool = False) -> str:
+    """A legend, a few rendered examples, the dataset statistics and (given batch_tokens) the
     batching efficiency of epoch 0 -- what `fastsft inspect` prints. packing=False
-    reports padded batches of `batch_size` (real tokens over padded slots)."""
+    reports padded batches of `batch_size` (real tokens over padded slots). `start_index`
+    starts at the example with that source index; `tokens` shows them token by token."""
     from fastsft.data.pack import packing_efficiency, plan_batches
 
-    lines = []
-    for k, example in enumerate(prepared.train[:num_examples]):
+    lines = [legend(color=color, tokens=tokens)]
+    examples = prepared.train
+    if start_index is not None:
+        examples = [e for e in examples if e.source_index >= start_index]
+        if not examples or examples[0].source_index != start_index:
+            lines.append(f"(no training example has source index {start_index}: it was dropped, held out or "
+                         f"is past the end; showing the next ones)")
+    for k, example in enumerate(examples[:num_examples]):
         lines.append(f"--- example {k} (source index {example.source_index}, {len(example)} tokens, "
                      f"{example.num_trained_tokens} trained) ---")
-        lines.append(render_inspect(example, tokenizer, color=color))
+        lines.append(render_tokens(example, tokenizer) if tokens else render_inspect(example, tokenizer, color=color))
     lines.append("--- statistics ---")
     lines.extend(prepared.summary_lines())
     if batch_tokens is not None and prepared.train:

@@ -20,27 +20,90 @@ _FILE_SUFFIXES = JSON_SUFFIXES + tuple(DATASETS_FILE_BUILDERS)
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
+class Records(list):
+    """The records of one source, with where each came from (1-based lines for JSON lines)."""
+
+    def __init__(self, items=(), source: str = "", lines: Optional[list] = None):
+        super().__init__(items)
+        self.source = source
+        self.lines = lines
+
+    def where(self, index: int) -> str:
+        """'file, line N' (JSON lines) or 'source, record N' (1-based) for the record at `index`."""
+        if self.lines is not None and index < len(self.lines):
+            return f"{self.source}, line {self.lines[index]}"
+        return f"{self.source}, record {index + 1}"
+
+
+_recent: dict = {}  # the last files read: the CLI's early check and prepare_data read each once
+_RECENT_FILES = 4  # a run's train and eval files (several datasets: the last few)
+
+
+def load_records(source: str, split: str = "train") -> Records:
     """Every record of `source` as a plain dict, in file order."""
     source = os.path.expanduser(source)
     if os.path.isfile(source):
-        lower = source.lower()
-        if lower.endswith(".jsonl"):
-            return _read_jsonl(source)
-        if lower.endswith(".json"):
-            return _read_json(source, split)
-        for suffix, builder in DATASETS_FILE_BUILDERS.items():
-            if lower.endswith(suffix):
-                return _to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(
-                    builder, data_files=source, split="train")), source)
-        raise DataError(
-            f"{source}: unsupported file type (expected .jsonl, .json, .parquet or .csv)"
-        )
+        stat = os.stat(source)
+        key = (os.path.abspath(source), split, stat.st_mtime_ns, stat.st_size)
+        if key not in _recent:
+            records = _load_file(source, split)
+            if not records:
+                raise DataError(f"{source}: no examples (the file is empty)")
+            while len(_recent) >= _RECENT_FILES:
+                _recent.pop(next(iter(_recent)))
+            _recent[key] = records
+        return _recent[key]
     if os.path.isdir(source):
-        return _to_records(_load_directory(source, split), source)
+        return _nonempty(Records(_to_records(_load_directory(source, split), source), source), source)
     if source.lower().endswith(_FILE_SUFFIXES) or source.startswith(("/", "./", "../", "~")):
         raise DataError(f"{source}: no such file or directory")
-    return _to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(source, split=split)), source)
+    from fastsft.sources import check_data_source
+
+    check_data_source(source, key=source)  # not a hub name, or offline: fails here at once
+    return _nonempty(Records(_to_records(_load_with_datasets(
+        source, lambda: _datasets().load_dataset(source, split=split)), source), source), source)
+
+
+def _nonempty(records: Records, source: str) -> Records:
+    if not records:
+        raise DataError(f"{source}: no examples")
+    return records
+
+
+def _load_file(source: str, split: str) -> Records:
+    lower = source.lower()
+    if lower.endswith(".jsonl"):
+        return _read_jsonl(source)
+    if lower.endswith(".json"):
+        return _read_json(source, split)
+    for suffix, builder in DATASETS_FILE_BUILDERS.items():
+        if lower.endswith(suffix):
+            if builder == "csv":
+                _check_text_file(source)  # datasets' own message for these says only "an error occurred"
+            return Records(_to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(
+                builder, data_files=source, split="train")), source), source)
+    raise DataError(f"{source}: unsupported file type (expected .jsonl, .json, .parquet or .csv)")
+
+
+def _decode(data: bytes, path: str, offset: int = 0, line: Optional[int] = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        where = f", line {line}" if line is not None else ""
+        raise DataError(
+            f"{path}{where}: not UTF-8 text (byte offset {offset + error.start}: {error.reason}, "
+            f"byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
+def _check_text_file(path: str) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data.strip():
+        raise DataError(f"{path}: no examples (the file is empty)")
+    text = _decode(data, path)
+    if len(text.strip().splitlines()) < 2:
+        raise DataError(f"{path}: no examples (only a header line)")
 
 
 def source_fingerprint(source: str, split: str = "train") -> Optional[str]:
@@ -68,10 +131,13 @@ def _hash_files(paths: list[str], root: str) -> str:
     return digest.hexdigest()
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    records = []
-    with open(path, "r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+def _read_jsonl(path: str) -> Records:
+    records = Records(source=path, lines=[])
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, offset, line_number)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -85,12 +151,15 @@ def _read_jsonl(path: str) -> list[dict]:
                     f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}"
                 )
             records.append(record)
+            records.lines.append(line_number)
     return records
 
 
-def _read_json(path: str, split: str = "train") -> list[dict]:
-    with open(path, "r", encoding="utf-8") as handle:
-        text = handle.read()
+def _read_json(path: str, split: str = "train") -> Records:
+    with open(path, "rb") as handle:
+        text = _decode(handle.read(), path)
+    if not text.strip():
+        raise DataError(f"{path}: no examples (the file is empty)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -111,8 +180,8 @@ def _read_json(path: str, split: str = "train") -> list[dict]:
         raise DataError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
     for index, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: example {index}: expected a JSON object, got {type(record).__name__}")
-    return data
+            raise DataError(f"{path}, record {index + 1}: expected a JSON object, got {type(record).__name__}")
+    return Records(data, path)
 
 
 def _load_directory(path: str, split: str):

@@ -29,6 +29,7 @@ class DataOptions:
     eval_fraction: share of the training examples held out for evaluation
         (only when eval_source is None), chosen by `seed`.
     cache_dir: where tokenised data is cached (None = no cache).
+    text_field: the field holding the text of the text format (TRL's dataset_text_field).
     num_workers: processes that render and tokenise (1 = in this process); the
         result does not depend on it. Workers are spawned, so a script calling
         prepare_data with num_workers > 1 needs an `if __name__ == "__main__":` guard.
@@ -46,6 +47,7 @@ class DataOptions:
     seed: int = 0
     cache_dir: Optional[str] = None
     num_workers: int = 1
+    text_field: str = "text"
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
@@ -67,6 +69,8 @@ class DataOptions:
         workers = self.num_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"num_workers must be a positive integer, got {workers!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"text_field must name a field, got {self.text_field!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from fastsft.data import cache
 from fastsft.data.example import IGNORE_INDEX, Example
-from fastsft.data.formats import detect_format, to_sample
+from fastsft.data.formats import records_to_samples
 from fastsft.data.load import load_records, records_fingerprint, source_fingerprint
 from fastsft.data.options import DataOptions
 from fastsft.data.parallel import encode_in_workers
@@ -101,8 +101,7 @@ def _build(records: list[dict], indices: list[int], options: DataOptions, tokeni
            source: str) -> tuple[list[Example], DataStats]:
     if not records:
         raise DataError(f"{source}: no examples")
-    fmt = options.format if options.format != "auto" else detect_format(records[0], 0)
-    samples = [to_sample(records[i], fmt, i) for i in indices]
+    fmt, samples = records_to_samples(records, indices, options.format, options.text_field)
     encoded, notes = encode_in_workers(samples, indices, tokenizer, mask=options.mask, chat_template=template,
                                        num_workers=options.num_workers)
     report_notes(notes, f"{source} ({split})")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import random
-import re
 import shutil
 from typing import Optional
 
@@ -21,9 +20,7 @@ import torch
 
 from fastsft.errors import ConfigError
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "training_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from fastsft.run_dir import CHECKPOINTS_DIR, STATE_FILE, latest_checkpoint, list_checkpoints  # noqa: F401
 
 
 def rng_state() -> dict:
@@ -75,24 +72,19 @@ def save_model_files(model, tokenizer, directory: str) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    apply_umask(directory)
 
 
-def list_checkpoints(output_dir: str) -> list:
-    """(step, path) of the complete checkpoints, oldest first (temp dirs are ignored)."""
-    root = os.path.join(output_dir, CHECKPOINTS_DIR)
-    found = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            match = _STEP_DIR.match(name)
-            path = os.path.join(root, name)
-            if match and os.path.isfile(os.path.join(path, STATE_FILE)):
-                found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+def apply_umask(directory: str) -> None:
+    """safetensors writes through a private temp file (mode 0600): give the saved files the mode any
+    other file gets here (0666 less the umask), so a group can read the run."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def save_checkpoint(output_dir: str, *, step: int, model, tokenizer, optimizer, scheduler, scaler,

@@ -7,8 +7,10 @@ import math
 import os
 import random
 import shutil
+import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,14 +19,34 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from fastsft import run_dir
 from fastsft.errors import ConfigError, DataError
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.evaluate import autocast_factory, evaluate_loss, exact_match
-from fastsft.train.metrics import LOSS_CURVE_FILE, MetricsWriter, Progress, peak_memory_mb, plot_loss_curve, summary_lines
-from fastsft.train.model import TINY_MODEL, count_parameters, load_model, load_tokenizer, prepare_base, resolve_device, resolve_precision
+from fastsft.train.metrics import (LOSS_CURVE_FILE, MetricsWriter, Progress, open_reporters, peak_memory_mb,
+                                   plot_loss_curve, summary_lines)
+from fastsft.train.model import (BASE_MODEL_DIR, TINY_MODEL, build_tiny_base, count_parameters, load_model,
+                                 load_tokenizer, resolve_device, resolve_precision)
 from fastsft.train.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("fastsft.train")
+
+
+def _repoint(model, tokenizer, path: str) -> None:
+    """The base was loaded from its staging folder: record where it now lives (adapter_config.json's
+    base_model_name_or_path, the configs' name_or_path) so the saved adapter finds it."""
+    for peft_config in getattr(model, "peft_config", {}).values():
+        peft_config.base_model_name_or_path = path
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for obj in (inner, getattr(inner, "config", None), model, getattr(model, "config", None)):
+        if obj is None:
+            continue
+        for attr in ("_name_or_path", "name_or_path"):
+            if hasattr(obj, attr):
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(obj, attr, path)
+    with contextlib.suppress(AttributeError, TypeError):
+        tokenizer.name_or_path = path
 
 
 class TrainingError(RuntimeError):
@@ -53,10 +75,11 @@ def seed_everything(seed: int) -> None:
 class DataStream:
     """Micro-batches in a deterministic per-(seed, epoch) plan; the position is (epoch, index)."""
 
-    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int]):
+    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int], mixture=None):
         from fastsft.data import plan_batches
 
         self._plan_batches = plan_batches
+        self.mixture = mixture  # several sources: which examples each epoch holds (fastsft.data.mix)
         self.lengths = lengths
         self.config = config
         self.epochs_limit = epochs_limit  # None: cycle through epochs until max_steps
@@ -66,12 +89,15 @@ class DataStream:
 
     def plan(self, epoch: int) -> List[List[int]]:
         if epoch not in self._plans:
-            self._plans = {epoch: self._plan_batches(
-                self.lengths, batch_tokens=self.config.batch_tokens, packing=self.config.packing,
+            chosen = self.mixture.epoch_indices(epoch) if self.mixture is not None else None
+            lengths = self.lengths if chosen is None else [self.lengths[i] for i in chosen]
+            plan = self._plan_batches(
+                lengths, batch_tokens=self.config.batch_tokens, packing=self.config.packing,
                 batch_size=self.config.batch_size, seed=self.config.seed, epoch=epoch,
-            )}
+            )
+            self._plans = {epoch: plan if chosen is None else [[chosen[i] for i in batch] for batch in plan]}
             if not self._plans[epoch]:
-                raise DataError(f"{self.config.dataset}: no training examples left to batch")
+                raise DataError(f"{self.config.dataset or 'datasets'}: no training examples left to batch")
         return self._plans[epoch]
 
     def next_window(self, size: int) -> List[List[int]]:
@@ -86,6 +112,12 @@ class DataStream:
             window.append(plan[self.index])
             self.index += 1
         return window
+
+    def epochs_passed(self) -> int:
+        """Whole epochs consumed (an epoch whose last micro-batch was taken counts as passed)."""
+        if self.epochs_limit is not None and self.epoch >= self.epochs_limit:
+            return self.epoch
+        return self.epoch + (1 if self.index >= len(self.plan(self.epoch)) else 0)
 
     def progress(self) -> float:
         """Epochs done, as a fraction."""
@@ -129,71 +161,117 @@ class _SignalCatcher:
 class Trainer:
     """``Trainer(config).train()``; `callbacks` are called as ``cb(trainer, record)`` after every step."""
 
-    def __init__(self, config, *, callbacks: Sequence[Callable] = (), stream=None):
+    def __init__(self, config, *, callbacks: Sequence[Callable] = (), stream=None,
+                 command: Optional[Sequence[str]] = None):
         self.config = config
+        self.command = list(command) if command is not None else None  # the CLI's argv, for the resume hint
         self.callbacks = list(callbacks)
         self.stream = stream or sys.stderr
         self.output_dir = os.path.abspath(config.output_dir)
 
     # ------------------------------------------------------------------ setup
-    def _resume_path(self) -> Optional[str]:
-        resume = self.config.resume
-        if resume is False or resume is None or resume == "":
-            if ckpt.list_checkpoints(self.output_dir):
-                if not self.config.overwrite_output_dir:
-                    raise ConfigError(
-                        f"output_dir {self.config.output_dir!r} already holds checkpoints: pass --resume to continue "
-                        f"that run, --overwrite_output_dir true to start over, or choose another output_dir"
-                    )
-                shutil.rmtree(os.path.join(self.output_dir, ckpt.CHECKPOINTS_DIR))
-            return None
-        if resume is True or resume == "latest":
-            path = ckpt.latest_checkpoint(self.output_dir)
-            if path is None:
-                self.say(f"resume: no checkpoint in {self.output_dir}; starting from scratch")
-            return path
-        if not os.path.isfile(os.path.join(resume, ckpt.STATE_FILE)):
-            raise ConfigError(f"config key 'resume': {resume!r} is not a fastsft checkpoint directory")
-        return resume
-
     def say(self, text: str) -> None:
         if getattr(self, "progress", None) is not None:
             self.progress.write(text)
         else:
             print(text, file=self.stream, flush=True)
 
-    def setup(self) -> None:
+    def preflight(self) -> None:
+        """Everything about the output folder, the resume point and the model that can fail, checked
+        before anything is written (the CLI has read the data already)."""
+        from fastsft import preflight
+
+        config = self.config
+        self.output_state, self.resume_from, self.resume_changes = preflight.check_run(config, self.output_dir)
+        preflight.check_model_config_keys(config)
+        if config.resume not in (False, None, "") and self.resume_from is None:
+            self.say(f"resume: no checkpoint in {self.output_dir}; starting from scratch")
+
+    def _stage_base(self) -> tuple:
+        """(directory or hub name to load from, staging folder or None). tiny-llama is built in a
+        temporary folder and moved into output_dir/base_model only once everything has loaded; the base of
+        a resumed run is reused as it is (its adapter points at it)."""
+        config = self.config
+        if config.model != TINY_MODEL:
+            return config.model, None
+        final = os.path.join(self.output_dir, BASE_MODEL_DIR)
+        reuse = self.resume_from is not None or not self.dist.is_main  # other ranks: rank 0 published it
+        if reuse and os.path.isfile(os.path.join(final, "config.json")):
+            return final, None
+        staging = tempfile.mkdtemp(prefix="fastsft-base-")
+        try:
+            build_tiny_base(config, self._tokenizer_source(), os.path.join(staging, BASE_MODEL_DIR))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return os.path.join(staging, BASE_MODEL_DIR), staging
+
+    def _tokenizer_source(self) -> str:
+        """The data the tiny tokenizer is trained on: the (first) training source."""
+        config = self.config
+        return config.dataset if config.dataset else config.datasets[0]["path"]
+
+    def _commit_output(self, base: str, staging: Optional[str]) -> str:
+        """The run is known to start: clear an overwritten run, publish the staged base, create output_dir.
+        Rank 0 only (torchrun): the other ranks run after it and find the folder ready."""
+        if not self.dist.is_main:
+            return base
+        if self.config.overwrite_output_dir and self.resume_from is None and self.output_state != "new":
+            run_dir.clear_run(self.output_dir)
+            self.say(f"overwrite: removed the earlier run in {self.output_dir}")
+        os.makedirs(self.output_dir, exist_ok=True)
+        if staging is None:
+            return base
+        final = os.path.join(self.output_dir, BASE_MODEL_DIR)
+        if os.path.isdir(final):  # an earlier run stopped before any checkpoint: nothing points at it
+            if run_dir.holds_adapter(self.output_dir):  # pragma: no cover - refused by check_output_dir
+                raise ConfigError(f"{final} belongs to an adapter in {self.output_dir}; not replacing it")
+            shutil.rmtree(final)
+        shutil.move(base, final)
+        ckpt.apply_umask(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        _repoint(self.model, self.tokenizer, os.path.abspath(final))
+        return os.path.abspath(final)
+
+    def _prepare_data(self) -> tuple:
+        """(PreparedData, Mixture or None): one dataset, or several mixed by weight (config key datasets)."""
         from fastsft.data import prepare_data
 
+        if self.config.datasets:
+            from fastsft.data.mix import prepare_mixture
+
+            return prepare_mixture(self.config, self.tokenizer)
+        return prepare_data(self.config.data_options(), self.tokenizer), None
+
+    def _no_examples_message(self) -> str:
+        stats = self.data.stats
+        reasons = []
+        if stats.dropped_too_long:
+            reasons.append(f"{stats.dropped_too_long} longer than max_seq_length {self.config.max_seq_length} "
+                           f"(truncation: drop)")
+        if stats.dropped_no_trained_tokens:
+            reasons.append(f"{stats.dropped_no_trained_tokens} with no trained token under mask "
+                           f"{self.config.mask!r} (after truncation to {self.config.max_seq_length} tokens)")
+        why = "; ".join(reasons) or "none were loaded"
+        source = self.config.dataset or ", ".join(d["path"] for d in self.config.datasets)
+        return f"{source}: no training examples left after preparation: {stats.loaded} loaded, dropped {why}"
+
+    def setup(self) -> None:
         from fastsft.distributed import NullMetrics, setup_distributed
 
         config = self.config
         self.dist = setup_distributed(config)  # torchrun: this rank; else a single process
         if not self.dist.is_main:
             self.stream = open(os.devnull, "w")  # logs and metrics come from rank 0
-        os.makedirs(self.output_dir, exist_ok=True)
-        with self.dist.main_first():  # rank 0 clears / builds output_dir files before the others read them
-            self.resume_from = self._resume_path()
-            seed_everything(config.seed)
-            self.device = self.dist.device_for(resolve_device(config))
-            if self.device.type == "cpu" and config.cpu_threads > 0:
-                torch.set_num_threads(config.cpu_threads)
-            self.precision = resolve_precision(config, self.device)
-            base = prepare_base(config, self.output_dir,
-                                resuming=self.resume_from is not None or not self.dist.is_main)
-        # tiny-llama: base holds the tokenizer the model was sized for (trained on the data, or config.tokenizer)
-        self.tokenizer = load_tokenizer(base if config.model == TINY_MODEL else (config.tokenizer or base), config)
-        self.data = prepare_data(config.data_options(), self.tokenizer)
-        if not self.data.train:
-            raise DataError(f"{config.dataset}: no training examples left after preparation")
+        with self.dist.main_first():  # rank 0 checks, builds and publishes output_dir before the others read it
+            self._setup_model()
         for line in self.data.summary_lines():
             self.say(line)
-        needs_eval = config.eval_steps > 0 or config.eval_exact_match
-        if needs_eval and not self.data.eval:
-            raise ConfigError(
-                "evaluation (eval_steps / eval_exact_match) needs a held-out split: set 'eval_dataset' or 'eval_fraction'"
-            )
-        self.model = load_model(base, config, self.device, self.precision)
+        if self.mixture is not None:
+            from fastsft.data.mix import mixture_lines
+
+            for line in mixture_lines(config, self.mixture):
+                self.say(line)
         trainable, total = count_parameters(self.model)
         self.say(f"model: {config.model} ({config.mode}, {self.precision.name} on {self.device.type}): "
                  f"{trainable:,} trainable of {total:,} parameters")
@@ -201,8 +279,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         lengths = [len(e.input_ids) for e in self.data.train]
-        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs)
-        self.dist.check_data(len(self.stream_data.plan(0)), config.dataset)
+        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs,
+                                      mixture=self.mixture)
+        self.dist.check_data(len(self.stream_data.plan(0)), config.dataset or "the training data")
         window = config.gradient_accumulation_steps * self.dist.world_size  # micro-batches of all ranks per step
         self.total_steps = config.max_steps if config.max_steps > 0 else self.stream_data.count_steps(window)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -210,6 +289,7 @@ class Trainer:
         self.autocast = autocast_factory(self.device, self.precision.compute_dtype, self.precision.autocast)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.global_step = 0
+        self.last_eval_step: Optional[int] = None
         self.totals = {"tokens": 0, "trained_tokens": 0, "skipped_steps": 0, "elapsed": 0.0}
         self.eval_history: Dict[str, Optional[float]] = {}
         if self.resume_from is not None:
@@ -219,31 +299,84 @@ class Trainer:
             self.stream_data.epoch, self.stream_data.index = state["epoch"], state["batch_index"]
             self.totals.update(state.get("totals", {}))
             self.eval_history.update(state.get("eval_history", {}))
+            self.last_eval_step = state.get("last_eval_step")
             self.say(f"resumed from {self.resume_from} at step {self.global_step}")
-            self._warn_config_changes()
+            if self.resume_changes:
+                self._honour_changes()
+            else:
+                self._sync_lr()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.metrics = (MetricsWriter(self.output_dir, resume_step=self.global_step if self.resume_from else None)
                         if self.dist.is_main else NullMetrics())
+        if self.resume_from is not None and self.dist.is_main:
+            self._note_final_eval()
+        self.reporters = (open_reporters(config, self.output_dir, resumed=self.resume_from is not None,
+                                         resume_step=self.global_step) if self.dist.is_main else [])
 
-    # keys that may change between a run and its resumption without breaking exactness
-    _RESUME_FREE_KEYS = {"resume", "output_dir", "save_steps", "save_total_limit", "eval_steps",
-                         "eval_at_start", "eval_exact_match", "eval_max_new_tokens", "eval_max_examples",
-                         "eval_batch_size", "logging_steps", "progress_bar", "cpu_threads", "overwrite_output_dir"}
+    def _setup_model(self) -> None:
+        config = self.config
+        self.preflight()
+        seed_everything(config.seed)
+        self.device = self.dist.device_for(resolve_device(config))
+        if self.device.type == "cpu" and config.cpu_threads > 0:
+            torch.set_num_threads(config.cpu_threads)
+        self.precision = resolve_precision(config, self.device)
+        base, staging = self._stage_base()
+        try:
+            # tiny-llama: base holds the tokenizer the model was sized for (trained on the data, or config.tokenizer)
+            self.tokenizer = load_tokenizer(base if config.model == TINY_MODEL else (config.tokenizer or base), config)
+            self.data, self.mixture = self._prepare_data()
+            if not self.data.train:
+                raise DataError(self._no_examples_message())
+            needs_eval = (config.eval_steps > 0 and config.eval_strategy == "steps") or config.eval_exact_match \
+                or config.eval_strategy == "epoch"
+            if needs_eval and not self.data.eval:
+                raise ConfigError(
+                    "evaluation (eval_steps / eval_exact_match) needs a held-out split: set 'eval_dataset' or "
+                    "'eval_fraction'"
+                )
+            self.model = load_model(base, config, self.device, self.precision)
+            base = self._commit_output(base, staging)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
+            self.say(note)
+    def _note_final_eval(self) -> None:
+        """A resumed finished run already evaluated its last step after the checkpoint: do not do it twice."""
+        for record in self.metrics.records():
+            if record.get("type") == "eval" and record.get("step") == self.global_step:
+                self.last_eval_step = self.global_step
+                self.eval_history["eval_loss"] = record.get("eval_loss")
+                self.eval_history["exact_match"] = record.get("eval_exact_match")
 
-    def _warn_config_changes(self) -> None:
-        import yaml
+    def _sync_lr(self) -> None:
+        """The learning rate of the next update (number global_step, 0-based) from the schedule of *this*
+        config: a resumed run with a larger max_steps continues on the stretched schedule at once, not
+        with the rate its checkpoint ended on."""
+        self.scheduler.last_epoch = self.global_step
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(self.global_step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-        path = os.path.join(self.resume_from, "fastsft_config.yaml")
-        if not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as handle:
-            saved = yaml.safe_load(handle) or {}
-        current = self._config_dict()
-        changed = sorted(k for k in current if k not in self._RESUME_FREE_KEYS and k in saved and saved[k] != current[k])
-        if changed:
-            listing = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-            self.say(f"warning: resuming with a changed config ({listing}); the run will not match an uninterrupted one")
+    def _honour_changes(self) -> None:
+        """--resume_changed_config: the optimizer hyper-parameters and the schedule take the new values
+        from the resumed step (the checkpoint's own were restored with its state)."""
+        from fastsft import preflight
+
+        config = self.config
+        fresh = build_optimizer(self.model, config)  # the groups the new config gives (same order)
+        for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
+            for key, value in new.items():
+                if key not in ("params", "initial_lr"):
+                    group[key] = value
+            group["initial_lr"] = new["lr"]
+        del fresh
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self._sync_lr()
+        self.say(f"resume: continuing with the changed config ({preflight.describe_changes(self.resume_changes)}) "
+                 f"from step {self.global_step}; the learning-rate schedule is rebuilt")
 
     # ------------------------------------------------------------------ one step
     def collate(self, indices: List[int]) -> dict:
@@ -363,9 +496,10 @@ class Trainer:
             if samples:
                 s = samples[0]
                 text += f"  (e.g. expected {s['expected']!r}, generated {s['generated']!r})"
-        self.metrics.write(record)
+        self.log(record)
         self.say(text)
-        if "eval_loss_start" not in self.eval_history:
+        self.last_eval_step = self.global_step
+        if self.global_step == 0:  # the untrained model's baseline (eval_at_start)
             self.eval_history["eval_loss_start"] = record["eval_loss"]
             self.eval_history["exact_match_start"] = record.get("eval_exact_match")
         self.eval_history["eval_loss"] = record["eval_loss"]
@@ -376,7 +510,14 @@ class Trainer:
         return {
             "global_step": self.global_step, "epoch": self.stream_data.epoch, "batch_index": self.stream_data.index,
             "totals": dict(self.totals), "eval_history": dict(self.eval_history), "total_steps": self.total_steps,
+            "last_eval_step": self.last_eval_step,
         }
+
+    def log(self, record: dict) -> None:
+        """One record to metrics.jsonl and to every report_to tool."""
+        self.metrics.write(record)
+        for reporter in self.reporters:
+            reporter.write(record)
 
     def save_checkpoint(self) -> str:
         path = self.dist.save_checkpoint(
@@ -390,6 +531,7 @@ class Trainer:
     def _config_dict(self) -> dict:
         values = self.config.to_dict()
         values["resume"] = False  # a saved config starts a run, it does not resume one
+        values["resume_changed_config"] = values["overwrite_output_dir"] = False
         return values
 
     def save_final(self) -> None:
@@ -411,25 +553,25 @@ class Trainer:
                                  logging_steps=config.logging_steps, stream=self.stream)
         result = TrainResult(status="completed", global_step=self.global_step, output_dir=self.output_dir)
         self.model.train()
-        last_eval_step = None
         try:
             with _SignalCatcher() as signals:
                 if has_eval and config.eval_at_start and self.global_step == 0:
                     self.evaluate()
-                    last_eval_step = 0
+                epochs_before = self.stream_data.epochs_passed()
                 while self.global_step < self.total_steps and signals.agreed(self.dist) is None:
                     record = self.train_step()
                     if record is None:
                         break  # the data ran out (num_epochs)
                     result.losses.append(record["loss"])
-                    self.metrics.write(record)  # every step; logging_steps paces the console only
+                    self.log(record)  # every step; logging_steps paces the console only
                     self.progress.update(self.global_step, record)
                     for callback in self.callbacks:
                         callback(self, record)
-                    if has_eval and config.eval_steps > 0 and self.global_step % config.eval_steps == 0:
+                    epoch_done = self.stream_data.epochs_passed() > epochs_before
+                    epochs_before = self.stream_data.epochs_passed()
+                    if has_eval and self._due(config.eval_strategy, config.eval_steps, epoch_done):
                         self.evaluate()
-                        last_eval_step = self.global_step
-                    if config.save_steps > 0 and self.global_step % config.save_steps == 0:
+                    if self._due(config.save_strategy, config.save_steps, epoch_done):
                         self.save_checkpoint()
                 if signals.agreed(self.dist) is not None:
                     result.status, result.signal = "interrupted", signals.received
@@ -437,13 +579,15 @@ class Trainer:
                     existing = dict(ckpt.list_checkpoints(self.output_dir)).get(self.global_step)
                     result.checkpoint = existing or self.save_checkpoint()
                     self.say(f"{name} received: stopped after step {self.global_step}; checkpoint {result.checkpoint}. "
-                             f"Continue with: fastsft train CONFIG --output_dir {config.output_dir} --resume")
+                             f"Continue with: {self.resume_command()}")
                 else:
-                    if has_eval and last_eval_step != self.global_step:
+                    if has_eval and self.last_eval_step != self.global_step:
                         self.evaluate()
                     self.save_final()
         finally:
             self.progress.close()
+            for reporter in self.reporters:
+                reporter.close()
         result.global_step = self.global_step
         if os.path.isfile(self.metrics.path):
             plot_loss_curve(self.metrics.path, os.path.join(self.output_dir, LOSS_CURVE_FILE))
@@ -451,6 +595,20 @@ class Trainer:
         for line in summary_lines(result.summary):
             print(line, file=self.stream, flush=True)
         return result
+
+    def _due(self, strategy: str, every: int, epoch_done: bool) -> bool:
+        """save_strategy / eval_strategy: is a checkpoint (an eval) due after this step?"""
+        if strategy == "epoch":
+            return epoch_done
+        return strategy == "steps" and every > 0 and self.global_step % every == 0
+
+    def resume_command(self) -> str:
+        """The command that continues this run: the one that started it plus --resume (the CLI's argv),
+        else the run folder alone (its checkpoint holds the config)."""
+        if self.command is not None:
+            words = [w for w in self.command if w not in ("--resume", "--overwrite", "--overwrite_output_dir")]
+            return shlex.join(["fastsft", *words, "--resume"])
+        return shlex.join(["fastsft", "train", "--resume", self.output_dir])
 
     def summary(self, result: TrainResult) -> dict:
         train_records = [r for r in self.metrics.records() if r.get("type") == "train"]
@@ -467,6 +625,7 @@ class Trainer:
         }
 
 
-def train(config, *, callbacks: Sequence[Callable] = (), stream=None) -> TrainResult:
-    """Run a whole training job described by a TrainConfig."""
-    return Trainer(config, callbacks=callbacks, stream=stream).train()
+def train(config, *, callbacks: Sequence[Callable] = (), stream=None,
+          command: Optional[Sequence[str]] = None) -> TrainResult:
+    """Run a whole training job described by a TrainConfig (`command`: the CLI's argv, for messages)."""
+    return Trainer(config, callbacks=callbacks, stream=stream, command=command).train()

@@ -166,3 +166,62 @@ def summary_lines(summary: Dict) -> List[str]:
             value = f"{value:,}"
         lines.append(f"  {label:<20} {value}")
     return lines
+
+
+class TensorBoardReporter:
+    """report_to: tensorboard -- every metrics.jsonl number as a scalar `train/loss`, `eval/eval_loss`, ..."""
+
+    def __init__(self, log_dir: str, *, purge_step: Optional[int]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # on resume, events past the checkpoint's step (written before the stop) are dropped
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+    def write(self, record: Dict) -> None:
+        kind, step = record.get("type", "train"), int(record.get("step", 0))
+        for key, value in record.items():
+            if key in ("type", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            self.writer.add_scalar(f"{kind}/{key}", value, global_step=step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class WandbReporter:
+    """report_to: wandb -- the same records through wandb.log (WANDB_MODE=offline works without network)."""
+
+    def __init__(self, config, output_dir: str, *, resumed: bool):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastsft"), dir=output_dir,
+                              config=config.to_dict(), name=os.path.basename(output_dir.rstrip("/")),
+                              reinit=True, resume="allow" if resumed else None)
+
+    def write(self, record: Dict) -> None:
+        values = {f"{record.get('type', 'train')}/{k}": v for k, v in record.items()
+                  if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.run.log(values, step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+REPORTER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def open_reporters(config, output_dir: str, *, resumed: bool, resume_step: Optional[int] = None) -> list:
+    from fastsft.config import reporters
+
+    opened = []
+    for name in reporters(config):
+        if name == "tensorboard":
+            from fastsft.run_dir import TENSORBOARD_DIR
+
+            opened.append(TensorBoardReporter(os.path.join(output_dir, TENSORBOARD_DIR),
+                                              purge_step=(resume_step + 1) if resumed and resume_step is not None else None))
+        elif name == "wandb":
+            opened.append(WandbReporter(config, output_dir, resumed=resumed))
+    return opened

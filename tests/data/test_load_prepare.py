@@ -79,26 +79,26 @@ def test_malformed_json_names_line(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("record, fmt, message", [
     ({"prompt": "only a prompt"}, "prompt_completion",
-     r"example 2: missing field 'completion' \(format 'prompt_completion'\)"),
-    ({"prompt": "p", "completion": 7}, "auto", r"example 2: field 'completion' must be a string, got int"),
+     r"\.jsonl, line 3: missing field 'completion' \(format 'prompt_completion'\)"),
+    ({"prompt": "p", "completion": 7}, "auto", r"\.jsonl, line 3: field 'completion' must be a string, got int"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}, "messages",
-     r"example 2: missing field 'messages\[1\]\.content'"),
+     r"\.jsonl, line 3: missing field 'messages\[1\]\.content'"),
     ({"messages": [{"role": "user", "content": None}]}, "messages",
-     r"example 2: field 'messages\[0\]\.content' must be a string, got NoneType"),
-    ({"messages": "hi"}, "messages", r"example 2: field 'messages' must be a list of messages"),
-    ({"instruction": "do it"}, "instruction", r"example 2: missing field 'output' \(format 'instruction'\)"),
-    ({"txt": "x"}, "text", r"example 2: missing field 'text'"),
+     r"\.jsonl, line 3: field 'messages\[0\]\.content' must be a string, got NoneType"),
+    ({"messages": "hi"}, "messages", r"\.jsonl, line 3: field 'messages' must be a list of messages"),
+    ({"instruction": "do it"}, "instruction", r"\.jsonl, line 3: missing field 'output' \(format 'instruction'\)"),
+    ({"txt": "x"}, "text", r"\.jsonl, line 3: missing field 'text'"),
 ])
 def test_missing_or_wrong_field_names_example_and_field(write_jsonl, tokenizer, record, fmt, message):
     good = {"messages": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
             "instruction": {"instruction": "Add", "output": "4"}, "text": {"text": "hello"}}.get(fmt, RECORDS[0])
-    records = [good, good, record]  # the bad record is example 2
+    records = [good, good, record]  # the bad record is on line 3
     with pytest.raises(DataError, match=message):
         prepare_data(DataOptions(source=write_jsonl(records), format=fmt), tokenizer)
 
 
 def test_undetectable_format_and_missing_source(write_jsonl, tokenizer, tmp_path):
-    with pytest.raises(DataError, match=r"example 0: cannot detect the format from fields \['body'\]"):
+    with pytest.raises(DataError, match=r"\.jsonl, line 1: cannot detect the format from fields \['body'\]"):
         prepare_data(DataOptions(source=write_jsonl([{"body": "x"}])), tokenizer)
     with pytest.raises(DataError, match="no such file"):
         prepare_data(DataOptions(source=str(tmp_path / "missing.jsonl")), tokenizer)

@@ -25,7 +25,7 @@ def test_schedule_shapes(kind):
 
 
 def _config(**values):
-    return load_config(None, dataset="unused.jsonl", **values)
+    return load_config(None, model="tiny-llama", dataset="unused.jsonl", **values)
 
 
 def test_scheduler_drives_optimizer_and_weight_decay_groups():
