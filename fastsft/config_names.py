@@ -62,6 +62,7 @@ HELP: Dict[str, str] = {
     "nonfinite_loss": "a NaN/inf loss: stop (with a message) | skip the step",
     "seed": "seed of the weights of tiny-llama, the data order and dropout",
     "device": "auto | cpu | cuda",
+    "distributed": "auto | ddp | fsdp: the engine under torchrun / --nproc N (auto: DDP for lora/qlora, FSDP2 for full)",
     "cpu_threads": "> 0: torch threads on CPU",
     "eval_steps": "evaluate every N steps (0: at the end only)",
     "eval_strategy": "steps (every eval_steps) | epoch (end of every epoch) | no (at the end of the run only)",
