@@ -11,7 +11,7 @@ import torch
 
 import fastsft_kernels as fk
 from fastsft_kernels import reference
-from fastsft_kernels.testing import assert_close
+from fastsft_kernels.testing import HostSyncRecorder, assert_close
 
 N, H, V = 37, 96, 509
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -208,7 +208,6 @@ def test_second_backward_through_precomputed_grads_raises(device):
         (lambda h, w, b, y: (h, w, b[:-1], y), "bias has shape"),
         (lambda h, w, b, y: (h, w, b, y[:-1]), "labels has shape"),
         (lambda h, w, b, y: (h, w, b, y.float()), "labels has dtype"),
-        (lambda h, w, b, y: (h, w, b, y.index_fill(0, torch.tensor([3]), V)), "outside \\[0, 509\\)"),
     ],
 )
 def test_bad_inputs_raise(make, match, device):
@@ -218,8 +217,27 @@ def test_bad_inputs_raise(make, match, device):
         fk.linear_cross_entropy(args[0], args[1], args[3], bias=args[2])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bad_label_gives_nan_row_without_a_host_sync(reduction, device):
+    """No range check in the op (it would sync): a bad label gives NaN for its row's loss and hidden grad."""
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=16, device=device)
+    labels[4] = V
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with HostSyncRecorder() as recorder:
+        loss = fk.linear_cross_entropy(h, w, labels, bias=bias, reduction=reduction, chunk_size=16)
+        loss.sum().backward()
+    assert recorder.syncs == [], f"host syncs in forward + backward: {recorder.syncs}"
+    others = torch.arange(N, device=device) != 4
+    assert torch.isnan(h.grad[4]).all() and torch.isfinite(h.grad[others]).all()
+    assert torch.isnan(w.grad).any(), "the bad row reaches grad_W: the step cannot pass silently"
+    if reduction == "none":
+        assert torch.isnan(loss[4]) and torch.isfinite(loss[others]).all()
+    else:
+        assert torch.isnan(loss)
+
+
 @pytest.mark.parametrize("options,match", [(dict(chunk_size=0), "chunk_size"), (dict(reduction="avg"), "reduction"),
-                                           (dict(softcap=-1.0), "softcap")])
+                                           (dict(softcap=-1.0), "softcap"), (dict(label_smoothing=-0.1), "label_smoothing")])
 def test_bad_options_raise(options, match, device):
     hidden, weight, bias, labels = _inputs(torch.float32, seed=12, device=device)
     with pytest.raises(ValueError, match=match):
