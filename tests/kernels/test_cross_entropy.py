@@ -18,9 +18,11 @@ from fastsft_kernels.testing import HostSyncRecorder, assert_close, rel_err
 _CE_MODULE = importlib.import_module("fastsft_kernels.cross_entropy")  # the module (fk.cross_entropy is the op)
 N, V = 37, 509
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# fp32 math ~1e-7 here; half inputs: the gradient is rounded to the input dtype
-# (bf16 keeps 8 bits -> ~4e-3 relative per element).
-GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# fp32 math ~1e-7 here; half inputs: the gradient is rounded to the input dtype (bf16 keeps
+# 8 bits: <= 3.9e-3 per element). bf16 measured on the CPU tier, which now rounds fp32 -> bf16
+# to nearest even as the GPU does: <= 3.1e-3 (up to 4.6e-3 while the interpreter truncated,
+# which the old 1e-2 bound had to allow).
+GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
 LOSS_BOUND = 1e-5  # the loss is fp32 from the same (rounded) inputs as the reference
 
 

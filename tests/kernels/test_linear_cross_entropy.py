@@ -16,8 +16,10 @@ from fastsft_kernels.testing import HostSyncRecorder, assert_close, rel_err
 N, H, V = 37, 96, 509
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32: ~3e-7 measured. Half: dlogits and the gradients round to the input dtype, and
-# grad_W accumulates per chunk in the weight dtype (bf16: ~6e-3 measured, fp16 ~4e-4).
-GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# grad_W accumulates per chunk in the weight dtype (fp16 ~4e-4 measured). bf16 measured on the
+# CPU tier, which now rounds fp32 -> bf16 to nearest even as the GPU does: <= 4.2e-3 (up to
+# 7.0e-3 while the interpreter truncated, which the old 1e-2 bound had to allow).
+GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 6e-3}
 # the loss is fp32, but computed from half-precision chunk logits (hidden @ W^T rounded)
 LOSS_BOUND = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 3e-3}
 
