@@ -418,6 +418,45 @@ def test_public_name_is_the_function_whatever_the_lookup_order():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+_LOWERING_SCRIPT = r'''
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ce = importlib.import_module("fastsft_kernels.cross_entropy")
+assert ce._use_libdevice()
+block, num_warps = ce._row_block(128256)
+# the forward + gradient pass (linear_cross_entropy), the backward pass, the portable tanh
+for dt, softcap, libdevice, mode in (("bf16", True, True, "fwd+grad"), ("bf16", True, True, "bwd"),
+                                     ("fp32", False, True, "fwd"), ("fp16", True, False, "fwd+grad")):
+    sig = {"logits_ptr": "*" + dt, "logits_row_stride": "i64", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+           "stats_ptr": "*fp32", "grad_ptr": "*" + dt, "grad_row_stride": "i64", "scale_ptr": "*fp32",
+           "scale_stride": "i32", "n_cols": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
+           "z_loss": "fp32", "softcap": "fp32"}
+    constexprs = dict(HAS_SOFTCAP=softcap, WRITE_LOSS=mode != "bwd", STATS_GIVEN=mode == "bwd",
+                      WRITE_GRAD=mode != "fwd", LIBDEVICE=libdevice, BLOCK=block)
+    kernel = triton.compile(ASTSource(fn=ce._ce_rows_kernel, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert ("__nv_tanhf" in kernel.asm["ttgir"]) == (softcap and libdevice), (dt, softcap, libdevice, mode)
+print("lowered")
+'''
+
+
+def test_cross_entropy_kernel_lowers_to_ptx_for_sm90_with_libdevice_tanh():
+    """The interpreter runs the portable tanh and accepts code a GPU compiler rejects (e.g. a
+    non-constexpr global): lower the GPU configurations for an H100, libdevice tanhf included
+    (no GPU needed; a subprocess because the interpreter is on in this process)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LOWERING_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0 and "lowered" in out.stdout, out.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------ GPU, real sizes
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab", [128256, 151936])
