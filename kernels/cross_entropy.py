@@ -628,7 +628,9 @@ def linear_cross_entropy(
 
     hidden (..., H), weight (V, H), bias (V,) or None, labels (...). ``chunk_size`` is
     the number of token rows per chunk (default: adapted to V so the chunk logits stay
-    within ~512 MiB). Returns a float32 loss.
+    within ~512 MiB). ``label_smoothing``, ``z_loss`` and ``softcap`` are those of
+    cross_entropy (label_smoothing comes last, after DESIGN.md's arguments). Returns a
+    float32 loss.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
