@@ -4,7 +4,7 @@ Public ops (see shared/DESIGN.md for the API):
 
 - ``cross_entropy(logits, labels, ...)``: one Triton program per row streams the
   vocabulary in blocks with an online max / sum-of-exp in fp32 (any vocab size,
-  int64 row offsets). Forward writes the per-row loss and log-sum-exp; backward
+  int64 row offsets). Forward writes the per-row loss and row statistics; backward
   re-reads the logits once and writes the gradient, scaled by the upstream
   gradient (scalar for "mean"/"sum", per row for "none") read from device
   memory, so nothing waits on the host.
@@ -27,27 +27,27 @@ Inputs are rows: logits (N, V) / hidden (N, H) with labels (N,). Leading batch
 dimensions, e.g. (B, T, V) with labels (B, T), are flattened for the caller;
 ``reduction="none"`` returns the loss in the labels' shape.
 
-Label check: labels outside [0, V) other than ``ignore_index`` raise ValueError.
-The check is one fused Triton pass over the labels (it also counts the trained
-tokens, which "mean" needs anyway) plus ONE host sync to read the verdict. Set
-``FASTSFT_CHECK_LABELS=0`` to skip that sync (logged once); the kernels then
-still never read out of bounds, and a row with a bad label gets a NaN loss, so
-the error cannot pass silently.
+Numerics: fp32 inside; masked logits (-inf, finfo.min, e.g. a -inf bias on padded
+vocabulary rows) give finite losses and gradients; the softcap's tanh is libdevice's
+on the GPU and a series/exp formula accurate near 0 under the interpreter.
+
+No host sync: the ops never read a device value back. Labels are not range-checked
+here: a label outside [0, V) other than ``ignore_index`` is never read and gives a
+NaN loss and gradient for its row, so the error cannot pass silently. Validate
+labels on the host, once per batch, with ``check_labels`` (ValueError), as the
+trainer's data pipeline does.
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import reference
 from ._triton_utils import check_float, check_same_device, empty, next_power_of_2, use_triton
-
-logger = logging.getLogger(__name__)
 
 _REDUCTIONS = ("mean", "sum", "none")
 # Chunk logits of linear_cross_entropy (unless chunk_size is given): at most 1/8 of the full
@@ -60,18 +60,47 @@ _MIN_CHUNK_ROWS = 128
 
 
 # =============================================================================== Triton kernels
-@triton.jit
-def _tanh(x):
-    # tanh via sigmoid: exists in every Triton 3.x and in the interpreter.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+_LOG2E = tl.constexpr(1.4426950408889634)
+# tanh(x) = x * P(x^2) for |x| < _TANH_SERIES_MAX (Taylor terms up to x^15: under 3 ulp
+# there), 1 - 2 / (exp(2|x|) + 1) above, where that difference no longer cancels.
+_TANH_SERIES_MAX = tl.constexpr(0.55)
 
 
 @triton.jit
-def _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+def _tanh_portable(x):
+    """tanh accurate to a few ulp everywhere, near 0 included (2 * sigmoid(2x) - 1 is
+    not: it cancels to 0 for tiny x). Used where libdevice is unavailable (interpreter)."""
+    a = tl.abs(x)
+    s = tl.minimum(a, _TANH_SERIES_MAX)  # keeps the unused series finite for large |x|
+    s2 = s * s
+    p = -0.00014558343870513183 * s2 + 0.000590027440945586
+    p = p * s2 - 0.0014558343870513183
+    p = p * s2 + 0.003592128036572481
+    p = p * s2 - 0.008863235529902197
+    p = p * s2 + 0.021869488536155203
+    p = p * s2 - 0.05396825396825397
+    p = p * s2 + 0.13333333333333333
+    p = p * s2 - 0.3333333333333333
+    series = s + s * s2 * p
+    tail = 1.0 - 2.0 / (tl.exp2(a * (2.0 * _LOG2E)) + 1.0)
+    t = tl.where(a < _TANH_SERIES_MAX, series, tail)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _tanh(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.tanh(x)  # the GPU's tanhf (CUDA __nv_tanhf / ROCm ocml)
+    else:
+        return _tanh_portable(x)
+
+
+@triton.jit
+def _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr):
     """A block of (optionally soft-capped) logits in fp32; -inf outside the row."""
     x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        x = softcap * _tanh(x / softcap)
+        x = softcap * _tanh(x / softcap, LIBDEVICE)
     return tl.where(mask, x, float("-inf"))
 
 
@@ -80,18 +109,27 @@ def _ce_rows_kernel(
     logits_ptr, logits_row_stride,
     labels_ptr,
     loss_ptr,                 # fp32 (N,): per-row loss, written when WRITE_LOSS
-    lse_ptr,                  # fp32 (N,): log-sum-exp, read when LSE_GIVEN else written
+    stats_ptr,                # fp32 (N, 2): row max m and log(sum exp(x - m)); read when STATS_GIVEN
     grad_ptr, grad_row_stride,  # d loss / d logits, written when WRITE_GRAD (may alias logits)
     scale_ptr, scale_stride,  # fp32 upstream-gradient factor: stride 0 scalar or 1 per row
     n_cols, ignore_index,
     label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_LOSS: tl.constexpr,
-    LSE_GIVEN: tl.constexpr,
+    STATS_GIVEN: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    tl.static_assert(not (LSE_GIVEN and WRITE_LOSS), "the loss needs pass 1 (sum of logits)")
+    """One row: loss and/or d loss / d logits.
+
+    lse = m + log_d is kept as that unevaluated sum: x - lse is computed as (x - m) - log_d,
+    both steps nearly exact, so p = exp2((x - lse) * log2e) stays as accurate as torch's
+    even for logits in the hundreds (one fp32 lse would round away ~|lse| * 6e-8).
+    Masked logits (-inf, finfo.min) give p = 0 and never a NaN: the running max is
+    replaced by 0 while it is still -inf, and terms with a zero weight are skipped.
+    """
+    tl.static_assert(not (STATS_GIVEN and WRITE_LOSS), "the loss needs pass 1 (sum of logits)")
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
     grad_row_ptr = grad_ptr + row * grad_row_stride
@@ -101,7 +139,8 @@ def _ce_rows_kernel(
     if label == ignore_index:
         if WRITE_LOSS:
             tl.store(loss_ptr + row, 0.0)
-            tl.store(lse_ptr + row, 0.0)
+            tl.store(stats_ptr + 2 * row, 0.0)
+            tl.store(stats_ptr + 2 * row + 1, 0.0)
         if WRITE_GRAD:
             for start in range(0, n_cols, BLOCK):
                 offs = start + cols
@@ -109,40 +148,48 @@ def _ce_rows_kernel(
                 tl.store(grad_row_ptr + offs, zeros.to(grad_ptr.dtype.element_ty), mask=offs < n_cols)
         return
 
-    # pass 1: online log-sum-exp in the log2 domain (exp2 is the native instruction)
-    sum_x = 0.0
-    if LSE_GIVEN:
-        lse = tl.load(lse_ptr + row)
+    # A label outside [0, V) is never read: its row's loss and gradient are NaN (no host
+    # check here; the data pipeline validates labels, see check_labels).
+    label_ok = (label >= 0) & (label < n_cols)
+
+    # pass 1: online max and sum of exp(x - m), exp taken as exp2 (the native instruction)
+    mean_x = 0.0
+    if STATS_GIVEN:
+        m = tl.load(stats_ptr + 2 * row)
+        log_d = tl.load(stats_ptr + 2 * row + 1)
     else:
         m = float("-inf")
         d = 0.0
+        inv_n = 1.0 / n_cols
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            x = _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
-            x2 = x * 1.4426950408889634
-            m_new = tl.maximum(m, tl.max(x2, axis=0))
-            d = d * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new), axis=0)
+            x = _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP, LIBDEVICE)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf) = 0
+            d = d * tl.exp2((m - m_ref) * _LOG2E) + tl.sum(tl.exp2((x - m_ref) * _LOG2E), axis=0)
             m = m_new
             if WRITE_LOSS:
-                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        lse = (m + tl.log2(d)) * 0.6931471805599453
+                # the mean as a sum of x / V: stays finite for finfo.min logits
+                mean_x += tl.sum(tl.where(mask, x * inv_n, 0.0), axis=0)
+        log_d = tl.log(d)
+    lse = m + log_d
 
     if WRITE_LOSS:
-        # A label outside [0, V) is never read: it yields a NaN loss (the launcher's
-        # check normally rejects it before the launch).
-        label_ok = (label >= 0) & (label < n_cols)
-        safe_label = tl.where(label_ok, label, 0)
-        x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+        x_label = tl.load(row_ptr + tl.where(label_ok, label, 0)).to(tl.float32)
         if HAS_SOFTCAP:
-            x_label = softcap * _tanh(x_label / softcap)
-        x_label = tl.where(label_ok, x_label, float("nan"))
-        loss = (1.0 - label_smoothing) * (lse - x_label)
-        loss += label_smoothing * (lse - sum_x / n_cols)
-        loss += z_loss * lse * lse
+            x_label = softcap * _tanh(x_label / softcap, LIBDEVICE)
+        # (m - x) + log_d: the same split as the gradient, exact for x near the max
+        nll = (m - x_label) + log_d
+        loss = tl.where(label_smoothing < 1.0, (1.0 - label_smoothing) * nll, 0.0)
+        smooth = (m - mean_x) + log_d
+        loss += tl.where(label_smoothing > 0.0, label_smoothing * smooth, 0.0)
+        loss += tl.where(z_loss > 0.0, z_loss * lse * lse, 0.0)
+        loss = tl.where(label_ok, loss, float("nan"))
         tl.store(loss_ptr + row, loss)
-        if not LSE_GIVEN:
-            tl.store(lse_ptr + row, lse)
+        if not STATS_GIVEN:
+            tl.store(stats_ptr + 2 * row, m)
+            tl.store(stats_ptr + 2 * row + 1, log_d)
 
     if WRITE_GRAD:
         # d loss / d x_j = p_j (1 + 2 z lse) - (1 - s) [j == y] - s / V, then the
@@ -151,13 +198,14 @@ def _ce_rows_kernel(
         p_scale = scale * (1.0 + 2.0 * z_loss * lse)
         uniform = scale * label_smoothing / n_cols
         target = scale * (1.0 - label_smoothing)
-        lse2 = lse * 1.4426950408889634
+        bad = tl.where(label_ok, 0.0, float("nan"))  # a NaN gradient row for a bad label
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            x = _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
-            g = tl.exp2(x * 1.4426950408889634 - lse2) * p_scale - uniform
-            g = tl.where(offs == label, g - target, g)
+            x = _load_logits(row_ptr, offs, mask, softcap, HAS_SOFTCAP, LIBDEVICE)
+            p = tl.exp2(((x - m) - log_d) * _LOG2E)
+            g = p * p_scale - uniform
+            g = tl.where(offs == label, g - target, g) + bad
             if HAS_SOFTCAP:
                 t = tl.where(mask, x / softcap, 0.0)  # x is -inf outside the row
                 g = g * (1.0 - t * t)
@@ -165,25 +213,20 @@ def _ce_rows_kernel(
 
 
 @triton.jit
-def _label_stats_kernel(labels_ptr, n_rows, ignore_index, n_cols, stats_ptr, BLOCK: tl.constexpr):
-    """stats[0] = number of trained labels, stats[1] = number of labels outside [0, V).
+def _count_trained_kernel(labels_ptr, n_rows, ignore_index, count_ptr, BLOCK: tl.constexpr):
+    """count[0] = number of labels that are not ignore_index (the "mean" divisor).
 
     One program: the labels are tiny next to the logits, and a single pass needs
     neither atomics nor a zeroed output.
     """
     offs0 = tl.arange(0, BLOCK)
-    n_valid = tl.zeros([BLOCK], dtype=tl.int32)
-    n_bad = tl.zeros([BLOCK], dtype=tl.int32)
+    n_trained = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, n_rows, BLOCK):
         offs = start + offs0
         mask = offs < n_rows
         y = tl.load(labels_ptr + offs, mask=mask, other=ignore_index).to(tl.int64)
-        trained = mask & (y != ignore_index)
-        bad = trained & ((y < 0) | (y >= n_cols))
-        n_valid += trained.to(tl.int32)
-        n_bad += bad.to(tl.int32)
-    tl.store(stats_ptr, tl.sum(n_valid, axis=0))
-    tl.store(stats_ptr + 1, tl.sum(n_bad, axis=0))
+        n_trained += (mask & (y != ignore_index)).to(tl.int32)
+    tl.store(count_ptr, tl.sum(n_trained, axis=0))
 
 
 @triton.jit
@@ -204,13 +247,20 @@ def _row_block(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def _use_libdevice() -> bool:
+    """libdevice's tanh on GPU builds; the interpreter has no extern functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(_ce_rows_kernel, InterpretedFunction)
+
+
 def _launch_ce_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
     loss: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    lse_given: bool,
+    stats: torch.Tensor,
+    stats_given: bool,
     grad: Optional[torch.Tensor],
     scale: Optional[torch.Tensor],
     ignore_index: int,
@@ -218,6 +268,7 @@ def _launch_ce_rows(
     z_loss: float,
     softcap: Optional[float],
 ) -> None:
+    """stats: fp32 (N, 2) row max and log-sum-exp offset, written in forward, read in backward."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -230,15 +281,16 @@ def _launch_ce_rows(
     _ce_rows_kernel[(n_rows,)](
         logits, logits.stride(0),
         labels,
-        loss if loss is not None else lse, lse,
+        loss if loss is not None else stats, stats,
         grad if write_grad else logits, grad.stride(0) if write_grad else 0,
-        scale if write_grad else lse, scale_stride if write_grad else 0,
+        scale if write_grad else stats, scale_stride if write_grad else 0,
         n_cols, int(ignore_index),
         float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None,
         WRITE_LOSS=loss is not None,
-        LSE_GIVEN=lse_given,
+        STATS_GIVEN=stats_given,
         WRITE_GRAD=write_grad,
+        LIBDEVICE=_use_libdevice(),
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -252,35 +304,32 @@ def _scale_inplace(x: torch.Tensor, scale: torch.Tensor) -> None:
     _scale_inplace_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=8)
 
 
-_SKIP_CHECK_LOGGED = {"done": False}
+def _trained_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Device int32 scalar: the number of labels that are not ignore_index. No host sync."""
+    count = empty(1, dtype=torch.int32, device=labels.device)
+    _count_trained_kernel[(1,)](labels, labels.numel(), int(ignore_index), count, BLOCK=1024, num_warps=4)
+    return count[0]
 
 
-def _label_check_enabled() -> bool:
-    if os.environ.get("FASTSFT_CHECK_LABELS", "1") != "0":
-        return True
-    if not _SKIP_CHECK_LOGGED["done"]:
-        _SKIP_CHECK_LOGGED["done"] = True
-        logger.warning("FASTSFT_CHECK_LABELS=0: labels are not range-checked; a label outside "
-                       "[0, vocab) gives a NaN loss instead of a ValueError")
-    return False
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raise ValueError unless every label is ignore_index or in [0, vocab_size).
 
-
-def _trained_count_and_check(labels: torch.Tensor, n_cols: int, ignore_index: int, need_count: bool):
-    """Device tensor with the number of trained labels (or None); raises on out-of-range labels.
-
-    Both come from one Triton pass; reading the bad-label count is the op's only host sync.
+    The ops themselves never check (a check on the GPU would cost a host sync per
+    call); a bad label gives a NaN loss and gradient for its row. Call this where the
+    labels are still on the host, e.g. once per batch in the data pipeline: on CPU
+    tensors it costs no device sync (a CUDA tensor costs one).
     """
-    check = _label_check_enabled()
-    if not (check or need_count):
-        return None
-    stats = empty(2, dtype=torch.int32, device=labels.device)
-    _label_stats_kernel[(1,)](labels, labels.numel(), int(ignore_index), n_cols, stats, BLOCK=1024, num_warps=4)
-    if check:
-        n_bad = int(stats[1].item())  # the one host sync (see module docstring)
-        if n_bad:
-            raise ValueError(f"labels: {n_bad} label(s) outside [0, {n_cols}) that are not "
-                             f"ignore_index={ignore_index}")
-    return stats[0] if need_count else None
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    flat = labels.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab_size))
+    positions = torch.nonzero(bad).reshape(-1)
+    if positions.numel():
+        first = int(positions[0])
+        raise ValueError(f"labels: {positions.numel()} label(s) outside [0, {vocab_size}) that are not "
+                         f"ignore_index={ignore_index} (first: {int(flat[first])} at flat index {first})")
 
 
 def _mean_divisor(num_items, count: Optional[torch.Tensor], device):
@@ -347,26 +396,25 @@ def _check_labels_tensor(labels, rows_shape, what: str):
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, num_items, label_smoothing, z_loss, softcap):
-        count = _trained_count_and_check(labels, logits.shape[1], ignore_index,
-                                         need_count=reduction == "mean" and num_items is None)
+        count = _trained_count(labels, ignore_index) if reduction == "mean" and num_items is None else None
         divisor = _mean_divisor(num_items, count, logits.device) if reduction == "mean" else None
         n_rows = logits.shape[0]
         loss_rows = empty(n_rows, dtype=torch.float32, device=logits.device)
-        lse = empty(n_rows, dtype=torch.float32, device=logits.device)
-        _launch_ce_rows(logits, labels, loss=loss_rows, lse=lse, lse_given=False, grad=None, scale=None,
+        stats = empty(n_rows, 2, dtype=torch.float32, device=logits.device)
+        _launch_ce_rows(logits, labels, loss=loss_rows, stats=stats, stats_given=False, grad=None, scale=None,
                         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        ctx.save_for_backward(logits, labels, lse)
+        ctx.save_for_backward(logits, labels, stats)
         ctx.options = (ignore_index, reduction, divisor, label_smoothing, z_loss, softcap)
         return _reduce(loss_rows, reduction, divisor)
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, labels, lse = ctx.saved_tensors
+        logits, labels, stats = ctx.saved_tensors
         ignore_index, reduction, divisor, label_smoothing, z_loss, softcap = ctx.options
         grad = None
         if ctx.needs_input_grad[0]:
             grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
-            _launch_ce_rows(logits, labels, loss=None, lse=lse, lse_given=True, grad=grad,
+            _launch_ce_rows(logits, labels, loss=None, stats=stats, stats_given=True, grad=grad,
                             scale=_upstream_scale(grad_output, reduction, divisor),
                             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap)
@@ -401,7 +449,6 @@ def cross_entropy(
     flat_labels = labels.reshape(-1)
 
     if not use_triton(logits):
-        _trained_count_and_check_cpu(flat_labels, n_cols, ignore_index)
         loss = reference.cross_entropy(rows, flat_labels, ignore_index=ignore_index, reduction=reduction,
                                        num_items=num_items, label_smoothing=label_smoothing,
                                        z_loss=z_loss, softcap=softcap)
@@ -413,17 +460,6 @@ def cross_entropy(
     loss = _CrossEntropy.apply(rows, flat_labels, ignore_index, reduction, num_items,
                                float(label_smoothing), float(z_loss), softcap)
     return loss.reshape(labels.shape) if reduction == "none" else loss
-
-
-def _trained_count_and_check_cpu(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
-    """The reference path's label check (plain torch: it runs where Triton does not)."""
-    if not _label_check_enabled():
-        return
-    trained = labels != ignore_index
-    n_bad = int((trained & ((labels < 0) | (labels >= n_cols))).sum())
-    if n_bad:
-        raise ValueError(f"labels: {n_bad} label(s) outside [0, {n_cols}) that are not "
-                         f"ignore_index={ignore_index}")
 
 
 # =============================================================================== linear_cross_entropy
@@ -458,10 +494,10 @@ def _backprop_chunk(dlogits, hidden_chunk, weight, grad_hidden_chunk, grad_weigh
             grad_bias.add_(dlogits.sum(dim=0, dtype=torch.float32))
 
 
-def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, lse, lse_given,
+def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, stats, stats_given,
                 scale, grads, options):
     """Stream token chunks through matmul -> CE kernel (in place) -> gradient matmuls."""
-    ignore_index, z_loss, softcap = options
+    ignore_index, label_smoothing, z_loss, softcap = options
     grad_hidden, grad_weight, grad_bias = grads
     write_grad = scale is not None
     n_rows = hidden.shape[0]
@@ -481,10 +517,10 @@ def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, lse, lse
             chunk_scale = scale if scale.dim() == 0 else scale[start:end]
         _launch_ce_rows(
             logits, labels[start:end],
-            loss=None if lse_given else loss_rows[start:end],
-            lse=lse[start:end], lse_given=lse_given,
+            loss=None if stats_given else loss_rows[start:end],
+            stats=stats[start:end], stats_given=stats_given,
             grad=logits if write_grad else None, scale=chunk_scale,
-            ignore_index=ignore_index, label_smoothing=0.0, z_loss=z_loss, softcap=softcap,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         )
         if write_grad:
             _backprop_chunk(logits, h, weight,
@@ -495,11 +531,10 @@ def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, lse, lse
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, num_items, softcap, z_loss, chunk_rows,
-                grad_enabled):
-        n_rows, n_vocab = hidden.shape[0], weight.shape[0]
+                grad_enabled, label_smoothing):
+        n_rows = hidden.shape[0]
         device = hidden.device
-        count = _trained_count_and_check(labels, n_vocab, ignore_index,
-                                         need_count=reduction == "mean" and num_items is None)
+        count = _trained_count(labels, ignore_index) if reduction == "mean" and num_items is None else None
         divisor = _mean_divisor(num_items, count, device) if reduction == "mean" else None
         needs = ctx.needs_input_grad
         want_grad = grad_enabled and (needs[0] or needs[1] or (bias is not None and needs[2]))
@@ -510,23 +545,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if precompute:
             grads = _allocate_grads(hidden, weight, bias, needs)
         loss_rows = empty(n_rows, dtype=torch.float32, device=device)
-        lse = empty(n_rows, dtype=torch.float32, device=device)
+        stats = empty(n_rows, 2, dtype=torch.float32, device=device)
         ones = torch.ones((), dtype=torch.float32, device=device) if precompute else None
+        options = (ignore_index, label_smoothing, z_loss, softcap)
         with torch.autocast(device.type, enabled=False):  # inputs are already cast; keep out= matmuls exact
-            _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=loss_rows, lse=lse,
-                        lse_given=False, scale=ones, grads=grads, options=(ignore_index, z_loss, softcap))
-        ctx.options = (ignore_index, reduction, divisor, softcap, z_loss, chunk_rows, precompute)
+            _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=loss_rows, stats=stats,
+                        stats_given=False, scale=ones, grads=grads, options=options)
+        ctx.options = (reduction, divisor, options, chunk_rows, precompute)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if precompute:
             ctx.grads = grads
             ctx.consumed = False
         elif want_grad:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+            ctx.save_for_backward(hidden, weight, bias, labels, stats)
         return _reduce(loss_rows, reduction, divisor)
 
     @staticmethod
     def backward(ctx, grad_output):
-        ignore_index, reduction, divisor, softcap, z_loss, chunk_rows, precompute = ctx.options
+        reduction, divisor, options, chunk_rows, precompute = ctx.options
         needs = ctx.needs_input_grad
         if precompute:
             if ctx.consumed:
@@ -540,15 +576,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if g is not None:
                     _scale_inplace(g, scale)
         else:
-            hidden, weight, bias, labels, lse = ctx.saved_tensors
+            hidden, weight, bias, labels, stats = ctx.saved_tensors
             grad_hidden, grad_weight, grad_bias = _allocate_grads(hidden, weight, bias, needs)
             with torch.autocast(hidden.device.type, enabled=False):
-                _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=None, lse=lse,
-                            lse_given=True, scale=_upstream_scale(grad_output, reduction, divisor),
-                            grads=(grad_hidden, grad_weight, grad_bias), options=(ignore_index, z_loss, softcap))
+                _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=None, stats=stats,
+                            stats_given=True, scale=_upstream_scale(grad_output, reduction, divisor),
+                            grads=(grad_hidden, grad_weight, grad_bias), options=options)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)  # accumulated in fp32
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _allocate_grads(hidden, weight, bias, needs):
@@ -586,12 +622,15 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, labels) without the full logits.
 
     hidden (..., H), weight (V, H), bias (V,) or None, labels (...). ``chunk_size`` is
     the number of token rows per chunk (default: adapted to V so the chunk logits stay
-    within ~512 MiB). Returns a float32 loss.
+    within ~512 MiB). ``label_smoothing``, ``z_loss`` and ``softcap`` are those of
+    cross_entropy (label_smoothing comes last, after DESIGN.md's arguments). Returns a
+    float32 loss.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -615,17 +654,16 @@ def linear_cross_entropy(
             raise ValueError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     _check_labels_tensor(labels, hidden.shape[:-1], "hidden")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    _check_options(reduction, ignore_index, num_items, z_loss, softcap)
+    _check_options(reduction, ignore_index, num_items, z_loss, softcap, label_smoothing)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if not use_triton(hidden):
-        _trained_count_and_check_cpu(flat_labels, weight.shape[0], ignore_index)
         loss = reference.linear_cross_entropy(rows, weight, flat_labels, bias=bias, ignore_index=ignore_index,
                                               reduction=reduction, num_items=num_items, softcap=softcap,
-                                              z_loss=z_loss)
+                                              z_loss=z_loss, label_smoothing=label_smoothing)
         return loss.reshape(labels.shape) if reduction == "none" else loss
 
     rows = rows.contiguous()
@@ -636,5 +674,6 @@ def linear_cross_entropy(
     # needs_input_grad stays True under torch.no_grad (evaluation would otherwise
     # pay for the gradient matmuls it never uses).
     loss = _LinearCrossEntropy.apply(rows, weight_c, bias_c, flat_labels.contiguous(), ignore_index, reduction,
-                                     num_items, softcap, float(z_loss), int(chunk_rows), torch.is_grad_enabled())
+                                     num_items, softcap, float(z_loss), int(chunk_rows), torch.is_grad_enabled(),
+                                     float(label_smoothing))
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -34,23 +34,33 @@ def cross_entropy(
     """Masked cross-entropy over rows of ``logits`` (N, V) with ``labels`` (N,).
 
     Per trained row: (1 - s) * (lse - x[y]) + s * (lse - mean(x)) + z_loss * lse**2,
-    where x are the (optionally tanh-softcapped) logits and s the label smoothing.
-    Ignored rows contribute 0. "mean" divides the sum by ``num_items`` when given,
-    else by the number of trained rows (an all-ignored input gives 0, not NaN).
+    where x are the (optionally tanh-softcapped) logits and s the label smoothing; a
+    term whose weight is 0 is left out (so -inf logits give no 0 * inf). Ignored rows
+    contribute 0; a trained label outside [0, V) gives NaN for its row (never an
+    index error: the fused kernels behave the same). "mean" divides the sum by
+    ``num_items`` when given, else by the number of trained rows (an all-ignored
+    input gives 0, not NaN).
     """
     x = logits.to(_compute_dtype(logits))
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
+    n_vocab = x.shape[-1]
     mask = labels != ignore_index
-    safe_labels = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    in_range = (labels >= 0) & (labels < n_vocab)
+    safe_labels = torch.where(mask & in_range, labels, torch.zeros_like(labels)).long()
     lse = torch.logsumexp(x, dim=-1)
-    nll = lse - x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    loss = nll
-    if label_smoothing:
-        smooth = lse - x.mean(dim=-1)
-        loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    loss = torch.zeros_like(lse)
+    if label_smoothing < 1.0:
+        nll = lse - x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+        loss = loss + (1.0 - label_smoothing) * nll
+    if label_smoothing > 0.0:
+        smooth = lse - (x / n_vocab).sum(dim=-1)  # a sum of x / V: finite for finfo.min logits
+        loss = loss + label_smoothing * smooth
     if z_loss:
         loss = loss + z_loss * lse.square()
+    # a product, so that the row's gradient is NaN too (a factor 1 on ignored rows,
+    # whose zero gradient must stay 0 rather than 0 * NaN)
+    loss = loss * torch.where(in_range | ~mask, 1.0, float("nan")).to(loss.dtype)
     loss = torch.where(mask, loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss
@@ -78,6 +88,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, labels), building the full logits.
 
@@ -87,7 +98,7 @@ def linear_cross_entropy(
     logits = F.linear(hidden, weight, bias)
     return cross_entropy(
         logits, labels, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, z_loss=z_loss, softcap=softcap,
+        num_items=num_items, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
     )
 
 

@@ -1,13 +1,21 @@
 """Helpers for testing fastsft_kernels (and kernels built on top of it).
 
-- ``install_interpreter_bf16_dot_shim``: works around a gap in Triton's CPU
-  interpreter, which stores bfloat16 as raw uint16 bit patterns and hands those
-  bits straight to ``np.matmul`` in ``tl.dot`` (triton issue 11584), so a bf16
-  dot multiplies integers, not numbers. The shim converts bf16 ``tl.dot``
-  operands to float32 first. It changes the interpreter only (never GPU code)
-  and is installed only when ``TRITON_INTERPRET=1``. Kernels still upcast to
-  fp32 for their own elementwise arithmetic, which is right on the GPU too.
+- ``install_interpreter_shims``: makes Triton's CPU interpreter compute bf16 as
+  the GPU does. Both shims change the interpreter only (never GPU code) and are
+  installed only when ``TRITON_INTERPRET=1``:
+  - ``install_interpreter_bf16_dot_shim``: the interpreter stores bfloat16 as raw
+    uint16 bit patterns and hands those bits straight to ``np.matmul`` in
+    ``tl.dot`` (triton issue 11584), so a bf16 dot multiplies integers, not
+    numbers. The shim converts bf16 ``tl.dot`` operands to float32 first.
+    Kernels still upcast to fp32 for their own elementwise arithmetic, which is
+    right on the GPU too.
+  - ``install_interpreter_bf16_rounding_shim``: the interpreter converts fp32 ->
+    bf16 (``.to(tl.bfloat16)``, a store to a bf16 pointer, bf16 constants) by
+    truncating the mantissa, where the GPU (``cvt.rn.bf16.f32``) and torch round
+    to nearest even: truncation doubles the bf16 error the CPU tier measures and
+    biases it towards zero. The shim rounds to nearest even, NaN kept quiet.
 - ``poison_outputs``: fill every buffer the launchers allocate with NaN.
+- ``HostSyncRecorder``: records torch calls that wait for the device or read a value back.
 - ``rel_err``: ||out - ref|| / ||ref||, computed in float64.
 """
 from __future__ import annotations
@@ -51,6 +59,84 @@ def install_interpreter_bf16_dot_shim() -> bool:
     builder_cls.create_dot = create_dot
     setattr(builder_cls, _SHIM_FLAG, True)
     return True
+
+
+_ROUNDING_SHIM_FLAG = "_fastsft_bf16_rounding_shim"
+
+
+def float32_to_bfloat16_bits(data):
+    """uint16 bf16 bit patterns of a float32 numpy array, rounded to nearest even.
+
+    Adding 0x7FFF plus the lowest kept bit, then dropping 16 bits, rounds ties to
+    even and carries into the exponent (up to inf) as the hardware does; NaN
+    keeps its sign and becomes a quiet NaN instead of rounding into inf.
+    """
+    import numpy as np
+
+    bits = np.ascontiguousarray(data, dtype=np.float32).reshape(-1).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x0040)
+    return np.where(is_nan, quiet_nan, rounded).astype(np.uint16).reshape(np.shape(data))
+
+
+def install_interpreter_bf16_rounding_shim() -> bool:
+    """Patch the interpreter's fp32 -> bf16 cast to round to nearest even (see module doc).
+
+    Returns True when the shim is (already) active, False when not under the
+    interpreter (TRITON_INTERPRET unset), where nothing is changed.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder_cls = interpreter.InterpreterBuilder
+    if getattr(builder_cls, _ROUNDING_SHIM_FLAG, False):
+        return True
+    original_cast = builder_cls.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        # Only fp32 -> bf16 changes; every other cast (and bf16 -> fp32, exact) is the original.
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(float32_to_bfloat16_bits(src.data), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder_cls.cast_impl = cast_impl
+    setattr(builder_cls, _ROUNDING_SHIM_FLAG, True)
+    return True
+
+
+def install_interpreter_shims() -> bool:
+    """Both interpreter shims (bf16 tl.dot operands, fp32 -> bf16 rounding); a no-op off the interpreter."""
+    dot = install_interpreter_bf16_dot_shim()
+    rounding = install_interpreter_bf16_rounding_shim()
+    return dot and rounding
+
+
+# Tensor methods / torch functions that wait for the device or read a value back to the host.
+HOST_SYNC_NAMES = frozenset({
+    "item", "tolist", "cpu", "numpy", "nonzero", "argwhere", "masked_select", "unique", "equal",
+    "is_nonzero", "__bool__", "__int__", "__float__", "__index__", "allclose",
+})
+
+
+class HostSyncRecorder(torch.overrides.TorchFunctionMode):
+    """``with HostSyncRecorder() as rec: ...``; ``rec.syncs`` lists the syncing calls made.
+
+    Sees Python-level torch calls (kernel launchers, autograd Functions' backward),
+    not what C++ does internally.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_SYNC_NAMES:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

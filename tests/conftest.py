@@ -30,9 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from fastsft_kernels.testing import install_interpreter_bf16_dot_shim, poison_outputs  # noqa: E402
+from fastsft_kernels.testing import install_interpreter_shims, poison_outputs  # noqa: E402
 
-install_interpreter_bf16_dot_shim()  # a no-op unless TRITON_INTERPRET=1
+install_interpreter_shims()  # bf16 tl.dot and fp32 -> bf16 rounding as on the GPU; a no-op unless TRITON_INTERPRET=1
 
 
 def pytest_collection_modifyitems(config, items):

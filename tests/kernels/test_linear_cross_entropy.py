@@ -11,13 +11,15 @@ import torch
 
 import fastsft_kernels as fk
 from fastsft_kernels import reference
-from fastsft_kernels.testing import assert_close
+from fastsft_kernels.testing import HostSyncRecorder, assert_close, rel_err
 
 N, H, V = 37, 96, 509
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32: ~3e-7 measured. Half: dlogits and the gradients round to the input dtype, and
-# grad_W accumulates per chunk in the weight dtype (bf16: ~6e-3 measured, fp16 ~4e-4).
-GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# grad_W accumulates per chunk in the weight dtype (fp16 ~4e-4 measured). bf16 measured on the
+# CPU tier, which now rounds fp32 -> bf16 to nearest even as the GPU does: <= 4.2e-3 (up to
+# 7.0e-3 while the interpreter truncated, which the old 1e-2 bound had to allow).
+GRAD_BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 6e-3}
 # the loss is fp32, but computed from half-precision chunk logits (hidden @ W^T rounded)
 LOSS_BOUND = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 3e-3}
 
@@ -78,6 +80,102 @@ def test_forward_backward(dtype, reduction, device):
 def test_softcap_and_z_loss(dtype, device):
     hidden, weight, bias, labels = _inputs(dtype, seed=2, device=device)
     _check(hidden, weight, bias, labels, dtype, softcap=3.0, z_loss=1e-3, chunk_size=13)
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.float32, "none"), (torch.bfloat16, "sum")])
+def test_label_smoothing(dtype, reduction, device):
+    """label_smoothing as in cross_entropy; "none" also runs the recomputing backward."""
+    hidden, weight, bias, labels = _inputs(dtype, seed=17, device=device)
+    _check(hidden, weight, bias, labels, dtype, label_smoothing=0.1, reduction=reduction, chunk_size=16)
+    _check(hidden, weight, bias, labels, dtype, label_smoothing=0.2, softcap=3.0, z_loss=1e-3, chunk_size=13)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) on inf arithmetic discarded by where
+@pytest.mark.parametrize(
+    "dtype,fill,options",
+    [
+        (torch.float32, "-inf", dict()),
+        (torch.float32, "-inf", dict(label_smoothing=0.1, softcap=5.0)),
+        (torch.float32, "finfo.min", dict(label_smoothing=0.1, reduction="none")),
+        (torch.bfloat16, "-inf", dict(z_loss=1e-3, reduction="none")),
+        (torch.bfloat16, "finfo.min", dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)),
+    ],
+)
+def test_padded_vocabulary_with_masked_bias(dtype, fill, options, device):
+    """A padded vocabulary: zero weight rows with a -inf (or finfo.min) bias. Finite loss and
+    gradients, never NaN (0 * inf in the smoothing term made the loss NaN before)."""
+    hidden, weight, bias, labels = _inputs(dtype, seed=18, device=device)
+    pad = 13
+    weight[-pad:] = 0
+    bias[-pad:] = float("-inf") if fill == "-inf" else torch.finfo(dtype).min
+    labels = torch.where(labels >= V - pad, labels - pad, labels)  # labels are real tokens
+    loss, params = _check(hidden, weight, bias, labels, dtype, chunk_size=16, **options)
+    assert torch.isfinite(loss).all()
+    for p in params:
+        assert torch.isfinite(p.grad).all()
+
+
+def _torch_fp32_linear_loss(hidden, weight, bias, labels, *, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """Liger's TorchLMHeadCE: fp32 logits, torch's cross-entropy, z-loss on trained rows."""
+    x = torch.nn.functional.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    loss = torch.nn.functional.cross_entropy(x, labels, ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing)
+    if z_loss:
+        trained = labels != ignore_index
+        z = torch.where(trained, z_loss * torch.logsumexp(x, dim=-1).square(), 0.0)
+        loss = loss + z.sum() / (trained.sum() if reduction == "mean" else 1)
+    return loss
+
+
+LIGER_OPTIONS = dict(label_smoothing=0.1, ignore_index=42, z_loss=1e-4, softcap=30.0)
+
+
+# Liger-Kernel's test_fused_linear_cross_entropy grid (no per-class weights: fastsft has none),
+# fp32: the loss at its cross-entropy tolerances (rtol 1e-6, atol 1e-8) against torch fp32 and
+# float64; the gradients at its fused-linear tolerances against torch fp32 (mean: rtol 5e-4,
+# atol 1e-5; sum: 5e-2, 1e-3: the matmuls round differently) and, against float64, within 2x
+# torch fp32's own error (which is itself 1e-6..2e-2 elementwise here).
+@pytest.mark.parametrize(
+    "shape,reduction,options",
+    [
+        ((2, 2, 8, 8), "mean", dict()), ((2, 2, 8, 8), "sum", LIGER_OPTIONS),
+        ((9, 7, 41, 41), "sum", dict()), ((9, 7, 41, 41), "mean", LIGER_OPTIONS),
+        ((4, 47, 31, 123), "mean", dict()), ((4, 47, 31, 123), "sum", LIGER_OPTIONS),
+    ],
+)
+def test_fp32_matches_torch_at_liger_tolerances(shape, reduction, options, device):
+    b, t, h, v = shape
+    gen = torch.Generator().manual_seed(b * t + v)
+    weight = torch.rand(v, h, generator=gen).to(device)  # Liger: uniform [0, 1) weights and bias
+    bias = torch.rand(v, generator=gen).to(device)
+    hidden = torch.randn(b * t, h, generator=gen).to(device)
+    labels = torch.randint(0, v, (b * t,), generator=gen).to(device)
+    ignore_index = options.get("ignore_index", -100)
+    labels[torch.randperm(b * t, generator=gen)[: b * t // 3].to(device)] = ignore_index
+    results = {}
+    for name, dtype in (("fastsft", torch.float32), ("torch", torch.float32), ("float64", torch.float64)):
+        params = [x.to(dtype).clone().requires_grad_() for x in (hidden, weight, bias)]
+        if name == "fastsft":
+            loss = fk.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
+                                           chunk_size=64, **options)
+        elif name == "torch":
+            loss = _torch_fp32_linear_loss(*params, labels, reduction=reduction, **options)
+        else:
+            loss = reference.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
+                                                  **options)
+        loss.backward()
+        results[name] = [loss.detach()] + [p.grad for p in params]
+    ours, torch32, exact = results["fastsft"], results["torch"], results["float64"]
+    for other in (torch32, exact):
+        torch.testing.assert_close(ours[0], other[0].float(), rtol=1e-6, atol=1e-8)
+    rtol, atol = (5e-4, 1e-5) if reduction == "mean" else (5e-2, 1e-3)
+    for name, got, peer, ref in zip(("hidden", "weight", "bias"), ours[1:], torch32[1:], exact[1:]):
+        torch.testing.assert_close(got, peer, rtol=rtol, atol=atol, msg=lambda m: f"{name} grad: {m}")
+        ours_err, torch_err = rel_err(got, ref), rel_err(peer, ref)
+        assert ours_err <= 2 * torch_err + 1e-9, f"{name} grad: error {ours_err:.2e} vs torch fp32's {torch_err:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -208,7 +306,6 @@ def test_second_backward_through_precomputed_grads_raises(device):
         (lambda h, w, b, y: (h, w, b[:-1], y), "bias has shape"),
         (lambda h, w, b, y: (h, w, b, y[:-1]), "labels has shape"),
         (lambda h, w, b, y: (h, w, b, y.float()), "labels has dtype"),
-        (lambda h, w, b, y: (h, w, b, y.index_fill(0, torch.tensor([3]), V)), "outside \\[0, 509\\)"),
     ],
 )
 def test_bad_inputs_raise(make, match, device):
@@ -218,8 +315,27 @@ def test_bad_inputs_raise(make, match, device):
         fk.linear_cross_entropy(args[0], args[1], args[3], bias=args[2])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bad_label_gives_nan_row_without_a_host_sync(reduction, device):
+    """No range check in the op (it would sync): a bad label gives NaN for its row's loss and hidden grad."""
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=16, device=device)
+    labels[4] = V
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with HostSyncRecorder() as recorder:
+        loss = fk.linear_cross_entropy(h, w, labels, bias=bias, reduction=reduction, chunk_size=16)
+        loss.sum().backward()
+    assert recorder.syncs == [], f"host syncs in forward + backward: {recorder.syncs}"
+    others = torch.arange(N, device=device) != 4
+    assert torch.isnan(h.grad[4]).all() and torch.isfinite(h.grad[others]).all()
+    assert torch.isnan(w.grad).any(), "the bad row reaches grad_W: the step cannot pass silently"
+    if reduction == "none":
+        assert torch.isnan(loss[4]) and torch.isfinite(loss[others]).all()
+    else:
+        assert torch.isnan(loss)
+
+
 @pytest.mark.parametrize("options,match", [(dict(chunk_size=0), "chunk_size"), (dict(reduction="avg"), "reduction"),
-                                           (dict(softcap=-1.0), "softcap")])
+                                           (dict(softcap=-1.0), "softcap"), (dict(label_smoothing=-0.1), "label_smoothing")])
 def test_bad_options_raise(options, match, device):
     hidden, weight, bias, labels = _inputs(torch.float32, seed=12, device=device)
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,11 @@ from fastsft_kernels.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32 math: rounding of fp32 sums; fp16/bf16: one rounding of the output (2^-8 for bf16)
-BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# or two (Llama's normed.to(bf16) * weight). bf16 measured on the CPU tier, which now rounds to
+# nearest even as the GPU does: <= 2.5e-3 (it was 3.3e-3..6.2e-3 while the interpreter
+# truncated, which the old 1e-2 bound had to allow); 4e-3 would catch that truncation in y.
+BF16_BOUND = 4e-3
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: BF16_BOUND}
 
 
 def _run(x, w, eps, offset):
@@ -54,9 +58,9 @@ def test_fp32_weight_with_bf16_input_follows_hf_casting(offset):
     assert y.dtype == (torch.float32 if offset == 0.0 else torch.bfloat16)
     assert dw.dtype == torch.float32 and dx.dtype == torch.bfloat16
     ry, rdx, rdw = _ref(x, w, 1e-5, offset, dy)
-    assert_close(y, ry, 1e-2, "y")
-    assert_close(dx, rdx, 1e-2, "dx")
-    assert_close(dw, rdw, 1e-2, "dweight")
+    assert_close(y, ry, BF16_BOUND, "y")  # measured <= 1.8e-3 (3.6e-3 truncating)
+    assert_close(dx, rdx, BF16_BOUND, "dx")
+    assert_close(dw, rdw, BF16_BOUND, "dweight")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,8 +83,10 @@ def test_matches_hf_module(dtype, family):
     yr = module(xr)
     yr.backward(dy)
     assert y.dtype == yr.dtype
-    # bf16: both round the same fp32 value once; differences come from rsqrt / reduction order
-    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    # bf16: both round the same fp32 value once; differences come from rsqrt / reduction order.
+    # Measured: y equal bit for bit on the CPU tier, dx 2.9e-3, dweight 1.8e-3 (HF rounds its
+    # own bf16 intermediates too); while the interpreter truncated: 6.8e-3, 4.3e-3, 5.4e-3.
+    bound = 1e-5 if dtype == torch.float32 else 5e-3
     assert_close(y, yr, bound, "y vs HF")
     assert_close(dx, xr.grad, bound, "dx vs HF")
     assert_close(dw, module.weight.grad, bound, "dweight vs HF")
@@ -171,9 +177,9 @@ def test_small_tiles_many_programs(monkeypatch, offset):
     w = (torch.randn(96) * 0.2 + (0.0 if offset else 1.0)).to(torch.bfloat16)
     y, dx, dw, dy = _run(x, w, 1e-6, offset)
     ry, rdx, rdw = _ref(x, w, 1e-6, offset, dy)
-    assert_close(y, ry, 1e-2, "y")
-    assert_close(dx, rdx, 1e-2, "dx")
-    assert_close(dw, rdw, 1e-2, "dweight")
+    assert_close(y, ry, BF16_BOUND, "y")  # measured <= 2.3e-3 (6.1e-3 truncating)
+    assert_close(dx, rdx, BF16_BOUND, "dx")
+    assert_close(dw, rdw, BF16_BOUND, "dweight")
 
 
 _LOWERING_SCRIPT = r'''

@@ -9,7 +9,11 @@ from fastsft_kernels import reference
 from fastsft_kernels.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# bf16: one rounding of the output. Measured on the CPU tier, which now rounds fp32 -> bf16 to
+# nearest even as the GPU does: <= 1.7e-3 (2.3e-3..3.5e-3 while the interpreter truncated, which
+# the old 1e-2 bound had to allow); 3e-3 fails a truncating conversion in most of these tests.
+BF16_BOUND = 3e-3
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: BF16_BOUND}
 
 
 def _cos_sin(position_ids, rot_dim, dtype, base=10000.0):
@@ -100,8 +104,9 @@ def test_matches_hf_apply_rotary_pos_emb(dtype):
     cos, sin = _cos_sin(pos, 16, dtype)  # Phi-3 style partial rotary
     qo, ko = fk.rope(q, k, cos, sin)
     hq, hk = phi3_apply(q, k, cos, sin)
-    # HF rounds q*cos and rotate_half(q)*sin separately in bf16; the kernel rounds once
-    bound = 1e-6 if dtype == torch.float32 else 1e-2
+    # HF rounds q*cos and rotate_half(q)*sin separately in bf16; the kernel rounds once.
+    # Measured 1.8e-3 (2.9e-3 while the interpreter truncated).
+    bound = 1e-6 if dtype == torch.float32 else BF16_BOUND
     assert_close(qo, hq, bound, "q vs HF")
     assert_close(ko, hk, bound, "k vs HF")
 
@@ -152,4 +157,4 @@ def test_small_tiles_many_programs(monkeypatch):
     q, k = _qk(2, 3, 1, 9, 20, torch.bfloat16, seed=9)
     pos = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
     cos, sin = _cos_sin(pos, 12, torch.bfloat16)
-    _check(q, k, cos, sin, 1e-2)
+    _check(q, k, cos, sin, BF16_BOUND)  # measured <= 1.3e-3 (2.7e-3 truncating)

@@ -9,7 +9,10 @@ from fastsft_kernels import reference
 from fastsft_kernels.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# bf16: one rounding of each output. Measured on the CPU tier, which now rounds fp32 -> bf16 to
+# nearest even as the GPU does: <= 1.7e-3 (3.2e-3..3.4e-3 while the interpreter truncated, which
+# the old 1e-2 bound had to allow; 3e-3 fails that).
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-3}
 
 
 def _check(gate, up, bound):
@@ -45,7 +48,7 @@ def test_chunked_fused_projection(dtype):
     ref = fused.detach().double().requires_grad_()
     rg, ru = ref.chunk(2, dim=-1)
     reference.swiglu(rg, ru).square().sum().backward()
-    bound = BOUND[dtype] * 2  # the squared loss doubles the relative rounding of h in the gradient
+    bound = BOUND[dtype] * 2  # the squared loss doubles the relative rounding of h (bf16: 2.3e-3 measured)
     assert_close(h, reference.swiglu(rg, ru), BOUND[dtype], "h")
     assert_close(fused.grad, ref.grad, bound, "d_fused")
 
