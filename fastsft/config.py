@@ -329,7 +329,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
     """Read a YAML config file, then apply CLI overrides (``--key value``), then keyword values.
 
     Aliases (ALIASES: TRL / TrainingArguments / Axolotl names) map onto fastsft's keys. Relative
-    ``dataset`` / ``eval_dataset`` / ``output_dir`` / ``resume`` paths that do not exist from the
+    ``dataset`` / ``eval_dataset`` / ``output_dir`` / ``resume`` / ``chat_template`` (.jinja) paths that do not exist from the
     current directory but do next to the config file are taken from there.
     """
     import yaml
@@ -369,6 +369,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
             setattr(config, key, resolved)
             if key == "output_dir" and base is not None:
                 config._notes.append(f"output_dir: {resolved} ({base})")
+    template = config.chat_template
+    if isinstance(template, str) and template.endswith(".jinja") and "{" not in template:
+        config.chat_template = _resolve_relative(template, config_dir)[0]  # a template file travels with its config
     if isinstance(config.resume, str) and config.resume.lower() not in ("true", "false", "yes", "no", "latest", ""):
         config.resume = _resolve_relative(config.resume, config_dir)[0]
     for entry in config.datasets or []:

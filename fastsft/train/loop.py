@@ -326,6 +326,10 @@ class Trainer:
         try:
             # tiny-llama: base holds the tokenizer the model was sized for (trained on the data, or config.tokenizer)
             self.tokenizer = load_tokenizer(base if config.model == TINY_MODEL else (config.tokenizer or base), config)
+            if config.chat_template not in (None, "tokenizer"):  # the saved tokenizer carries what it was trained on
+                from fastsft.data.templates import resolve_chat_template
+
+                self.tokenizer.chat_template = resolve_chat_template(config.chat_template, self.tokenizer)
             self.data, self.mixture = self._prepare_data()
             if not self.data.train:
                 raise DataError(self._no_examples_message())

@@ -126,6 +126,12 @@ def test_named_template_in_inspect_and_train(tokenizer, tmp_path, capsys, monkey
     assert "llama3.1" not in out.split("--- statistics ---")[0]  # the name is not rendered as text
     assert main(["train", config]) == 0
     assert (tmp_path / "out").is_dir()
+    from transformers import AutoTokenizer
+
+    from fastsft.data.templates import named_template
+
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert saved.chat_template == named_template("llama3.1")  # the trained model carries its template
 
 
 def test_unknown_or_unfit_template_on_the_command_line_exits_2(tmp_path, capsys):
