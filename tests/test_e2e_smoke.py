@@ -16,7 +16,7 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROVIDERS = ("hf", "hf+liger", "hf-packed", "fastsft")
+PROVIDERS = ("hf", "hf+liger", "hf-packed", "fastsft", "unsloth")
 SMOKE_CAP = 128  # benchmarks.e2e.SMOKE["max_context_cap"]
 
 
