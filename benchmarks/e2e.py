@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="write JSON only")
     p.add_argument("--worker-timeout", type=float, default=1800.0,
                    help="seconds before a provider's subprocess is killed")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run (the GPU suite's slice): a provider that no longer fits is "
+                        "recorded as skipped, a running one is stopped at the deadline, and the results so far "
+                        "are written before it")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run jobs from a JSON spec
     return p
 
@@ -121,6 +125,7 @@ def main(argv=None) -> int:
         runs = [dict(s) for s in SUITE]
 
     device = "cuda" if (common.has_cuda() and not args.smoke) else "cpu"
+    args.deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     temporary = None
     if args.model_dir is None:
         if args.smoke:
@@ -161,7 +166,7 @@ def _measure_environment(args, device: str) -> dict:
 def _run_one(args, run: dict, providers: list, device: str, measured: dict) -> int:
     """One benchmark (a model, a mode, throughput and/or max context) over all providers."""
     base = _base_job(args, run, device)
-    _save_model(args, base)
+    _save_model(args, base, providers)
     offloads = {"both": [False, True], "off": [False], "on": [True]}[args.max_context_offload]
     rows, groups = _plan(args, run, providers, device, base, offloads)
     rows += _execute(args, groups, measured)
@@ -215,12 +220,17 @@ def _base_job(args, run: dict, device: str) -> dict:
                 max_context_granularity=args.max_context_granularity, max_context_budget=args.max_context_budget)
 
 
-def _save_model(args, base: dict) -> None:
+def _time_left(args) -> float:
+    return float("inf") if args.deadline is None else args.deadline - time.monotonic()
+
+
+def _save_model(args, base: dict, providers: list) -> None:
     """The random-weight checkpoint every provider loads, saved once (in a worker on a GPU, so that the
     parent never holds device memory; in this process for the CPU smoke run)."""
     from .e2e_models import is_saved
+    from .e2e_providers import PROVIDERS
 
-    if is_saved(base["model_dir"]):
+    if is_saved(base["model_dir"]) or all(PROVIDERS[n].unavailable(base["device"]) for n in providers):
         return
     job = {"task": "save_model", "model": base["model"], "seed": base["seed"], "device": base["device"],
            "model_dir": base["model_dir"]}
@@ -228,7 +238,7 @@ def _save_model(args, base: dict) -> None:
     if base["device"] == "cpu":
         _job_save_model(job)
     else:
-        res = _collect(_start(args, [job]), [job], timeout=args.worker_timeout)[0]
+        res = _collect(_start(args, [job]), [job], timeout=min(args.worker_timeout, max(1.0, _time_left(args))))[0]
         if "error" in res:
             raise RuntimeError(f"saving the random-weight {base['model']} failed: {res['error']}")
     print(f"[e2e] saved random-weight {base['model']} to {base['model_dir']} in {time.monotonic() - t0:.0f} s",
@@ -274,7 +284,15 @@ def _execute(args, groups: list, measured: dict) -> list:
         started = [(name, jobs, _start(args, jobs)) for name, jobs in groups]
         finished = [(name, jobs, _collect(proc, jobs, args.worker_timeout)) for name, jobs, proc in started]
     else:
-        finished = [(name, jobs, _collect(_start(args, jobs), jobs, args.worker_timeout)) for name, jobs in groups]
+        finished = []
+        for name, jobs in groups:
+            left = _time_left(args)
+            if left < 30:
+                why = f"out of time: {max(0.0, left):.0f} s of --time-budget left"
+                print(f"[e2e] {name}: skipped ({why})", file=sys.stderr, flush=True)
+                finished.append((name, jobs, [{"skipped": why} for _ in jobs]))
+                continue
+            finished.append((name, jobs, _collect(_start(args, jobs), jobs, min(args.worker_timeout, left))))
     rows = []
     for name, jobs, results in finished:
         for job, res in zip(jobs, results):

@@ -3,6 +3,8 @@
     python -m benchmarks.render_table benchmarks/results/nvidia-h100-80gb-hbm3/          # print markdown
     python -m benchmarks.render_table RESULTS_DIR --readme README.md                     # rewrite the README block
     python -m benchmarks.render_table FILE.json --plot                                   # (re)draw the PNG
+    python -m benchmarks.render_table DIR/suite.json --readme README.md                  # from a GPU-suite run
+    python -m benchmarks.render_table --empty --readme README.md                         # rows, not yet measured
 
 The README block sits between the two marker lines below; everything between them is replaced, so the
 table is never typed by hand.
@@ -21,19 +23,27 @@ PROVIDER_ORDER = ("hf", "hf+liger", "hf-packed", "unsloth", "fastsft")
 
 
 def load(paths) -> list:
-    """The e2e result payloads in `paths` (files or folders), throughput before max-context."""
+    """The e2e result payloads in `paths` (files or folders; a GPU suite's suite.json holds several),
+    throughput before max-context."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             files += sorted(glob.glob(os.path.join(path, "e2e_*.json")))
+            files += sorted(glob.glob(os.path.join(path, "suite.json")))
         else:
             files.append(path)
     if not files:
-        raise ValueError(f"no e2e_*.json result files in {', '.join(paths)}")
+        raise ValueError(f"no e2e_*.json or suite.json result files in {', '.join(paths)}")
     payloads = []
     for f in files:
         with open(f) as fh:
             payload = json.load(fh)
+        if payload.get("kind") == "gpu_suite":
+            for inner in payload.get("e2e", []):
+                inner = dict(inner, _path=f"{f}#{inner['benchmark']}")
+                inner.setdefault("smoke", payload.get("dry_run", False))
+                payloads.append(inner)
+            continue
         if payload.get("kind") not in ("throughput", "max_context"):
             raise ValueError(f"{f} is not an end-to-end benchmark result (kind={payload.get('kind')!r})")
         payload["_path"] = f
@@ -126,9 +136,33 @@ def _footer(payload: dict) -> str:
     commit = (env.get("git_commit") or "unknown")[:12]
     return (f"<sub>{env.get('device')}{peak}; torch {env.get('torch')}, triton {env.get('triton')}, "
             f"transformers {env.get('transformers')}, peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, "
-            f"liger-kernel {env.get('liger_kernel') or 'n/a'}, flash-attn {env.get('flash_attn') or 'n/a'}; "
+            f"liger-kernel {env.get('liger_kernel') or 'n/a'}, flash-attn {env.get('flash_attn') or 'n/a'}, "
+            f"unsloth {env.get('unsloth') or 'n/a'}; "
             f"commit {commit}, {env.get('date')}; source `{os.path.basename(payload['_path'])}`"
             f"{' (SMOKE RUN: CPU, tiny model, not a benchmark)' if payload.get('smoke') else ''}</sub>")
+
+
+def render_empty() -> str:
+    """The README's tables before any GPU run: every benchmark of the suite, every provider, not measured."""
+    from .e2e import PROVIDER_NAMES, SUITE
+
+    parts = []
+    order = sorted(PROVIDER_NAMES, key=lambda n: PROVIDER_ORDER.index(n) if n in PROVIDER_ORDER else 99)
+    for run in SUITE:
+        if run["max_context"]:
+            lines = [f"**{run['model']}, {run['mode']}: longest trainable sequence** (batch 1, gradient "
+                     f"checkpointing)", "", "| provider | checkpointing | checkpointing + CPU offload | vs hf |",
+                     "|---|---:|---:|---:|"]
+            lines += [f"| {name} | not measured yet | | |" for name in order]
+        else:
+            lines = [f"**{run['model']}, {run['mode']}, 4096-token steps**", "",
+                     "| provider | trained tok/s | total tok/s | step (ms) | peak memory (GB) | MFU "
+                     "| speed vs hf | memory vs hf |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {name} | not measured yet | | | | | | |" for name in order]
+        parts.append("\n".join(lines))
+    parts.append("<sub>No GPU has run the suite yet: `python -m benchmarks.gpu_suite --budget 480 --out DIR` "
+                 "on one, then `python -m benchmarks.render_table DIR/suite.json --readme README.md`.</sub>")
+    return "\n\n".join(parts) + "\n"
 
 
 def render(paths) -> str:
@@ -202,17 +236,20 @@ def plot(json_path: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.render_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="e2e_*.json files or folders holding them")
+    p.add_argument("paths", nargs="*", help="e2e_*.json or suite.json files, or folders holding them")
+    p.add_argument("--empty", action="store_true", help="the tables with every provider's row, not yet measured")
     p.add_argument("--readme", default=None, help="rewrite the results block of this README instead of printing")
     p.add_argument("--plot", action="store_true", help="also (re)draw each file's PNG")
     args = p.parse_args(argv)
-    table = render(args.paths)
+    if not args.paths and not args.empty:
+        p.error("give result files or folders, or --empty")
+    table = render_empty() if args.empty else render(args.paths)
     if args.readme:
         update_readme(args.readme, table)
         print(f"updated {args.readme}")
     else:
         sys.stdout.write(table)
-    if args.plot:
+    if args.plot and not args.empty:
         for payload in load(args.paths):
             print(f"wrote {plot(payload['_path'])}")
     return 0
