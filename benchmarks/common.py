@@ -75,8 +75,11 @@ def environment() -> dict:
 
 
 def device_slug() -> str:
-    name = torch.cuda.get_device_name() if has_cuda() else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return device_slug_of(torch.cuda.get_device_name() if has_cuda() else "cpu")
+
+
+def device_slug_of(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or "").lower()).strip("-")
     return slug or "unknown"
 
 

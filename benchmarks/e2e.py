@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole run (the GPU suite's slice): a provider that no longer fits is "
                         "recorded as skipped, a running one is stopped at the deadline, and the results so far "
                         "are written before it")
+    p.add_argument("--peaks-from", default=None,
+                   help="JSON with the environment and peaks measured earlier in this session (the GPU suite's), "
+                        "instead of measuring them again")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run jobs from a JSON spec
     return p
 
@@ -156,6 +159,13 @@ def _measure_environment(args, device: str) -> dict:
     later (while the workers import)."""
     if device != "cuda":
         return {"environment": None, "peaks": None}
+    if args.peaks_from:
+        with open(args.peaks_from) as f:
+            given = json.load(f)
+        if given.get("peaks"):
+            given["environment"] = dict(given["environment"], git_commit=common.git_commit())
+            return {"environment": given["environment"],
+                    "peaks": {**given["peaks"], "device_slug": common.device_slug_of(given["environment"]["device"])}}
     jobs = [{"task": "peaks"}]
     res = _collect(_start(args, jobs), jobs, timeout=600)[0]
     if "error" in res:
