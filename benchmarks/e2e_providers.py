@@ -84,19 +84,18 @@ def hf_recipe(job: dict, attn_implementation: str):
     from .e2e_models import enable_gradient_checkpointing
 
     dtype = compute_dtype(job)
-    kwargs = dict(attn_implementation=attn_implementation)
+    # loaded straight onto the device (device_map), as the recipe does
+    kwargs = dict(attn_implementation=attn_implementation, device_map=_device_map(job))
     if job["mode"] == "qlora":
         from transformers import BitsAndBytesConfig
 
         kwargs.update(quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype), dtype=dtype, device_map=_device_map(job))
+            bnb_4bit_compute_dtype=dtype), dtype=dtype)
     else:
         kwargs["dtype"] = torch.float32 if job["mode"] == "full" else dtype
     torch.manual_seed(job["seed"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **kwargs)
-    if job["mode"] != "qlora":
-        model.to(job["device"])
     model.config.use_cache = False
     if job["mode"] == "qlora":
         from peft import prepare_model_for_kbit_training
