@@ -11,7 +11,8 @@ priority order, each with its own time slice (seconds on an H100/H200):
 
     a  correctness    120  pytest -m gpu, then the kernel parity tests natively on CUDA
     b  sync_step       40  one training step per mode under torch.cuda.set_sync_debug_mode("error")
-    c  kernels        100  python -m benchmarks.kernels --op OP at the DESIGN.md target shapes, per op
+    c  kernels        100  python -m benchmarks.kernels --op OP at the DESIGN.md target shapes, per op,
+                           then python -m benchmarks.compile_report when it exists
     d  e2e_qlora_8b   150  Llama-3.1-8B shape, QLoRA r16, packed 4096: fastsft, hf, hf+liger (+ hf-packed)
     e  e2e_full_1b     50  Llama-3.2-1B shape, full fine-tuning: fastsft, hf, hf+liger
     f  max_context   rest  the max-context search (8B QLoRA, fastsft and hf), if time is left
@@ -102,8 +103,13 @@ def kernel_commands(suite: "Suite", budget: float) -> List[Command]:
     if suite.dry_run:  # one process for every op: the imports dominate a smoke run
         return [Command("kernels --smoke (all ops)",
                         _py("-m", "benchmarks.kernels", "--op", "all", "--smoke", "--out", out))]
-    return [Command(f"kernels {op}", _py("-m", "benchmarks.kernels", "--op", op, "--no-plot", "--out", out),
-                    slice_s=s) for op, s in KERNEL_OPS]
+    commands = [Command(f"kernels {op}", _py("-m", "benchmarks.kernels", "--op", op, "--no-plot", "--out", out),
+                        slice_s=s) for op, s in KERNEL_OPS]
+    if os.path.isfile(os.path.join(REPO_ROOT, "benchmarks", "compile_report.py")):
+        # the sm_90 compile report (registers, spills, wgmma) beside the timings, with what is left of the slice;
+        # the dry run leaves it to its own CPU test
+        commands.append(Command("compile_report", _py("-m", "benchmarks.compile_report")))
+    return commands
 
 
 def _e2e(suite: "Suite", budget: float, out: str, *args) -> List[str]:
