@@ -14,7 +14,7 @@ priority order, each with its own time slice (seconds on an H100/H200):
     c  kernels        100  python -m benchmarks.kernels --op OP at the DESIGN.md target shapes, per op,
                            then python -m benchmarks.compile_report when it exists
     d  e2e_qlora_8b   150  Llama-3.1-8B shape, QLoRA r16, packed 4096: fastsft, hf, hf+liger (+ hf-packed)
-    e  e2e_full_1b     50  Llama-3.2-1B shape, full fine-tuning: fastsft, hf, hf+liger
+    e  e2e_full_1b     60  Llama-3.2-1B shape, full fine-tuning: fastsft, hf, hf+liger
     f  max_context   rest  the max-context search (8B QLoRA, fastsft and hf), if time is left
     u  unsloth       rest  the unsloth provider on stage d's model (last: its import patches the stacks)
 
@@ -41,7 +41,7 @@ from typing import Callable, List, Optional
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_TAIL_LINES = 25
 LOG_KEEP_BYTES = 400_000  # per command in suite.log (the file must stay far below the 16 MiB limit)
-GRACE_S = 20  # a command's own deadline comes this much before the suite kills it
+GRACE_S = 8  # a command's own deadline comes this much before the suite kills it
 # priority order; each op's slice (s) inside stage c's
 KERNEL_OPS = (("linear_cross_entropy", 25), ("lora_linear", 20), ("varlen_attention", 20),
               ("cross_entropy", 10), ("rms_norm", 8), ("rope", 8), ("swiglu", 8))
@@ -157,7 +157,7 @@ STAGES = (
           sync_step_commands),
     Stage("c", "kernels", 100, 30, "every op against its providers at the DESIGN.md target shapes", kernel_commands),
     Stage("d", "e2e_qlora_8b", 150, 90, "Llama-3.1-8B shape, QLoRA r16, packed 4096", e2e_qlora_commands),
-    Stage("e", "e2e_full_1b", 50, 40, "Llama-3.2-1B shape, full fine-tuning", e2e_full_commands),
+    Stage("e", "e2e_full_1b", 60, 40, "Llama-3.2-1B shape, full fine-tuning", e2e_full_commands),
     Stage("f", "max_context", None, 60, "longest trainable sequence, 8B QLoRA", max_context_commands),
     Stage("u", "unsloth", None, 60, "Unsloth on the 8B QLoRA run", unsloth_commands),
 )
