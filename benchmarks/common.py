@@ -64,6 +64,9 @@ def environment() -> dict:
         "bitsandbytes": _version("bitsandbytes"),
         "liger_kernel": _version("liger-kernel"),
         "flash_attn": _version("flash-attn"),
+        "cut_cross_entropy": _version("cut-cross-entropy"),
+        "unsloth": _version("unsloth"),
+        "unsloth_zoo": _version("unsloth_zoo"),
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -72,8 +75,11 @@ def environment() -> dict:
 
 
 def device_slug() -> str:
-    name = torch.cuda.get_device_name() if has_cuda() else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return device_slug_of(torch.cuda.get_device_name() if has_cuda() else "cpu")
+
+
+def device_slug_of(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or "").lower()).strip("-")
     return slug or "unknown"
 
 
@@ -159,11 +165,13 @@ def add_ratios(results: Sequence[Result], baseline: str) -> list:
     return out
 
 
-def write_results(name: str, config: dict, records: list, plot: bool = True, out_dir: Optional[str] = None) -> str:
+def write_results(name: str, config: dict, records: list, plot: bool = True, out_dir: Optional[str] = None,
+                  smoke: bool = False) -> str:
     """Write <out_dir or benchmarks/results/<device>>/<name>.json (+ .png); return the JSON path."""
     out_dir = out_dir or os.path.join(RESULTS_DIR, device_slug())
     os.makedirs(out_dir, exist_ok=True)
-    payload = {"benchmark": name, "environment": environment(), "config": config, "results": records}
+    payload = {"benchmark": name, "environment": environment(), "config": config, "smoke": smoke,
+               "results": records}
     if has_cuda():
         payload["peaks"] = device_peaks()
     path = os.path.join(out_dir, f"{name}.json")

@@ -1,5 +1,5 @@
 """End-to-end fine-tuning benchmark: fastsft against transformers + peft (with and without Liger-Kernel,
-with padding-free flash-attn packing), on the same GPU, same documents, same LoRA/QLoRA settings.
+with padding-free flash-attn packing) and Unsloth, on the same GPU, same documents, same LoRA/QLoRA settings.
 
     python -m benchmarks.e2e --model llama-3.1-8b --mode qlora --seq 4096    # throughput, memory, MFU
     python -m benchmarks.e2e --model llama-3.1-8b --mode qlora --max-context # longest trainable sequence
@@ -9,7 +9,9 @@ with padding-free flash-attn packing), on the same GPU, same documents, same LoR
 Every provider runs in its own subprocess (a clean peak-memory reading, a crash or OOM stays contained);
 the parent collects one JSON line per job, prints a table and writes JSON + PNG under
 benchmarks/results/<gpu>/ (or --out). `python -m benchmarks.render_table` turns the JSON into the
-README's table. Models have random weights built from the published configs (nothing is downloaded).
+README's table. Models have random weights built from the published configs (nothing is downloaded),
+saved once to a local folder (--model-dir) that every provider loads the way its users would; fastsft's
+through the trainer's own builder, fastsft.train.model.load_model.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .e2e_search import ProbeError, search_max_length
 _T0 = time.monotonic()
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_MARK = "@@e2e-result@@ "
-PROVIDER_NAMES = ("hf", "hf+liger", "hf-packed", "fastsft")
+PROVIDER_NAMES = ("hf", "hf+liger", "hf-packed", "fastsft", "unsloth")
 # the README's matrix (--suite): throughput runs, then the max-context search
 SUITE = (
     {"model": "llama-3.2-1b", "mode": "full", "max_context": False},
@@ -59,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-ckpt", choices=("auto", "on", "off"), default="auto",
                    help="activation checkpointing (auto: on for the 7B/8B models)")
     p.add_argument("--offload", action="store_true", help="throughput run: checkpointed layer inputs offloaded to CPU")
-    p.add_argument("--precision", choices=("autocast-bf16", "bf16"), default="autocast-bf16",
-                   help="autocast-bf16: bf16 weights, fp32 LoRA adapters, torch.autocast(bf16) (transformers "
-                        "Trainer bf16=True); bf16: everything bf16, no autocast. The CPU smoke run uses fp32.")
+    p.add_argument("--precision", choices=("bf16",), default="bf16",
+                   help="bf16 mixed precision as `fastsft train --precision bf16` and the Trainer's bf16=True run "
+                        "it: torch.autocast(bf16); full fine-tuning keeps fp32 weights, LoRA a bf16 base with fp32 "
+                        "adapters, QLoRA an NF4 base. The CPU smoke run uses fp32.")
+    p.add_argument("--task", choices=("throughput", "max-context", "both"), default=None,
+                   help="what to measure (default: throughput, or max-context with --max-context; both with "
+                        "--smoke)")
+    p.add_argument("--model-dir", default=None,
+                   help="folder for the saved random-weight checkpoints (default $FASTSFT_BENCH_MODELS, else "
+                        "/dev/shm/fastsft-bench-models; --smoke: a temporary folder)")
     p.add_argument("--max-context", action="store_true",
                    help="instead of throughput: longest single sequence (batch 1) each provider trains, "
                         "with activation checkpointing, without and with offload")
@@ -81,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="write JSON only")
     p.add_argument("--worker-timeout", type=float, default=1800.0,
                    help="seconds before a provider's subprocess is killed")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run (the GPU suite's slice): a provider that no longer fits is "
+                        "recorded as skipped, a running one is stopped at the deadline, and the results so far "
+                        "are written before it")
+    p.add_argument("--peaks-from", default=None,
+                   help="JSON with the environment and peaks measured earlier in this session (the GPU suite's), "
+                        "instead of measuring them again")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run jobs from a JSON spec
     return p
 
@@ -104,19 +120,37 @@ def main(argv=None) -> int:
     elif not common.has_cuda():
         print("benchmarks.e2e needs a CUDA GPU; none found. Use --smoke for a tiny CPU run.")
         return 0
-    runs = [dict(model=args.model, mode=args.mode, max_context=args.max_context)]
+    task = args.task or ("both" if args.smoke else ("max-context" if args.max_context else "throughput"))
+    # max_context: False = throughput only, True = max context only, None = both
+    runs = [dict(model=args.model, mode=args.mode,
+                 max_context={"throughput": False, "max-context": True, "both": None}[task])]
     if args.suite and not args.smoke:
         runs = [dict(s) for s in SUITE]
-    elif args.smoke:
-        # the smoke run covers both tasks, each provider's jobs in one subprocess
-        runs = [dict(model=args.model, mode=args.mode, max_context=None)]
 
     device = "cuda" if (common.has_cuda() and not args.smoke) else "cpu"
-    measured = _measure_environment(args, device)
-    status = 0
-    for run in runs:
-        status |= _run_one(args, run, providers, device, measured)
-    return status
+    args.deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+    temporary = None
+    if args.model_dir is None:
+        if args.smoke:
+            import tempfile
+
+            temporary = tempfile.mkdtemp(prefix="fastsft-e2e-smoke-")
+            args.model_dir = temporary
+        else:
+            from .e2e_models import default_model_root
+
+            args.model_dir = default_model_root()
+    try:
+        measured = _measure_environment(args, device)
+        status = 0
+        for run in runs:
+            status |= _run_one(args, run, providers, device, measured)
+        return status
+    finally:
+        if temporary:
+            import shutil
+
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _measure_environment(args, device: str) -> dict:
@@ -125,6 +159,13 @@ def _measure_environment(args, device: str) -> dict:
     later (while the workers import)."""
     if device != "cuda":
         return {"environment": None, "peaks": None}
+    if args.peaks_from:
+        with open(args.peaks_from) as f:
+            given = json.load(f)
+        if given.get("peaks"):
+            given["environment"] = dict(given["environment"], git_commit=common.git_commit())
+            return {"environment": given["environment"],
+                    "peaks": {**given["peaks"], "device_slug": common.device_slug_of(given["environment"]["device"])}}
     jobs = [{"task": "peaks"}]
     res = _collect(_start(args, jobs), jobs, timeout=600)[0]
     if "error" in res:
@@ -135,6 +176,7 @@ def _measure_environment(args, device: str) -> dict:
 def _run_one(args, run: dict, providers: list, device: str, measured: dict) -> int:
     """One benchmark (a model, a mode, throughput and/or max context) over all providers."""
     base = _base_job(args, run, device)
+    _save_model(args, base, providers)
     offloads = {"both": [False, True], "off": [False], "on": [True]}[args.max_context_offload]
     rows, groups = _plan(args, run, providers, device, base, offloads)
     rows += _execute(args, groups, measured)
@@ -172,16 +214,45 @@ def _run_one(args, run: dict, providers: list, device: str, measured: dict) -> i
 
 def _base_job(args, run: dict, device: str) -> dict:
     """The settings every provider's job shares."""
-    from .e2e_models import get_arch
+    import torch
+
+    from .e2e_models import get_arch, saved_model_dir
 
     arch = get_arch(run["model"])
     cap = args.max_context_cap or arch.config.get("max_position_embeddings", 131072)
+    save_dtype = torch.float32 if device == "cpu" else torch.bfloat16
     return dict(model=run["model"], mode=run["mode"], seq=args.seq, steps=args.steps, warmup=args.warmup,
                 seed=args.seed, doc_median=args.doc_median, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                model_dir=saved_model_dir(args.model_dir, run["model"], args.seed, save_dtype),
                 device=device, precision="fp32" if device == "cpu" else args.precision,
                 grad_ckpt={"on": True, "off": False, "auto": arch.grad_ckpt_default}[args.grad_ckpt],
                 offload=args.offload, max_context_start=args.max_context_start, max_context_cap=int(cap),
                 max_context_granularity=args.max_context_granularity, max_context_budget=args.max_context_budget)
+
+
+def _time_left(args) -> float:
+    return float("inf") if args.deadline is None else args.deadline - time.monotonic()
+
+
+def _save_model(args, base: dict, providers: list) -> None:
+    """The random-weight checkpoint every provider loads, saved once (in a worker on a GPU, so that the
+    parent never holds device memory; in this process for the CPU smoke run)."""
+    from .e2e_models import is_saved
+    from .e2e_providers import PROVIDERS
+
+    if is_saved(base["model_dir"]) or all(PROVIDERS[n].unavailable(base["device"]) for n in providers):
+        return
+    job = {"task": "save_model", "model": base["model"], "seed": base["seed"], "device": base["device"],
+           "model_dir": base["model_dir"]}
+    t0 = time.monotonic()
+    if base["device"] == "cpu":
+        _job_save_model(job)
+    else:
+        res = _collect(_start(args, [job]), [job], timeout=min(args.worker_timeout, max(1.0, _time_left(args))))[0]
+        if "error" in res:
+            raise RuntimeError(f"saving the random-weight {base['model']} failed: {res['error']}")
+    print(f"[e2e] saved random-weight {base['model']} to {base['model_dir']} in {time.monotonic() - t0:.0f} s",
+          file=sys.stderr, flush=True)
 
 
 def _plan(args, run: dict, providers: list, device: str, base: dict, offloads: list):
@@ -196,6 +267,12 @@ def _plan(args, run: dict, providers: list, device: str, base: dict, offloads: l
         if run["max_context"] is not False:
             jobs += [dict(base, task="max_context", provider=name, offload=o, grad_ckpt=True) for o in offloads]
         reason = PROVIDERS[name].unavailable(device)
+        if not reason and name == "unsloth":
+            # its "unsloth" gradient checkpointing already keeps the checkpointed activations on the CPU
+            own = [j for j in jobs if j["task"] == "max_context" and j["offload"]]
+            rows += [{"provider": name, "task": j["task"], "offload": True, "skipped": "Unsloth's own gradient "
+                      "checkpointing offloads to the CPU already: see its ckpt row"} for j in own]
+            jobs = [j for j in jobs if j not in own]
         if reason:
             print(f"[e2e] {name}: skipped ({reason})", file=sys.stderr)
             rows += [{"provider": name, "task": j["task"], "offload": j["offload"], "skipped": reason} for j in jobs]
@@ -217,7 +294,15 @@ def _execute(args, groups: list, measured: dict) -> list:
         started = [(name, jobs, _start(args, jobs)) for name, jobs in groups]
         finished = [(name, jobs, _collect(proc, jobs, args.worker_timeout)) for name, jobs, proc in started]
     else:
-        finished = [(name, jobs, _collect(_start(args, jobs), jobs, args.worker_timeout)) for name, jobs in groups]
+        finished = []
+        for name, jobs in groups:
+            left = _time_left(args)
+            if left < 15:  # not even a model load fits
+                why = f"out of time: {max(0.0, left):.0f} s of --time-budget left"
+                print(f"[e2e] {name}: skipped ({why})", file=sys.stderr, flush=True)
+                finished.append((name, jobs, [{"skipped": why} for _ in jobs]))
+                continue
+            finished.append((name, jobs, _collect(_start(args, jobs), jobs, min(args.worker_timeout, left))))
     rows = []
     for name, jobs, results in finished:
         for job, res in zip(jobs, results):
@@ -236,7 +321,7 @@ def _job_label(job: dict) -> str:
 
 def _start(args, jobs: list) -> subprocess.Popen:
     """Start `python -m benchmarks.e2e --worker` on `jobs`."""
-    if jobs[0]["task"] != "peaks":
+    if jobs[0]["task"] not in ("peaks", "save_model"):
         print(f"[e2e] {jobs[0]['provider']}: {', '.join(_job_label(j) for j in jobs)}", file=sys.stderr, flush=True)
     env = dict(os.environ)
     # fewer, larger free blocks after an OOM probe; identical for every provider
@@ -284,13 +369,18 @@ def _tail(text, n: int = 1500) -> str:
 def _throughput_config(run: dict, args) -> dict:
     from .e2e_data import LENGTH_SIGMA
     from .e2e_models import FLOPS_FORMULA, get_arch
+    from .e2e_providers import PROVIDERS
 
     arch = get_arch(run["model"])
     return {"task": "throughput", "architecture_source": arch.source,
             "lora_targets": None if run["mode"] == "full" else "q,k,v,o,gate,up,down",
             "data": f"synthetic SFT documents, log-normal lengths (median {args.doc_median} tokens, "
                     f"sigma {LENGTH_SIGMA}), 10-60% prompt (loss-masked); each step's documents are packed into "
-                    f"{args.seq} tokens (fastsft, hf-packed) or padded into one row per document (hf, hf+liger)",
+                    f"{args.seq} tokens (fastsft, hf-packed, unsloth) or padded into one row per document "
+                    f"(hf, hf+liger)",
+            "model": "random weights from the published config, saved once to a local folder; every provider "
+                     "loads that folder (fastsft through fastsft.train.model.load_model)",
+            "providers": {name: p.description for name, p in PROVIDERS.items()},
             "optimizer": "torch AdamW (foreach) on the trainable parameters, lr 1e-5",
             "timing": "wall clock with device synchronisation around each measured step, after warm-up",
             "memory": "torch.cuda.max_memory_allocated over the measured steps (weights, optimizer state and "
@@ -342,7 +432,8 @@ def _max_context_records(rows: list, run: dict) -> list:
                           search=s, peak_mb=row.get("peak_mb"))
             if s.get("error"):
                 record["error"] = s["error"]
-        for key in ("attn_implementation", "fastsft_patched", "checkpointing_effective", "model_mb"):
+        for key in ("attn_implementation", "fastsft_patched", "checkpointing_effective", "model_mb", "versions",
+                    "builder"):
             if key in row:
                 record[key] = row[key]
         records.append(record)
@@ -383,6 +474,18 @@ def _write(args, name: str, kind: str, config: dict, records: list, env_info: di
 # ====================================================================== worker side
 def _worker_main(spec: str) -> int:
     jobs = json.loads(spec)
+    from .e2e_providers import PROVIDERS
+
+    for name in dict.fromkeys(j["provider"] for j in jobs if "provider" in j):
+        try:
+            PROVIDERS[name].first_import()
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            for _ in jobs:
+                print(RESULT_MARK + json.dumps({"error": f"{type(exc).__name__}: {exc}"[:2000]}), flush=True)
+            return 0
     for job in jobs:
         try:
             result = JOBS[job["task"]](job)
@@ -406,26 +509,33 @@ def _job_environment(job: dict) -> dict:
     return {"environment": common.environment()}
 
 
-def _setup(job: dict):
-    """Provider-patched model + optimizer for `job`, and facts about them."""
+def _job_save_model(job: dict) -> dict:
     import torch
 
-    from .e2e_models import build_model, enable_gradient_checkpointing, get_arch, parameter_counts
-    from .e2e_providers import PROVIDERS, make_optimizer
+    from .e2e_models import get_arch, save_random_model
 
-    arch = get_arch(job["model"])
+    dtype = torch.float32 if job["device"] == "cpu" else torch.bfloat16
+    save_random_model(get_arch(job["model"]), job["model_dir"], seed=job["seed"], device=job["device"], dtype=dtype)
+    return {"model_dir": job["model_dir"]}
+
+
+def _setup(job: dict):
+    """The provider's model (built from the saved checkpoint, its own way) + optimizer, and facts about them."""
+    import torch
+
+    from .e2e_models import enable_gradient_checkpointing, parameter_counts
+    from .e2e_providers import PROVIDERS, make_optimizer, versions
+
     provider = PROVIDERS[job["provider"]]
-    dtype = torch.float32 if job["precision"] == "fp32" else torch.bfloat16
-    attn = provider.attention(arch)
-    provider.before_build(arch)
-    model = build_model(arch, mode=job["mode"], device=job["device"], dtype=dtype, attn_implementation=attn,
-                        seed=job["seed"], lora_rank=job["lora_rank"], lora_alpha=job["lora_alpha"],
-                        adapter_dtype="fp32" if job["precision"] in ("fp32", "autocast-bf16") else "model")
-    if job["grad_ckpt"]:
-        enable_gradient_checkpointing(model, offload=job["offload"])
-    model = provider.after_build(model)
+    model = provider.build(job)
+    if job["grad_ckpt"] and job["offload"]:
+        # the same offloading checkpoint for every provider (Unsloth runs no offload job: its own offloads)
+        enable_gradient_checkpointing(model, offload=True)
     model.train()
-    info = {"attn_implementation": attn, "batch_format": provider.batch_format, **parameter_counts(model)}
+    config = getattr(model, "config", None)
+    info = {"attn_implementation": getattr(config, "_attn_implementation", None),
+            "batch_format": provider.batch_format, "builder": provider.description,
+            "versions": versions(provider.packages), **parameter_counts(model)}
     if job["provider"] == "fastsft":
         from fastsft.patch import COMPONENTS, patch_state
 
@@ -565,8 +675,8 @@ def _job_max_context(job: dict) -> dict:
     return out
 
 
-JOBS = {"peaks": _job_peaks, "environment": _job_environment, "throughput": _job_throughput,
-        "max_context": _job_max_context}
+JOBS = {"peaks": _job_peaks, "environment": _job_environment, "save_model": _job_save_model,
+        "throughput": _job_throughput, "max_context": _job_max_context}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,9 @@ steps: the documents of a step are chosen once (fastsft.data.plan_batches,
 packing into `seq` tokens) and then laid out per provider:
 - "padded":    one row per document, right-padded, with an attention mask (fastsft.data.collate);
 - "packed":    all documents in one row with restarting position ids and cu_seq_lens (fastsft.data.collate);
-- "flattened": transformers' DataCollatorWithFlattening (padding-free packing for flash-attn).
+- "flattened": transformers' DataCollatorWithFlattening (padding-free packing for flash-attn);
+- "packed-lengths": the packed row with restarting position ids and the document lengths as
+  `packed_seq_lengths` (int32), what Unsloth's padding-free collator hands its models.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE = -100
-BATCH_FORMATS = ("padded", "packed", "flattened")
+BATCH_FORMATS = ("padded", "packed", "flattened", "packed-lengths")
 # log-normal document lengths around a median (tokens)
 DOC_MEDIAN = 600
 LENGTH_SIGMA = 0.9
@@ -28,7 +30,7 @@ MIN_DOC_TOKENS = 16
 FIRST_TOKEN_ID = 3
 # the keys a CausalLM forward receives (everything else a collate returns is bookkeeping)
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids",
-              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "packed_seq_lengths")
 
 
 @dataclass
@@ -106,6 +108,12 @@ def layout(step: Step, batch_format: str, *, pad_token_id: int) -> dict:
         from fastsft.data import collate
 
         batch = collate(step.examples, packing=batch_format == "packed", pad_token_id=pad_token_id)
+    elif batch_format == "packed-lengths":
+        from fastsft.data import collate
+
+        batch = collate(step.examples, packing=True, pad_token_id=pad_token_id)
+        batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+        batch["packed_seq_lengths"] = torch.tensor(step.lengths, dtype=torch.int32)
     elif batch_format == "flattened":
         from transformers import DataCollatorWithFlattening
 

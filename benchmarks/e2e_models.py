@@ -1,16 +1,18 @@
-"""Architectures, model construction and FLOP accounting for the end-to-end benchmark.
+"""Architectures, the saved random-weight checkpoints, model construction and FLOP accounting for the
+end-to-end benchmark.
 
-Models are built from configs with random weights (no download): in bf16
-directly on the GPU (never in fp32 on the CPU: an 8B model would need 32 GB),
-or in fp32 for the tiny CPU smoke config. QLoRA quantizes every decoder linear
-layer to NF4 with bitsandbytes after the bf16 build; LoRA/QLoRA then wrap the
-model with peft. Every provider gets the model from build_model(), so the
-weights, adapter settings and dtypes are identical across providers.
+Models are built from configs with random weights (no download): in bf16 directly on the GPU (never in
+fp32 on the CPU: an 8B model would need 32 GB), or in fp32 for the tiny CPU smoke config, and saved once
+to a local folder (save_random_model: safetensors + config + a word-level tokenizer of the same
+vocabulary). Every provider loads that folder its own way (e2e_providers), so the weights are identical
+across providers and each stack quantizes and wraps them as its users would. build_model() builds the
+same model in memory (used by the unit tests of the checkpointing helpers).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -165,6 +167,70 @@ def model_flops(shape: Shape, mode: str, doc_lengths, rank: int) -> float:
     per_token = 6 * n if mode == "full" else 4 * n + 6 * shape.lora_params(rank)
     pairs = sum(attended_pairs(length, w) for length in doc_lengths for w in shape.windows)
     return float(tokens * per_token + 12 * shape.heads * shape.head_dim * pairs)
+
+
+# ---------------------------------------------------------------- the saved checkpoint
+SAVED_MARK = "fastsft_benchmark_model.json"
+
+
+def default_model_root() -> str:
+    """Where the random-weight checkpoints go: $FASTSFT_BENCH_MODELS, else /dev/shm (RAM: an 8B bf16
+    checkpoint is 16 GB, written and read back in seconds), else the temporary folder."""
+    import tempfile
+
+    if os.environ.get("FASTSFT_BENCH_MODELS"):
+        return os.environ["FASTSFT_BENCH_MODELS"]
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm/fastsft-bench-models"
+    return os.path.join(tempfile.gettempdir(), "fastsft-bench-models")
+
+
+def saved_model_dir(root: str, name: str, seed: int, dtype: torch.dtype) -> str:
+    return os.path.join(root, f"{name}-seed{seed}-{str(dtype).replace('torch.', '')}")
+
+
+def is_saved(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, SAVED_MARK))
+
+
+def save_random_model(arch: Arch, folder: str, *, seed: int, device: str, dtype: torch.dtype) -> str:
+    """Build `arch` with random weights (seeded) and save it with a tokenizer to `folder` (once: a folder
+    that holds a finished save is reused). The marker file is written last, so a save cut short is redone."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    if is_saved(folder):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    config = build_config(arch)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    word_level_tokenizer(config).save_pretrained(folder)
+    with open(os.path.join(folder, SAVED_MARK), "w") as f:
+        json.dump({"arch": arch.name, "source": arch.source, "seed": seed, "dtype": str(dtype)}, f)
+    return folder
+
+
+def word_level_tokenizer(config):
+    """A tokenizer with one token per id of the model's vocabulary (the benchmark feeds token ids; a
+    stack that loads a checkpoint by path, such as Unsloth, also loads its tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = config.bos_token_id, config.eos_token_id
+    eos = eos if isinstance(eos, int) else eos[0]
+    vocab = {f"<t{i}>": i for i in range(config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"<t{eos}>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"<t{bos}>", eos_token=f"<t{eos}>",
+                                   unk_token=f"<t{eos}>", pad_token=f"<t{pad_token_id(config)}>")
 
 
 # ---------------------------------------------------------------- construction

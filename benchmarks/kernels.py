@@ -5,6 +5,8 @@ Each op's cases and providers live in benchmarks/ops/<module>.py, which defines
     smoke(op, args) -> list[common.Result]   tiny CPU case exercising every provider path
 On a machine without CUDA, the full benchmark says it needs a GPU and exits 0;
 --smoke runs the tiny case instead (used by the test suite so the code never rots).
+Results go to benchmarks/results/<gpu>/<op>.json (+ .png), or to --out; a smoke run writes
+files only with --out (its JSON says "smoke": true).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (GPU)")
     p.add_argument("--no-plot", action="store_true", help="write JSON only")
     p.add_argument("--providers", default=None, help="comma-separated subset of providers to run")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<gpu>/)")
     return p
 
 
@@ -52,7 +55,12 @@ def main(argv=None) -> int:
             results = module.smoke(op, args)
             records = [r.as_dict() for r in results]
             print(f"== {op} (smoke, CPU)")
-            common.print_table(records)
+            common.print_table([{**r, "skipped": r.get("extra", {}).get("skipped")} for r in records],
+                               columns=("case", "provider", "mode", "ms", "error", "skipped"))
+            if args.out:
+                path = common.write_results(op, {"op": op, "smoke": True}, records, plot=False,
+                                            out_dir=args.out, smoke=True)
+                print(f"wrote {path}")
             failed = [r for r in records if r.get("error")]
             if failed:
                 print(f"{len(failed)} provider(s) failed in the smoke run", file=sys.stderr)
@@ -62,7 +70,8 @@ def main(argv=None) -> int:
         records = common.add_ratios(results, baseline)
         print(f"== {op} on {common.environment()['device']}")
         common.print_table(records)
-        path = common.write_results(op, config, records, plot=not args.no_plot)
+        path = common.write_results(op, dict(config, baseline=baseline), records, plot=not args.no_plot,
+                                    out_dir=args.out)
         print(f"wrote {path}")
     return 0
 

@@ -1,23 +1,18 @@
-"""The end-to-end benchmark's --smoke run (tiny Llama on the CPU), its table renderer, and the pieces
-of it that decide what the GPU numbers mean: the max-context search, the FLOP count and the offloaded
-activation checkpoint.
+"""The pieces of the end-to-end benchmark that decide what the GPU numbers mean: the max-context search,
+the FLOP count, the offloaded activation checkpoint, the saved random-weight checkpoint and the Unsloth
+provider's network guard. The --smoke runs themselves (tiny Llama on the CPU, every provider, the table
+renderer) run inside the GPU suite's dry run (tests/test_gpu_suite.py), once.
 
-The CLI runs as a subprocess from the repository root, the way users call it (benchmarks/__init__.py
-drops the root from sys.path so kernels/ never imports as a top-level `kernels`). Modules without
-relative imports are loaded from their files for the unit tests, so the root stays off sys.path here.
+Modules without relative imports are loaded from their files, so the repository root stays off sys.path.
 """
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROVIDERS = ("hf", "hf+liger", "hf-packed", "fastsft")
-SMOKE_CAP = 128  # benchmarks.e2e.SMOKE["max_context_cap"]
 
 
 def _load(name):
@@ -26,96 +21,6 @@ def _load(name):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-def _run(module, *args):
-    env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def test_smoke_run_and_render(tmp_path):
-    # one test for the whole run: a fixture shared by several tests would rerun it on every xdist worker
-    out = tmp_path / "results"
-    proc = _run("benchmarks.e2e", "--smoke", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "== e2e throughput" in proc.stdout and "== e2e max context" in proc.stdout
-    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".json", ".png", ".png"]
-    check_throughput_json(out)
-    check_max_context_json(out)
-    check_render_table(out, tmp_path)
-
-
-def _payload(directory, suffix):
-    [path] = [p for p in os.listdir(directory) if p.endswith(suffix)]
-    with open(os.path.join(directory, path)) as f:
-        return json.load(f)
-
-
-def check_throughput_json(smoke_dir):
-    payload = _payload(smoke_dir, "_seq256.json")
-    assert payload["kind"] == "throughput" and payload["smoke"] is True
-    assert "flops_formula" in payload["config"] and payload["environment"]["torch"]
-    rows = {r["provider"]: r for r in payload["results"]}
-    assert set(rows) == set(PROVIDERS)
-    for name, r in rows.items():
-        if r.get("skipped"):
-            assert isinstance(r["skipped"], str) and len(r["skipped"]) > 10, r
-            continue
-        assert not r.get("error"), r
-        assert r["tokens_per_s"] > 0 and 0 < r["trained_tokens_per_s"] < r["tokens_per_s"], r
-        assert r["ms"] > 0 and r["tflops"] > 0 and len(r["step_ms"]) == 2
-        assert r["checkpointing_effective"] is True, r
-    # the two providers that run on a CPU must run
-    for name in ("hf", "fastsft"):
-        assert not rows[name].get("skipped") and not rows[name].get("error"), rows[name]
-    hf, fast = rows["hf"], rows["fastsft"]
-    # the same documents and weights: the same work and (fp32, reference ops) the same losses
-    assert hf["data_fingerprint"] == fast["data_fingerprint"]
-    assert hf["trained_tokens_per_step"] == fast["trained_tokens_per_step"]
-    assert hf["batch_format"] == "padded" and fast["batch_format"] == "packed"
-    assert hf["docs_per_step"] > 1  # several documents per step: padding and packing both exercised
-    torch.testing.assert_close(torch.tensor(fast["losses"]), torch.tensor(hf["losses"]), rtol=1e-4, atol=1e-5)
-    assert fast["fastsft_patched"], "fastsft.patch_model patched nothing"
-    assert abs(fast["speedup_vs_hf"] - hf["ms"] / fast["ms"]) < 1e-9
-
-
-def check_max_context_json(smoke_dir):
-    payload = _payload(smoke_dir, "_max_context.json")
-    assert payload["kind"] == "max_context"
-    rows = {(r["provider"], r["mode"]): r for r in payload["results"]}
-    assert set(rows) == {(p, m) for p in PROVIDERS for m in ("ckpt", "ckpt+offload")}
-    for (name, mode), r in rows.items():
-        if r.get("skipped"):
-            continue
-        assert not r.get("error"), r
-        # nothing runs out of memory on a CPU: the search doubles up to the cap
-        assert r["max_seq"] == SMOKE_CAP and r["stopped_by"] == "cap" and r["first_oom"] is None, r
-        assert [p["length"] for p in r["search"]["probes"]] == [64, 128]
-        assert r["checkpointing_effective"] is True
-    for name in ("hf", "fastsft"):
-        assert not rows[(name, "ckpt")].get("skipped")
-
-
-def check_render_table(smoke_dir, tmp_path):
-    proc = _run("benchmarks.render_table", str(smoke_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout
-    assert "| provider | trained tok/s |" in table and "longest trainable sequence" in table
-    for name in PROVIDERS:
-        assert f"| {name} |" in table
-    assert "skipped: flash-attn" in table and "SMOKE RUN" in table
-    readme = tmp_path / "README.md"
-    render = _load("render_table")
-    readme.write_text(f"# x\n\nbefore\n{render.BEGIN}\nstale table\n{render.END}\nafter\n")
-    proc = _run("benchmarks.render_table", str(smoke_dir), "--readme", str(readme))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = readme.read_text()
-    assert "stale table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{render.END}\nafter\n")
-    assert table.strip() in text
-    readme.write_text("# no markers\n")
-    with pytest.raises(ValueError, match="no results block"):
-        render.update_readme(str(readme), table)
 
 
 # ---------------------------------------------------------------- the max-context search
@@ -229,3 +134,42 @@ def test_offloaded_checkpoint_gives_the_same_gradients():
     for variant in ("ckpt", "offload"):
         for name, g in grads["none"].items():
             torch.testing.assert_close(grads[variant][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_saved_checkpoint_is_reused_and_loads_with_its_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = models.get_arch("tiny-llama")
+    folder = str(tmp_path / "m")
+    assert models.save_random_model(arch, folder, seed=3, device="cpu", dtype=torch.float32) == folder
+    assert models.is_saved(folder)
+    stamp = os.path.getmtime(os.path.join(folder, models.SAVED_MARK))
+    models.save_random_model(arch, folder, seed=3, device="cpu", dtype=torch.float32)  # reused, not rebuilt
+    assert os.path.getmtime(os.path.join(folder, models.SAVED_MARK)) == stamp
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    built = models.build_model(arch, mode="full", device="cpu", dtype=torch.float32, attn_implementation="sdpa",
+                               seed=3)
+    for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(built.state_dict().items())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # the same seed gives the same weights
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(tokenizer) == arch.config["vocab_size"] and tokenizer.convert_tokens_to_ids("<t7>") == 7
+    assert tokenizer.eos_token_id == arch.config["eos_token_id"]
+
+
+def test_unsloth_network_guard_fails_at_once_with_one_line():
+    import socket
+
+    sys.path.insert(0, REPO)
+    try:
+        import benchmarks.e2e_providers as providers
+    finally:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != REPO]
+    assert providers.PROVIDERS["unsloth"].unavailable("cpu").startswith("Unsloth needs a CUDA GPU")
+    original = socket.socket.connect
+    try:
+        providers.block_network()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            with pytest.raises(providers.NetworkBlocked, match="HF_HUB_OFFLINE=1"):
+                s.connect(("203.0.113.7", 443))  # TEST-NET-3: never routable
+    finally:
+        socket.socket.connect = original

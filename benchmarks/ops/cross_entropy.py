@@ -5,7 +5,14 @@ Providers:
 - torch: eager PyTorch with full logits, upcast to fp32 as Hugging Face's loss does
   (the baseline);
 - torch_compile: the same function under torch.compile (errors are recorded);
-- liger: LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss when liger_kernel imports.
+- liger: LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss when liger_kernel imports;
+- cce, cce_exact (linear_cross_entropy only): Apple's Cut Cross-Entropy (`cut-cross-entropy`),
+  cut_cross_entropy.linear_cross_entropy with its default gradient filtering (filter_eps="high",
+  it skips the gradient of vocabulary entries whose softmax is below bf16 resolution) and in its exact
+  mode (filter_eps=None, every entry's gradient computed).
+
+Shapes (DESIGN.md targets): 16k tokens; plain CE over vocab 128256 and 151936; linear CE at
+hidden 4096 x vocab 128256 (Llama 3) and hidden 3584 x vocab 151936 (Qwen 2.5 7B), bf16.
 
 Modes: "fwd" is the forward pass with gradients enabled (what a training step pays;
 the fused providers compute their gradients there), "full" is forward + backward,
@@ -25,8 +32,9 @@ import torch.nn.functional as F
 
 from .. import common
 
-TOKENS, HIDDEN = 16384, 4096
-VOCABS = {"llama3_128256": 128256, "qwen2_151936": 151936}
+TOKENS = 16384
+# case name -> (hidden, vocab); plain cross_entropy uses the vocab only
+CASES = {"llama3_128256": (4096, 128256), "qwen2_151936": (3584, 151936)}
 IGNORE_EVERY = 8  # every 8th token is ignored (prompt tokens in SFT)
 
 
@@ -63,6 +71,18 @@ def _liger_lce(hidden, weight, labels):
     return LigerFusedLinearCrossEntropyLoss(ignore_index=-100)(weight, hidden, labels)
 
 
+def _cce_lce(hidden, weight, labels):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean")
+
+
+def _cce_exact_lce(hidden, weight, labels):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", filter_eps=None)
+
+
 _COMPILED: dict = {}
 
 
@@ -76,8 +96,28 @@ PROVIDERS = {
     "cross_entropy": {"fastsft": _fastsft_ce, "torch": _torch_ce, "torch_compile": lambda *a: _compiled(_torch_ce)(*a),
                       "liger": _liger_ce},
     "linear_cross_entropy": {"fastsft": _fastsft_lce, "torch": _torch_lce,
-                             "torch_compile": lambda *a: _compiled(_torch_lce)(*a), "liger": _liger_lce},
+                             "torch_compile": lambda *a: _compiled(_torch_lce)(*a), "liger": _liger_lce,
+                             "cce": _cce_lce, "cce_exact": _cce_exact_lce},
 }
+
+
+def cce_unavailable() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "cut-cross-entropy's Triton kernels need CUDA"
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except Exception as exc:
+        return f"cut-cross-entropy not importable ({type(exc).__name__}: {exc})"[:200]
+    return None
+
+
+def unavailable(provider: str) -> Optional[str]:
+    """Why a provider cannot run here (None: it can)."""
+    if provider == "liger":
+        return liger_unavailable()
+    if provider in ("cce", "cce_exact"):
+        return cce_unavailable()
+    return None
 
 
 def liger_unavailable() -> Optional[str]:
@@ -158,35 +198,42 @@ def _selected(args, name):
 
 def run(op, args):
     dtype = torch.bfloat16
-    vocabs = dict(list(VOCABS.items())[:1]) if args.quick else VOCABS
-    liger_why = liger_unavailable()
+    cases = dict(list(CASES.items())[:1]) if args.quick else CASES
     results = []
     n_sets = 2
-    for name, vocab in vocabs.items():
+    for name, (hidden, vocab) in cases.items():
         if op == "cross_entropy":
             case = f"{name}_{TOKENS}tok"
             sets = [_ce_inputs(TOKENS, vocab, dtype, "cuda", s) for s in range(n_sets)]
             nbytes = TOKENS * vocab * 2
             work, unit = {"fwd": nbytes, "bwd": 2 * nbytes, "full": 3 * nbytes}, "gbps"
         else:
-            case = f"{name}_{TOKENS}tok_h{HIDDEN}"
-            sets = [_lce_inputs(TOKENS, HIDDEN, vocab, dtype, "cuda", s) for s in range(n_sets)]
-            flops = TOKENS * HIDDEN * vocab
+            case = f"{name}_{TOKENS}tok_h{hidden}"
+            sets = [_lce_inputs(TOKENS, hidden, vocab, dtype, "cuda", s) for s in range(n_sets)]
+            flops = TOKENS * hidden * vocab
             work, unit = {"fwd": 2 * flops, "bwd": 4 * flops, "full": 6 * flops}, "tflops"
         for provider, fn in PROVIDERS[op].items():
             if not _selected(args, provider):
                 continue
-            if provider == "liger" and liger_why:
-                results.append(common.Result(case=case, provider=provider, mode="full", extra={"skipped": liger_why}))
+            why = unavailable(provider)
+            if why:
+                results.append(common.Result(case=case, provider=provider, mode="full", extra={"skipped": why}))
                 continue
             results.extend(_measure(case, provider, fn, sets, work, unit, args.quick))
         del sets
         torch.cuda.empty_cache()
-    config = {"op": op, "tokens": TOKENS, "hidden": HIDDEN if op == "linear_cross_entropy" else None,
-              "vocabs": vocabs, "dtype": "bfloat16", "ignored_fraction": 1 / IGNORE_EVERY, "reduction": "mean",
+    config = {"op": op, "tokens": TOKENS,
+              "cases": {n: ({"hidden": h, "vocab": v} if op == "linear_cross_entropy" else {"vocab": v})
+                        for n, (h, v) in cases.items()},
+              "dtype": "bfloat16", "ignored_fraction": 1 / IGNORE_EVERY, "reduction": "mean",
               "modes": "fwd = forward with grad enabled; bwd = full - fwd; full = forward + backward",
               "rate": "GB/s of logits traffic" if op == "cross_entropy" else "TFLOP/s of 2/4/6*N*H*V",
-              "liger_kernel": common._liger_version()}
+              "providers": {"cce": "cut_cross_entropy.linear_cross_entropy, default filter_eps='high'",
+                            "cce_exact": "cut_cross_entropy.linear_cross_entropy, filter_eps=None (exact)"}
+              if op == "linear_cross_entropy" else {},
+              "versions": {k: common._version(d) for k, d in (("liger_kernel", "liger-kernel"),
+                                                             ("cut_cross_entropy", "cut-cross-entropy"),
+                                                             ("triton", "triton"))}}
     return config, results, "torch"
 
 
@@ -196,8 +243,8 @@ def smoke(op, args):
     n, hidden, vocab = 37, 96, 509
     results = []
     for provider, fn in PROVIDERS[op].items():
-        if provider in ("torch_compile", "liger"):
-            why = "compiling takes too long for a smoke run" if provider == "torch_compile" else liger_unavailable()
+        why = "compiling takes too long for a smoke run" if provider == "torch_compile" else unavailable(provider)
+        if why:
             results.append(common.Result(case="tiny", provider=provider, mode="full", extra={"skipped": why}))
             continue
         if op == "cross_entropy":
