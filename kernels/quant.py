@@ -46,10 +46,61 @@ class QuantInfo:
     absmax2: Optional[torch.Tensor] = None
     blocksize2: int = 0
     offset: Optional[torch.Tensor] = None  # (1,) fp32 on the device: read by the kernel, no host sync
+    absmax_decoded: Optional[torch.Tensor] = None  # fp32 absmax of a nested state, decoded once
 
     @property
     def n_blocks(self) -> int:
         return -(-self.shape[0] * self.shape[1] // self.blocksize)
+
+
+# ---------------------------------------------------------------- per-weight cache
+# Validating a QuantState costs several .to() calls and, when nested, a decode
+# kernel and an absmax-sized allocation; both are constant per weight. The result
+# is kept on the QuantState itself and reused while the key below still holds:
+# the packed storage (pointer, size, dtype) and every statistics tensor (object,
+# pointer, in-place version). Moving the state (QuantState.to) replaces those
+# tensors; editing them in place bumps their version: either misses the cache.
+_CACHE_ATTR = "_fastsft_quant_info"
+
+
+def _tensor_key(t) -> tuple:
+    if not isinstance(t, torch.Tensor):
+        return (type(t).__name__, t if isinstance(t, (int, float)) else id(t))
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = -1
+    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
+
+
+def _state_key(packed: torch.Tensor, quant_state) -> tuple:
+    state2 = getattr(quant_state, "state2", None)
+    stats = [getattr(quant_state, "absmax", None), getattr(quant_state, "code", None),
+             getattr(quant_state, "offset", None)]
+    if state2 is not None:
+        stats += [state2.absmax, state2.code]
+    return (packed.data_ptr(), packed.numel(), packed.dtype, packed.device, tuple(quant_state.shape),
+            int(quant_state.blocksize), quant_state.quant_type, quant_state.dtype,
+            bool(getattr(quant_state, "nested", False)), *(_tensor_key(t) for t in stats))
+
+
+def cached_quant_info(packed: torch.Tensor, quant_state) -> QuantInfo:
+    """quant_info(packed, quant_state), validated once per weight and reused until it changes."""
+    if not isinstance(packed, torch.Tensor):
+        return quant_info(packed, quant_state)
+    try:
+        key = _state_key(packed, quant_state)
+    except (AttributeError, TypeError, ValueError):
+        return quant_info(packed, quant_state)  # not a QuantState: let quant_info say why
+    hit = getattr(quant_state, _CACHE_ATTR, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    info = quant_info(packed, quant_state)
+    try:
+        setattr(quant_state, _CACHE_ATTR, (key, info))
+    except AttributeError:  # a state object that refuses attributes: validate per call
+        pass
+    return info
 
 
 def quant_info(packed: torch.Tensor, quant_state) -> QuantInfo:
@@ -129,9 +180,15 @@ def _decode_nested_absmax_kernel(q_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_
 
 
 def absmax_fp32(info: QuantInfo) -> torch.Tensor:
-    """The per-block fp32 absmax (decoding the 8-bit nested codes when double-quantized)."""
+    """The per-block fp32 absmax (the 8-bit nested codes decoded once per QuantInfo)."""
     if not info.nested:
         return info.absmax
+    if info.absmax_decoded is None:
+        info.absmax_decoded = _decode_nested_absmax(info)
+    return info.absmax_decoded
+
+
+def _decode_nested_absmax(info: QuantInfo) -> torch.Tensor:
     n = info.absmax.numel()
     out = empty(n, dtype=torch.float32, device=info.absmax.device)
     block = 1024
@@ -200,20 +257,28 @@ def _dequantize_4bit_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, n_rows, n_cols
     tl.store(out_ptr + offs_row[:, None].to(tl.int64) * n_cols + offs_col[None, :], w, mask=mask)
 
 
+def dequantize_into(info: QuantInfo, out: torch.Tensor) -> torch.Tensor:
+    """Write the dense (out, in) W of ``info`` into ``out`` (contiguous, that shape, a float dtype)."""
+    n_rows, n_cols = info.shape
+    if tuple(out.shape) != (n_rows, n_cols) or not out.is_contiguous() or out.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out must be a contiguous float ({n_rows}, {n_cols}) tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    block_row, block_col = (32, 64) if is_interpreter() else (32, 128)
+    grid = (triton.cdiv(n_rows, block_row), triton.cdiv(n_cols, block_col))
+    _dequantize_4bit_kernel[grid](info.packed, absmax_fp32(info), info.code, out, n_rows, n_cols, info.blocksize,
+                                  PAIRED=n_cols % 2 == 0, BLOCK_ROW=block_row, BLOCK_COL=block_col)
+    return out
+
+
 def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Dequantize bitsandbytes 4-bit data to a dense (out, in) tensor with Triton.
 
     Matches ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)`` (the
     fp32 product code * absmax, cast to ``dtype``, default ``quant_state.dtype``).
     """
-    info = quant_info(packed, quant_state)
+    info = cached_quant_info(packed, quant_state)
     dtype = dtype or info.dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32/float16/bfloat16, got {dtype}")
-    n_rows, n_cols = info.shape
-    out = empty(n_rows, n_cols, dtype=dtype, device=info.packed.device)
-    block_row, block_col = (32, 64) if is_interpreter() else (32, 128)
-    grid = (triton.cdiv(n_rows, block_row), triton.cdiv(n_cols, block_col))
-    _dequantize_4bit_kernel[grid](info.packed, absmax_fp32(info), info.code, out, n_rows, n_cols, info.blocksize,
-                                  PAIRED=n_cols % 2 == 0, BLOCK_ROW=block_row, BLOCK_COL=block_col)
-    return out
+    out = empty(*info.shape, dtype=dtype, device=info.packed.device)
+    return dequantize_into(info, out)
