@@ -27,7 +27,8 @@ VARIANTS = {
 
 
 def _signature(fn, is_4bit: bool, dt: str, constexprs: dict):
-    ptr = {"a_ptr": dt, "w_ptr": "u8" if is_4bit else dt, "absmax_ptr": "fp32", "code_ptr": "fp32",
+    ptr = {"a_ptr": dt, "w_ptr": "u8" if is_4bit else dt, "absmax_ptr": "fp32",
+           "code_ptr": ("i64" if getattr(fn, "_fastsft_pair_table", True) else "fp32") if is_4bit else dt,
            "l_ptr": "fp32", "p_ptr": "fp32", "bias_ptr": dt, "out_ptr": dt}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -47,7 +48,7 @@ def _signature(fn, is_4bit: bool, dt: str, constexprs: dict):
 
 
 def compile_variant(variant: str, cfg: dict, arch: int = 90, dtype: str = "bf16", rank: int = 16,
-                    blocksize: int = 64):
+                    blocksize: int = 64, even_k: bool = True):
     """Compile one variant with one config; returns the compiled kernel (metadata + asm)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -68,6 +69,8 @@ def compile_variant(variant: str, cfg: dict, arch: int = 90, dtype: str = "bf16"
     constexprs["stride_pr" if forward else "stride_pn"] = 1
     if is_4bit:
         constexprs.update(stride_wr=0, stride_wc=0)
+    if "EVEN_K" in fn.arg_names:
+        constexprs["EVEN_K"] = even_k  # 4096 / 14336: multiples of BLOCK_K
     extra = getattr(lora, "kernel_extra_constexprs", None)
     if extra is not None:
         constexprs.update(extra(variant=variant, cfg=cfg, dtype=dtype))

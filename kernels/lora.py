@@ -184,7 +184,7 @@ def _lora_matmul_kernel(
     stride_am, stride_ak, stride_wr, stride_wc, stride_lm, stride_lr, stride_pr, stride_pn,
     stride_om, stride_on,
     W_ROWS_ARE_OUT: tl.constexpr, IS_4BIT: tl.constexpr, PAIRED: tl.constexpr, QBLOCK: tl.constexpr,
-    ROWS_ALIGNED: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -196,7 +196,8 @@ def _lora_matmul_kernel(
     otherwise W is (K_RED, N_OUT) and the product is a @ W (backward dx).
     QBLOCK: the 4-bit quantization blocksize (a constexpr: block index math becomes
     shifts). ROWS_ALIGNED: W's row length is a multiple of QBLOCK, so a tile whose
-    columns fit in one quantization block needs one absmax per row.
+    columns fit in one quantization block needs one absmax per row. EVEN_K: K_RED is
+    a multiple of BLOCK_K, so the loop body needs no bounds checks along k.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -218,18 +219,22 @@ def _lora_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_RED, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K_RED), other=0.0)
+        if EVEN_K:
+            a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None], other=0.0)
+        else:
+            a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak,
+                        mask=mask_m[:, None] & (offs_k[None, :] < K_RED), other=0.0)
         if W_ROWS_ARE_OUT:
             w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N_OUT, K_RED, stride_wr, stride_wc,
                                  QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_N, BLOCK_COL=BLOCK_K,
-                                 OUT_DTYPE=DOT_DTYPE, ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_K == 0)
+                                 OUT_DTYPE=DOT_DTYPE, ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_K == 0,
+                                 EVEN_COLS=EVEN_K)
             acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)
         else:
             w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_k, pid_n * BLOCK_N, K_RED, N_OUT, stride_wr,
                                  stride_wc, QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_K,
                                  BLOCK_COL=BLOCK_N, OUT_DTYPE=DOT_DTYPE,
-                                 ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_N == 0)
+                                 ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_N == 0, EVEN_ROWS=EVEN_K)
             acc = tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
 
     # LoRA epilogue: rank-r update while the tile is still in registers
@@ -336,13 +341,17 @@ def _prune_configs(configs, nargs, **kwargs):
     return keep or allowed[:1] or configs[-1:]
 
 
+def _even_k(args) -> bool:
+    return args["K_RED"] % args["BLOCK_K"] == 0
+
+
 _lora_matmul_tuned = triton.autotune(
     configs=_MATMUL_CONFIGS,
     key=["N_OUT", "K_RED", "W_ROWS_ARE_OUT", "IS_4BIT", "PAIRED", "QBLOCK", "ROWS_ALIGNED", "HAS_BIAS",
          "ACCUMULATE", "BLOCK_R"],
     restore_value=["out_ptr"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_lora_matmul_kernel)
+)(triton.heuristics({"EVEN_K": _even_k})(_lora_matmul_kernel))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -379,7 +388,8 @@ class _Weight:
             w = self.weight
             return w, w, w, w.stride(0), w.stride(1), 1, False
         info = self.info
-        return info.packed, absmax, info.code, 0, 0, info.blocksize, info.shape[1] % 2 == 0
+        paired = info.shape[1] % 2 == 0
+        return info.packed, absmax, info.pairs if paired else info.code, 0, 0, info.blocksize, paired
 
 
 def _matmul(a: torch.Tensor, weight: _Weight, absmax, lo: torch.Tensor, p: torch.Tensor, p_strides,
@@ -406,7 +416,7 @@ def _matmul(a: torch.Tensor, weight: _Weight, absmax, lo: torch.Tensor, p: torch
         else:
             cfg = fixed_matmul_config(a.dtype)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-        _lora_matmul_kernel[grid](*args, **flags, **cfg)
+        _lora_matmul_kernel[grid](*args, **flags, **cfg, EVEN_K=k_red % cfg["BLOCK_K"] == 0)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
