@@ -71,6 +71,10 @@ def compile_variant(variant: str, cfg: dict, arch: int = 90, dtype: str = "bf16"
         constexprs.update(stride_wr=0, stride_wc=0)
     if "EVEN_K" in fn.arg_names:
         constexprs["EVEN_K"] = even_k  # 4096 / 14336: multiples of BLOCK_K
+    if "W_AS_A" in fn.arg_names:
+        constexprs["W_AS_A"] = lora.w_as_a(forward, is_4bit)
+        if os.environ.get("FASTSFT_SASS_W_AS_A") is not None:  # compare both layouts
+            constexprs["W_AS_A"] = os.environ["FASTSFT_SASS_W_AS_A"] == "1"
     extra = getattr(lora, "kernel_extra_constexprs", None)
     if extra is not None:
         constexprs.update(extra(variant=variant, cfg=cfg, dtype=dtype))

@@ -184,7 +184,7 @@ def _lora_matmul_kernel(
     stride_am, stride_ak, stride_wr, stride_wc, stride_lm, stride_lr, stride_pr, stride_pn,
     stride_om, stride_on,
     W_ROWS_ARE_OUT: tl.constexpr, IS_4BIT: tl.constexpr, PAIRED: tl.constexpr, QBLOCK: tl.constexpr,
-    ROWS_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, W_AS_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -194,6 +194,7 @@ def _lora_matmul_kernel(
 
     W_ROWS_ARE_OUT: W is (N_OUT, K_RED) and the product is a @ W^T (forward);
     otherwise W is (K_RED, N_OUT) and the product is a @ W (backward dx).
+    W_AS_A: accumulate the transposed tile, W as the dot's first (register) operand.
     QBLOCK: the 4-bit quantization blocksize (a constexpr: block index math becomes
     shifts). ROWS_ALIGNED: W's row length is a multiple of QBLOCK, so a tile whose
     columns fit in one quantization block needs one absmax per row. EVEN_K: K_RED is
@@ -216,7 +217,10 @@ def _lora_matmul_kernel(
     mask_n = offs_n < N_OUT
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_AS_A:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_RED, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
@@ -229,13 +233,21 @@ def _lora_matmul_kernel(
                                  QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_N, BLOCK_COL=BLOCK_K,
                                  OUT_DTYPE=DOT_DTYPE, ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_K == 0,
                                  EVEN_COLS=EVEN_K)
-            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)
+            if W_AS_A:
+                acc_t = tl.dot(w, tl.trans(a.to(DOT_DTYPE)), acc_t, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)
         else:
             w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_k, pid_n * BLOCK_N, K_RED, N_OUT, stride_wr,
                                  stride_wc, QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_K,
                                  BLOCK_COL=BLOCK_N, OUT_DTYPE=DOT_DTYPE,
                                  ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_N == 0, EVEN_ROWS=EVEN_K)
-            acc = tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+            if W_AS_A:
+                acc_t = tl.dot(tl.trans(w), tl.trans(a.to(DOT_DTYPE)), acc_t, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+    if W_AS_A:
+        acc = tl.trans(acc_t)
 
     # LoRA epilogue: rank-r update while the tile is still in registers
     offs_r = tl.arange(0, BLOCK_R)
@@ -341,6 +353,14 @@ def _prune_configs(configs, nargs, **kwargs):
     return keep or allowed[:1] or configs[-1:]
 
 
+def w_as_a(forward: bool, is_4bit: bool) -> bool:
+    """Whether the kernel computes out^T = W a^T: the dequantized W tile is then the
+    wgmma's register operand (no shared-memory round trip, and the wgmma is not waited
+    on at once). Compiled for sm_90 this wins for the 4-bit forward only; the backward's
+    W^T tile would need a transpose and its wgmmas are then waited one by one."""
+    return forward and is_4bit
+
+
 def _even_k(args) -> bool:
     return args["K_RED"] % args["BLOCK_K"] == 0
 
@@ -406,6 +426,7 @@ def _matmul(a: torch.Tensor, weight: _Weight, absmax, lo: torch.Tensor, p: torch
             a.stride(0), a.stride(1), s_wr, s_wc, lo.stride(0), lo.stride(1), p_strides[0], p_strides[1],
             out.stride(0), out.stride(1))
     flags = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=weight.is_4bit, PAIRED=paired, QBLOCK=blocksize,
+                 W_AS_A=w_as_a(forward, weight.is_4bit),
                  ROWS_ALIGNED=bool(paired and weight.shape[1] % blocksize == 0),
                  HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
                  DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_R=_rank_block(r))
