@@ -291,17 +291,17 @@ def _smem_estimate(cfg: triton.Config, *, forward: bool, is_4bit: bool, elem: in
 
     Dense: the pipelined x and W tiles, num_stages * (BM*BK + BK*BN) * elem (what the
     compiler allocates for sm_90 and sm_80). 4-bit: the pipelined x tiles plus, per W
-    element, the staged packed bytes, code-table gathers and absmax (pipelined) and the
-    dequantized tile handed to the tensor cores. The per-element costs were fitted to
-    sm_90/sm_80 compiles of every config (benchmarks/lora_sass.py) and rounded up.
+    element of a tile, the staged packed bytes, code-pair gathers and absmax (and, in
+    backward, the dequantized tile handed to the tensor cores): at most 6 bytes
+    (forward) / 8 bytes (backward), fitted to sm_90 compiles of every config
+    (``python -m benchmarks.lora_sass``) and rounded up; sm_80 compiles need less.
     """
     kw = cfg.kwargs
     bm, bn, bk, st = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages
     x_tiles = st * bm * bk * elem
     if not is_4bit:
         return x_tiles + st * bk * bn * elem
-    per_w_elem = (4.25 * st - 2.0) if forward else (6.0 * st - 4.0)
-    return x_tiles + int(bn * bk * per_w_elem)
+    return x_tiles + bn * bk * (6 if forward else 8)
 
 
 def _arch_of(device) -> Optional[Tuple[int, int]]:
