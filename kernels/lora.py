@@ -535,6 +535,11 @@ def _dense_w(w: _Weight, dtype: torch.dtype) -> torch.Tensor:
 def _cublas_lora(a: torch.Tensor, w_mat: torch.Tensor, lo: torch.Tensor, p_mat: torch.Tensor, scale: float,
                  bias: Optional[torch.Tensor], out: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
     """out [+]= a @ w_mat (+ bias), then out += scale * lo @ p_mat in one more addmm (rank r: cheap)."""
+    with torch.autocast(out.device.type, enabled=False):  # the products run in x's dtype, as the kernels do
+        return _cublas_lora_impl(a, w_mat, lo, p_mat, scale, bias, out, accumulate)
+
+
+def _cublas_lora_impl(a, w_mat, lo, p_mat, scale, bias, out, accumulate):
     dt = out.dtype
     if accumulate:
         out.addmm_(a, w_mat)
