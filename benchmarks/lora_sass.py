@@ -2,12 +2,13 @@
 
     python -m benchmarks.lora_sass [--arch 90] [--variant nf4_fwd ...]
 
-Compiles ``fastsft_kernels.lora._lora_matmul_kernel`` with Triton's ahead-of-time
-path (``GPUTarget("cuda", arch, 32)``, the wheel's ptxas), disassembles it with the
-wheel's cuobjdump and prints, per variant and tile config: the SASS instructions in
-the main loop body (one k-step, per thread), the HGMMA instructions in that body and
-in the whole kernel, the shared memory and the register spills. These are compiler
-counts, not timings.
+Compiles the entries of ``fastsft_kernels.lora.launch_variants`` (what the launcher
+can pick on that arch) with Triton's ahead-of-time path (``GPUTarget("cuda", arch,
+32)``, the wheel's ptxas), disassembles them with the wheel's cuobjdump and prints,
+per variant and tile config: the SASS instructions in the main loop body (one
+k-step, per thread), the HGMMA instructions in that body and in the whole kernel,
+and the shared memory (with the launcher's estimate it prunes by). These are
+compiler counts, not timings.
 """
 from __future__ import annotations
 
@@ -26,62 +27,27 @@ VARIANTS = {
 }
 
 
-def _signature(fn, is_4bit: bool, dt: str, constexprs: dict):
-    ptr = {"a_ptr": dt, "w_ptr": "u8" if is_4bit else dt, "absmax_ptr": "fp32",
-           "code_ptr": ("i64" if getattr(fn, "_fastsft_pair_table", True) else "fp32") if is_4bit else dt,
-           "l_ptr": "fp32", "p_ptr": "fp32", "bias_ptr": dt, "out_ptr": dt}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ptr:
-            sig[name] = "*" + ptr[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            # what the JIT sees at real shapes: sizes and row strides divisible by 16
-            if name in ("N_OUT", "K_RED", "stride_am", "stride_wr", "stride_om", "stride_lm", "stride_pr", "stride_pn"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
-
-
-def compile_variant(variant: str, cfg: dict, arch: int = 90, dtype: str = "bf16", rank: int = 16,
-                    blocksize: int = 64, even_k: bool = True):
-    """Compile one variant with one config; returns the compiled kernel (metadata + asm)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _entries(variant: str, arch: int, dtype: str = "bf16", rank: int = 16):
+    """The launcher's entries (fastsft_kernels.lora.launch_variants) for one variant: no bias, no accumulation."""
     import importlib
 
     lora = importlib.import_module("fastsft_kernels.lora")
     forward, is_4bit = VARIANTS[variant]
-    fn = lora._lora_matmul_kernel
-    dot = {"bf16": lora.tl.bfloat16, "fp16": lora.tl.float16}[dtype]
-    constexprs = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=is_4bit, PAIRED=is_4bit, QBLOCK=blocksize if is_4bit else 1,
-                      ROWS_ALIGNED=is_4bit, HAS_BIAS=False, ACCUMULATE=False, DOT_DTYPE=dot, PRECISION=None,
-                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                      BLOCK_R=lora._rank_block(rank), GROUP_M=cfg.get("GROUP_M", 8),
-                      stride_ak=1, stride_wc=1, stride_lr=1, stride_on=1)
-    # forward: p = B^T seen through B (out, r): unit stride along r; backward: p = A (r, in)
-    constexprs["stride_pr" if forward else "stride_pn"] = 1
-    if is_4bit:
-        constexprs.update(stride_wr=0, stride_wc=0)
-    if "EVEN_K" in fn.arg_names:
-        constexprs["EVEN_K"] = even_k  # 4096 / 14336: multiples of BLOCK_K
-    if "W_AS_A" in fn.arg_names:
-        constexprs["W_AS_A"] = lora.w_as_a(forward, is_4bit)
-        if os.environ.get("FASTSFT_SASS_W_AS_A") is not None:  # compare both layouts
-            constexprs["W_AS_A"] = os.environ["FASTSFT_SASS_W_AS_A"] == "1"
-    extra = getattr(lora, "kernel_extra_constexprs", None)
-    if extra is not None:
-        constexprs.update(extra(variant=variant, cfg=cfg, dtype=dtype))
-    sig, attrs = _signature(fn, is_4bit, dtype, constexprs)
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    prefix = f"lora_matmul_{'fwd' if forward else 'bwd_dx'}_{'4bit' if is_4bit else 'dense'}_{dtype}_r{rank}_BM"
+    return [e for e in lora.launch_variants(arch=arch, dtypes=(dtype,), ranks=(rank,)) if e["name"].startswith(prefix)]
+
+
+def compile_entry(entry: dict, arch: int = 90):
+    """Compile one launch_variants entry for ``arch`` (Triton's ahead-of-time path; no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(entry["constexprs"])
+    if os.environ.get("FASTSFT_SASS_W_AS_A") is not None:  # compare both layouts of the forward
+        constexprs["W_AS_A"] = os.environ["FASTSFT_SASS_W_AS_A"] == "1"
+    src = ASTSource(fn=entry["fn"], signature=entry["signature"], constexprs=constexprs, attrs=entry["attrs"])
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=entry["options"])
 
 
 def _cuobjdump() -> str:
@@ -127,18 +93,11 @@ def loop_stats(sass: str) -> dict:
             "total_insns": len(insns)}
 
 
-def report(variant: str, cfg: dict, arch: int = 90, dtype: str = "bf16") -> dict:
-    kernel = compile_variant(variant, cfg, arch=arch, dtype=dtype)
+def report(entry: dict, arch: int = 90) -> dict:
+    kernel = compile_entry(entry, arch=arch)
     stats = loop_stats(sass_of(kernel))
-    meta = kernel.metadata
-    stats.update(variant=variant, arch=arch, dtype=dtype, shared=meta.shared,
-                 spills=getattr(meta, "n_spills", None),
-                 config="BM{BLOCK_M}/BN{BLOCK_N}/BK{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg))
-    ptx = kernel.asm.get("ptx", "")
-    stats["spill_bytes_ptx"] = None
-    m = re.search(r"(\d+) bytes spill stores", ptx)
-    if m:
-        stats["spill_bytes_ptx"] = int(m.group(1))
+    stats.update(name=entry["name"], arch=arch, shared=kernel.metadata.shared,
+                 smem_estimate=entry["smem_estimate"])
     return stats
 
 
@@ -147,31 +106,20 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--variant", action="append", choices=sorted(VARIANTS))
-    p.add_argument("--config", default=None, help="BM,BN,BK,warps,stages (default: every config)")
+    p.add_argument("--config", default=None, help="only tiles named like BM128_BN128_BK64_w8_s3")
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    import importlib
-
-    lora = importlib.import_module("fastsft_kernels.lora")
-    if args.config:
-        bm, bn, bk, w, s = (int(v) for v in args.config.split(","))
-        cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)]
-    else:
-        cfgs = None
     rows = []
     for variant in args.variant or sorted(VARIANTS):
-        forward, is_4bit = VARIANTS[variant]
-        if cfgs is None:
-            todo = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in lora.matmul_configs(forward=forward, is_4bit=is_4bit, arch=args.arch)]
-        else:
-            todo = cfgs
-        for cfg in todo:
+        for entry in _entries(variant, args.arch):
+            if args.config and not entry["name"].endswith(args.config):
+                continue
             try:
-                row = report(variant, cfg, arch=args.arch)
+                row = report(entry, arch=args.arch)
             except Exception as exc:  # one config failing must not hide the others
-                row = {"variant": variant, "config": str(cfg), "error": f"{type(exc).__name__}: {exc}"[:300]}
+                row = {"name": entry["name"], "error": f"{type(exc).__name__}: {exc}"[:300]}
+            row["variant"] = variant
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

@@ -522,6 +522,77 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+# --------------------------------------------------------------------------- ahead-of-time view
+def _matmul_signature(fn, *, is_4bit: bool, dt: str, constexprs: dict):
+    """(signature, attrs) of _lora_matmul_kernel as the JIT sees it at training shapes:
+    16-byte aligned pointers; sizes and row strides divisible by 16; unit strides constexpr 1."""
+    ptr = {"a_ptr": dt, "w_ptr": "u8" if is_4bit else dt, "absmax_ptr": "fp32",
+           "code_ptr": "i64" if is_4bit else dt, "l_ptr": "fp32", "p_ptr": "fp32", "bias_ptr": dt, "out_ptr": dt}
+    div16 = ("N_OUT", "K_RED", "stride_am", "stride_wr", "stride_om", "stride_lm", "stride_pr", "stride_pn")
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptr:
+            sig[name] = "*" + ptr[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name == "scale" else "i32"
+            if name in div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def launch_variants(arch=(9, 0), dtypes=("bf16", "fp16"), ranks=(16,), blocksize: int = 64,
+                    even_k: bool = True) -> List[dict]:
+    """Every (kernel, constexprs, launch options) the 16-bit matmul launcher can pick on ``arch``.
+
+    For an ahead-of-time tier: each entry has "name", "fn" (the @triton.jit function),
+    "signature", "constexprs", "attrs" (for ``triton.compiler.ASTSource``) and "options"
+    (num_warps, num_stages). It covers the forward (with and without bias) and backward-dx
+    (first write and accumulation) of a dense and an NF4/FP4 base (even in_features,
+    rows a multiple of ``blocksize``), each tile of ``matmul_configs(arch)``, per dot dtype
+    and LoRA rank. The rank kernels and the dequantizer use one fixed config each
+    (``_rank_project`` / ``_rank_reduce`` / ``quant.dequantize_into``).
+    """
+    if isinstance(arch, int):
+        arch = divmod(arch, 10)
+    out = []
+    dots = {"bf16": tl.bfloat16, "fp16": tl.float16}
+    fn = _lora_matmul_kernel
+    for dt in dtypes:
+        for forward in (True, False):
+            for is_4bit in (False, True):
+                elem = 2
+                cfgs = matmul_configs(forward=forward, is_4bit=is_4bit, arch=arch,
+                                      dtype=torch.bfloat16 if dt == "bf16" else torch.float16)
+                for rank in ranks:
+                    for extra in (False, True):
+                        has_bias, accumulate = (extra, False) if forward else (False, extra)
+                        for cfg in cfgs:
+                            c = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=is_4bit, PAIRED=is_4bit,
+                                     QBLOCK=blocksize if is_4bit else 1, ROWS_ALIGNED=is_4bit, EVEN_K=even_k,
+                                     W_AS_A=w_as_a(forward, is_4bit), HAS_BIAS=has_bias, ACCUMULATE=accumulate,
+                                     DOT_DTYPE=dots[dt], PRECISION=None, BLOCK_R=_rank_block(rank),
+                                     stride_ak=1, stride_lr=1, stride_on=1, **cfg.kwargs)
+                            c["stride_pr" if forward else "stride_pn"] = 1
+                            if is_4bit:
+                                c.update(stride_wr=0, stride_wc=0)
+                            else:
+                                c["stride_wc"] = 1
+                            sig, attrs = _matmul_signature(fn, is_4bit=is_4bit, dt=dt, constexprs=c)
+                            kw = cfg.kwargs
+                            name = (f"lora_matmul_{'fwd' if forward else 'bwd_dx'}_{'4bit' if is_4bit else 'dense'}"
+                                    f"_{dt}_r{rank}{'_bias' if has_bias else ''}{'_acc' if accumulate else ''}"
+                                    f"_BM{kw['BLOCK_M']}_BN{kw['BLOCK_N']}_BK{kw['BLOCK_K']}"
+                                    f"_w{cfg.num_warps}_s{cfg.num_stages}")
+                            out.append(dict(name=name, fn=fn, signature=sig, constexprs=c, attrs=attrs,
+                                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                                            smem_estimate=_smem_estimate(cfg, forward=forward, is_4bit=is_4bit,
+                                                                         elem=elem)))
+    return out
+
+
 # --------------------------------------------------------------------------- cuBLAS strategy
 def _dense_w(w: _Weight, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) dense in ``dtype``: the weight itself, or a 4-bit W dequantized into the workspace."""

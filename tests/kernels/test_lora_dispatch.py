@@ -275,3 +275,40 @@ def test_configs_fit_the_arch_shared_memory(arch):
     assert (big in bwd) == (arch == 90)
     assert (pruned == 0) == (arch == 90)
     assert lora_mod._smem_estimate(big, forward=False, is_4bit=True) >= 168 * 1024
+
+
+_COMPILE = r'''
+import importlib, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+lora = importlib.import_module("fastsft_kernels.lora")
+rows = []
+for e in lora.launch_variants(arch=90, dtypes=("bf16",), ranks=(16,)):
+    if e["name"].endswith("_BM64_BN64_BK64_w4_s4") and "4bit" in e["name"]:
+        src = ASTSource(fn=e["fn"], signature=e["signature"], constexprs=e["constexprs"], attrs=e["attrs"])
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=e["options"])
+        rows.append([e["name"], k.metadata.shared, e["smem_estimate"], "wgmma" in k.asm["ptx"]])
+print(json.dumps(rows))
+'''
+
+
+def test_launch_variants_compile_for_sm90_within_the_estimate():
+    """An entry of launch_variants compiles ahead of time for sm_90 (no GPU): wgmma, and the
+    compiled shared memory within the estimate the launcher prunes by (a subprocess: the
+    interpreter is on in this one)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSFT_TRITON_ON_CPU")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4, rows  # NF4 forward, forward + bias, backward dx, backward dx accumulating
+    for name, shared, estimate, wgmma in rows:
+        assert wgmma, name
+        assert 0 < shared <= estimate, (name, shared, estimate)
