@@ -31,6 +31,12 @@ selects the epilogue GEMM (kept until a GPU measures which wins per shape).
 ``lora_linear_fused`` runs several projections that share x (q/k/v, gate/up): one
 pass of x computes every adapter's x A^T, one pass computes every dA, and dx is
 accumulated across projections in one buffer.
+
+The 4-bit main loop decodes each packed byte with one 8-byte lookup in a 256-entry
+code-pair table, keeps row offsets and the (cached, pre-decoded) absmax out of the
+per-element math, drops k bounds checks when BLOCK_K divides K, and in the forward
+makes the dequantized W tile the wgmma's register operand (out^T = W x^T).
+``launch_variants(arch)`` lists every compiled variant the launcher can pick there.
 """
 from __future__ import annotations
 
@@ -803,4 +809,5 @@ def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dty
 
 
 __all__ = ["lora_linear", "lora_linear_fused", "dequantize_4bit", "pick_strategy", "matmul_configs",
-           "resolve_dequant_rows", "resolve_dense_base", "MAX_RANK", "FLOAT_DTYPES"]
+           "launch_variants", "resolve_dequant_rows", "resolve_dense_base", "workspace_bytes", "MAX_RANK",
+           "FLOAT_DTYPES"]
