@@ -549,29 +549,59 @@ def _matmul_signature(fn, *, is_4bit: bool, dt: str, constexprs: dict):
     return sig, attrs
 
 
+def _plain_signature(fn, types: dict, constexprs: dict):
+    """Signature for a kernel whose pointers are in ``types`` (aligned) and whose other arguments are i32."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+            if types[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    return sig, attrs
+
+
+def _entry(name, fn, sig, constexprs, attrs, options, smem_estimate=None) -> dict:
+    return dict(name=name, fn=fn, signature=sig, constexprs=constexprs, attrs=attrs, options=options,
+                smem_estimate=smem_estimate)
+
+
 def launch_variants(arch=(9, 0), dtypes=("bf16", "fp16"), ranks=(16,), blocksize: int = 64,
-                    even_k: bool = True) -> List[dict]:
-    """Every (kernel, constexprs, launch options) the 16-bit matmul launcher can pick on ``arch``.
+                    even_k: bool = True, include_aux: bool = True) -> List[dict]:
+    """Every (kernel, constexprs, launch options) the launchers of this module can pick on ``arch``.
 
     For an ahead-of-time tier: each entry has "name", "fn" (the @triton.jit function),
-    "signature", "constexprs", "attrs" (for ``triton.compiler.ASTSource``) and "options"
-    (num_warps, num_stages). It covers the forward (with and without bias) and backward-dx
-    (first write and accumulation) of a dense and an NF4/FP4 base (even in_features,
-    rows a multiple of ``blocksize``), each tile of ``matmul_configs(arch)``, per dot dtype
-    and LoRA rank. The rank kernels and the dequantizer use one fixed config each
-    (``_rank_project`` / ``_rank_reduce`` / ``quant.dequantize_into``).
+    "signature", "constexprs", "attrs" (for ``triton.compiler.ASTSource``), "options"
+    (num_warps, num_stages, ...) and "smem_estimate" (the bytes the host-side prune
+    assumed, None where nothing is pruned). The matmul entries cover the forward (with
+    and without bias) and backward-dx (first write and accumulation) of a dense and an
+    NF4/FP4 base (even in_features, rows a multiple of ``blocksize``), each tile of
+    ``matmul_configs(arch)``, per dot dtype and LoRA rank, plus the fixed exact-fp32
+    tile. ``include_aux`` adds the fixed-config kernels: the rank projection and
+    reduction (per dtype and rank), the 4-bit dequantizer (per output dtype, byte
+    aligned rows or not) and the nested-absmax decoder. Unit strides are not
+    specialized in the aux entries (the JIT may specialize them to 1).
     """
     if isinstance(arch, int):
         arch = divmod(arch, 10)
     out = []
-    dots = {"bf16": tl.bfloat16, "fp16": tl.float16}
+    dots = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     fn = _lora_matmul_kernel
-    for dt in dtypes:
+    fixed = triton.Config({k: v for k, v in fixed_matmul_config(torch.float32).items()
+                           if k not in ("num_warps", "num_stages")},
+                          num_warps=fixed_matmul_config(torch.float32)["num_warps"],
+                          num_stages=fixed_matmul_config(torch.float32)["num_stages"])
+    for dt in tuple(dtypes) + ("fp32",):
         for forward in (True, False):
             for is_4bit in (False, True):
-                elem = 2
-                cfgs = matmul_configs(forward=forward, is_4bit=is_4bit, arch=arch,
-                                      dtype=torch.bfloat16 if dt == "bf16" else torch.float16)
+                if dt == "fp32":
+                    cfgs = [fixed]
+                else:
+                    cfgs = matmul_configs(forward=forward, is_4bit=is_4bit, arch=arch,
+                                          dtype=torch.bfloat16 if dt == "bf16" else torch.float16)
                 for rank in ranks:
                     for extra in (False, True):
                         has_bias, accumulate = (extra, False) if forward else (False, extra)
@@ -579,8 +609,8 @@ def launch_variants(arch=(9, 0), dtypes=("bf16", "fp16"), ranks=(16,), blocksize
                             c = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=is_4bit, PAIRED=is_4bit,
                                      QBLOCK=blocksize if is_4bit else 1, ROWS_ALIGNED=is_4bit, EVEN_K=even_k,
                                      W_AS_A=w_as_a(forward, is_4bit), HAS_BIAS=has_bias, ACCUMULATE=accumulate,
-                                     DOT_DTYPE=dots[dt], PRECISION=None, BLOCK_R=_rank_block(rank),
-                                     stride_ak=1, stride_lr=1, stride_on=1, **cfg.kwargs)
+                                     DOT_DTYPE=dots[dt], PRECISION="ieee" if dt == "fp32" else None,
+                                     BLOCK_R=_rank_block(rank), stride_ak=1, stride_lr=1, stride_on=1, **cfg.kwargs)
                             c["stride_pr" if forward else "stride_pn"] = 1
                             if is_4bit:
                                 c.update(stride_wr=0, stride_wc=0)
@@ -592,10 +622,39 @@ def launch_variants(arch=(9, 0), dtypes=("bf16", "fp16"), ranks=(16,), blocksize
                                     f"_{dt}_r{rank}{'_bias' if has_bias else ''}{'_acc' if accumulate else ''}"
                                     f"_BM{kw['BLOCK_M']}_BN{kw['BLOCK_N']}_BK{kw['BLOCK_K']}"
                                     f"_w{cfg.num_warps}_s{cfg.num_stages}")
-                            out.append(dict(name=name, fn=fn, signature=sig, constexprs=c, attrs=attrs,
-                                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                                            smem_estimate=_smem_estimate(cfg, forward=forward, is_4bit=is_4bit,
-                                                                         elem=elem)))
+                            est = None if dt == "fp32" else _smem_estimate(cfg, forward=forward, is_4bit=is_4bit)
+                            out.append(_entry(name, fn, sig, c, attrs,
+                                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, est))
+    if not include_aux:
+        return out
+    from .quant import _decode_nested_absmax_kernel, _dequantize_4bit_kernel
+
+    for dt in tuple(dtypes) + ("fp32",):
+        prec = "ieee" if dt == "fp32" else None
+        for rank in ranks:
+            for p_dt in dict.fromkeys(("fp32", dt)):  # peft keeps adapters in fp32 or in the model dtype
+                c = dict(DOT_DTYPE=dots[dt], PRECISION=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_R=_rank_block(rank))
+                sig, attrs = _plain_signature(_rank_project_kernel, {"x_ptr": "*" + dt, "p_ptr": "*" + p_dt,
+                                                                     "out_ptr": "*fp32", "scale": "fp32"}, c)
+                out.append(_entry(f"rank_project_{dt}_p{p_dt}_r{rank}", _rank_project_kernel, sig, c, attrs,
+                                  {"num_warps": 4, "num_stages": 4}))
+            c = dict(DOT_DTYPE=dots[dt], PRECISION=prec, BLOCK_D=64, BLOCK_M=64, BLOCK_R=_rank_block(rank))
+            sig, attrs = _plain_signature(_rank_reduce_kernel, {"y_ptr": "*" + dt, "z_ptr": "*fp32",
+                                                                "part_ptr": "*fp32"}, c)
+            out.append(_entry(f"rank_reduce_{dt}_r{rank}", _rank_reduce_kernel, sig, c, attrs,
+                              {"num_warps": 4, "num_stages": 3}))
+        for paired in (True, False):
+            c = dict(PAIRED=paired, BLOCK_ROW=32, BLOCK_COL=128)
+            sig, attrs = _plain_signature(_dequantize_4bit_kernel, {
+                "w_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*i64" if paired else "*fp32",
+                "out_ptr": "*" + dt}, c)
+            out.append(_entry(f"dequantize_4bit_{dt}_{'paired' if paired else 'odd_cols'}", _dequantize_4bit_kernel,
+                              sig, c, attrs, {"num_warps": 4, "num_stages": 3}))
+    c = dict(BLOCK=1024)
+    sig, attrs = _plain_signature(_decode_nested_absmax_kernel, {
+        "q_ptr": "*u8", "code2_ptr": "*fp32", "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32"}, c)
+    out.append(_entry("decode_nested_absmax", _decode_nested_absmax_kernel, sig, c, attrs,
+                      {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}))
     return out
 
 

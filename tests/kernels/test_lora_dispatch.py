@@ -274,6 +274,10 @@ def test_configs_fit_the_arch_shared_memory(arch):
     bwd = lora_mod.matmul_configs(forward=False, is_4bit=True, arch=arch)
     assert (big in bwd) == (arch == 90)
     assert (pruned == 0) == (arch == 90)
+    names = [e["name"] for e in lora_mod.launch_variants(arch=arch)]
+    assert len(names) == len(set(names))
+    assert sum(n.startswith("lora_matmul_") for n in names) == 4 * sum(
+        len(lora_mod.matmul_configs(forward=f, is_4bit=q, arch=arch)) for f in (True, False) for q in (True, False)) + 8
     assert lora_mod._smem_estimate(big, forward=False, is_4bit=True) >= 168 * 1024
 
 
