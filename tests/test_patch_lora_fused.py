@@ -142,3 +142,23 @@ def test_pending_outputs_are_for_that_x_only():
     lora_patch.revert(model)
     assert_close(q, attn.q_proj(x1), 1e-5, "q after in-place edit")
     assert_close(v, attn.v_proj(x1), 1e-5, "v")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_groups_under_gradient_checkpointing(reentrant, monkeypatch):
+    """Recomputation in backward runs the groups again (no stale or leaked pending outputs)."""
+    model = _peft(_tiny("llama", seed=6), SPLIT)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    expected = _step(model)
+    lora_patch.apply(model)
+    counter = _Counter(monkeypatch)
+    got = _step(model)
+    assert counter.calls["lora_linear_fused"] == 4  # 2 groups, forward and recomputation
+    assert_close(got[0], expected[0], 1e-5, "loss")
+    for name in got[1]:
+        assert_close(got[1][name], expected[1][name], 1e-5, name)
+    from fastsft.patch import lora_fused
+
+    assert all(not g._pending for g in lora_fused.groups_of(model, lora_patch._GROUP))
