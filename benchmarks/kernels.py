@@ -26,12 +26,13 @@ OPS = {
     "rope": "rope",
     "swiglu": "swiglu",
 }
+ALIASES = {"lora": "lora_linear"}  # --op lora runs the lora_linear benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", action="append", choices=sorted(OPS) + ["all"], required=True,
+    p.add_argument("--op", action="append", choices=sorted(OPS) + sorted(ALIASES) + ["all"], required=True,
                    help="op to benchmark (repeatable; 'all' for every op)")
     p.add_argument("--smoke", action="store_true", help="run a tiny case on CPU (checks the plumbing, times nothing meaningful)")
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (GPU)")
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    ops = sorted(OPS) if "all" in args.op else list(dict.fromkeys(args.op))
+    ops = sorted(OPS) if "all" in args.op else list(dict.fromkeys(ALIASES.get(op, op) for op in args.op))
     if args.providers:
         args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     if not args.smoke and not common.has_cuda():

@@ -15,19 +15,33 @@ Kernels (all fp32 accumulation; dot operands in the activation dtype):
                               tokens, split over token chunks for parallelism and
                               summed deterministically (no atomics).
 Backward saves x, the rank-r xa (fp32) and the parameters, never a dequantized W
-or a full-width intermediate. The dense base also uses the Triton matmul (one
-kernel reads x and W once and writes y once, with the LoRA term in the epilogue),
-so the dense and 4-bit paths share all code. On the GPU the 16-bit matmuls choose
-their tile shape by autotuning (keyed on shape and variant); fp32 inputs use exact
-("ieee") fp32 dots with one fixed tile shape.
+or a full-width intermediate. On the GPU the 16-bit matmuls choose their tile
+shape by autotuning (keyed on shape and variant, pruned on the host to what fits
+the arch's shared memory: ``matmul_configs``); fp32 inputs use exact ("ieee")
+fp32 dots with one fixed tile shape.
+
+Strategy per product, picked on the host from the row count (``pick_strategy``):
+a 4-bit base runs the fused kernel above below ``dequant_rows`` rows (default
+1024), and from there on is dequantized once into a workspace shared by every
+layer and multiplied by cuBLAS, the LoRA term added by one addmm (training
+sizes: decoding each W tile once per row tile costs more than one dequantize).
+A dense base uses cuBLAS + the LoRA addmm by default; ``dense_base="triton"``
+selects the epilogue GEMM (kept until a GPU measures which wins per shape).
 
 ``lora_linear_fused`` runs several projections that share x (q/k/v, gate/up): one
 pass of x computes every adapter's x A^T, one pass computes every dA, and dx is
 accumulated across projections in one buffer.
+
+The 4-bit main loop decodes each packed byte with one 8-byte lookup in a 256-entry
+code-pair table, keeps row offsets and the (cached, pre-decoded) absmax out of the
+per-element math, drops k bounds checks when BLOCK_K divides K, and in the forward
+makes the dequantized W tile the wgmma's register operand (out^T = W x^T).
+``launch_variants(arch)`` lists every compiled variant the launcher can pick there.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -36,9 +50,83 @@ import triton.language as tl
 from . import reference
 from ._triton_utils import (FLOAT_DTYPES, check_float, check_same_device, empty, is_interpreter,
                             next_power_of_2, use_triton)
-from .quant import QuantInfo, absmax_fp32, load_weight_tile, quant_info
+from .quant import QuantInfo, absmax_fp32, cached_quant_info, dequantize_into, load_weight_tile
 
 MAX_RANK = 128
+
+# --------------------------------------------------------------------------- strategy
+# Two ways to compute the base product x W^T (and g W in backward):
+#   "triton": the Triton GEMM below, LoRA term in its epilogue; a 4-bit W is
+#             dequantized tile by tile in registers (no dense copy anywhere);
+#   "cublas": W dense (a 4-bit W first dequantized by Triton into a reusable
+#             workspace), cuBLAS for the base product, the LoRA term added by one
+#             more addmm into the same output.
+# In-kernel dequantization re-decodes every W tile once per row tile, so it only
+# wins when the rows are few; from DEQUANT_ROWS rows on, dequantizing once (about
+# 1.5x the packed bytes of traffic) and running cuBLAS is faster. A dense base uses
+# cuBLAS until a GPU run measures the Triton epilogue GEMM faster at some shape.
+DEQUANT_ROWS_DEFAULT = 1024
+DEQUANT_ROWS_ENV = "FASTSFT_LORA_DEQUANT_ROWS"
+DENSE_BASE_DEFAULT = "cublas"
+DENSE_BASE_ENV = "FASTSFT_LORA_DENSE_BASE"
+STRATEGIES = ("triton", "cublas")
+
+
+def resolve_dequant_rows(value: Optional[int] = None) -> int:
+    """Rows from which a 4-bit base is dequantized once and multiplied by cuBLAS (argument > env > 1024)."""
+    if value is None:
+        raw = os.environ.get(DEQUANT_ROWS_ENV)
+        if raw is None or raw.strip() == "":
+            return DEQUANT_ROWS_DEFAULT
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{DEQUANT_ROWS_ENV}={raw!r}: expected a non-negative integer") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"dequant_rows must be a non-negative integer, got {value!r}")
+    return value
+
+
+def resolve_dense_base(value: Optional[str] = None) -> str:
+    """How a dense base product runs: "cublas" (default) or "triton" (argument > env)."""
+    if value is None:
+        value = os.environ.get(DENSE_BASE_ENV) or DENSE_BASE_DEFAULT
+        where = DENSE_BASE_ENV
+    else:
+        where = "dense_base"
+    if value not in STRATEGIES:
+        raise ValueError(f"{where}={value!r}: expected one of {', '.join(STRATEGIES)}")
+    return value
+
+
+def pick_strategy(rows: int, is_4bit: bool, *, dequant_rows: Optional[int] = None,
+                  dense_base: Optional[str] = None) -> str:
+    """"triton" or "cublas" for a product with ``rows`` rows; decided on the host from shapes alone."""
+    if is_4bit:
+        return "cublas" if rows >= resolve_dequant_rows(dequant_rows) else "triton"
+    return resolve_dense_base(dense_base)
+
+
+# One dequantization workspace per (device, dtype), grown to the largest layer seen;
+# every layer reuses it (work on one stream is ordered, and no product keeps it past
+# its own call: backward dequantizes again instead of saving a dense W).
+_WORKSPACES: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, shared by every 4-bit layer on ``device``."""
+    key = (torch.device(device), dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)  # free the smaller one before growing
+        buf = empty(numel, dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return buf[:numel]
+
+
+def workspace_bytes() -> Dict[str, int]:
+    """{"device dtype": bytes} of the dequantization workspaces (for memory reports and tests)."""
+    return {f"{d} {str(t).replace('torch.', '')}": b.numel() * b.element_size() for (d, t), b in _WORKSPACES.items()}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -102,7 +190,7 @@ def _lora_matmul_kernel(
     stride_am, stride_ak, stride_wr, stride_wc, stride_lm, stride_lr, stride_pr, stride_pn,
     stride_om, stride_on,
     W_ROWS_ARE_OUT: tl.constexpr, IS_4BIT: tl.constexpr, PAIRED: tl.constexpr, QBLOCK: tl.constexpr,
-    ROWS_ALIGNED: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, W_AS_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -112,9 +200,11 @@ def _lora_matmul_kernel(
 
     W_ROWS_ARE_OUT: W is (N_OUT, K_RED) and the product is a @ W^T (forward);
     otherwise W is (K_RED, N_OUT) and the product is a @ W (backward dx).
+    W_AS_A: accumulate the transposed tile, W as the dot's first (register) operand.
     QBLOCK: the 4-bit quantization blocksize (a constexpr: block index math becomes
     shifts). ROWS_ALIGNED: W's row length is a multiple of QBLOCK, so a tile whose
-    columns fit in one quantization block needs one absmax per row.
+    columns fit in one quantization block needs one absmax per row. EVEN_K: K_RED is
+    a multiple of BLOCK_K, so the loop body needs no bounds checks along k.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -133,22 +223,37 @@ def _lora_matmul_kernel(
     mask_n = offs_n < N_OUT
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_AS_A:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_RED, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K_RED), other=0.0)
+        if EVEN_K:
+            a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None], other=0.0)
+        else:
+            a = tl.load(a_rows + offs_k[None, :].to(tl.int64) * stride_ak,
+                        mask=mask_m[:, None] & (offs_k[None, :] < K_RED), other=0.0)
         if W_ROWS_ARE_OUT:
             w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_n, k0, N_OUT, K_RED, stride_wr, stride_wc,
                                  QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_N, BLOCK_COL=BLOCK_K,
-                                 OUT_DTYPE=DOT_DTYPE, ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_K == 0)
-            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)
+                                 OUT_DTYPE=DOT_DTYPE, ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_K == 0,
+                                 EVEN_COLS=EVEN_K)
+            if W_AS_A:
+                acc_t = tl.dot(w, tl.trans(a.to(DOT_DTYPE)), acc_t, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)
         else:
             w = load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_k, pid_n * BLOCK_N, K_RED, N_OUT, stride_wr,
                                  stride_wc, QBLOCK, IS_4BIT=IS_4BIT, PAIRED=PAIRED, BLOCK_ROW=BLOCK_K,
                                  BLOCK_COL=BLOCK_N, OUT_DTYPE=DOT_DTYPE,
-                                 ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_N == 0)
-            acc = tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+                                 ROW_SCALE=ROWS_ALIGNED and QBLOCK % BLOCK_N == 0, EVEN_ROWS=EVEN_K)
+            if W_AS_A:
+                acc_t = tl.dot(tl.trans(w), tl.trans(a.to(DOT_DTYPE)), acc_t, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+    if W_AS_A:
+        acc = tl.trans(acc_t)
 
     # LoRA epilogue: rank-r update while the tile is still in registers
     offs_r = tl.arange(0, BLOCK_R)
@@ -169,18 +274,110 @@ def _lora_matmul_kernel(
 
 
 # On the GPU the 16-bit matmuls pick their tiles by autotuning (keyed on the problem
-# shape and variant); dx accumulation restores the output between trials.
+# shape and variant); dx accumulation restores the output between trials. Configs
+# whose shared memory would pass the arch's limit are pruned on the host first.
+_DENSE_TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
+# the 4-bit kernel runs below DEQUANT_ROWS rows (few row tiles): smaller M tiles
+_4BIT_TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+               (64, 64, 64, 4, 4), (64, 128, 64, 4, 3))
 _MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-                              (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
+    for bm, bn, bk, w, st in dict.fromkeys(_DENSE_TILES + _4BIT_TILES)
 ]
+_TILES = {False: set(_DENSE_TILES), True: set(_4BIT_TILES)}
+
+# usable shared memory per block (bytes), by compute capability
+SMEM_LIMIT = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
+              (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
+
+
+def _smem_estimate(cfg: triton.Config, *, forward: bool, is_4bit: bool, elem: int = 2) -> int:
+    """Shared memory (bytes) a config of _lora_matmul_kernel needs, an upper estimate.
+
+    Dense: the pipelined x and W tiles, num_stages * (BM*BK + BK*BN) * elem (what the
+    compiler allocates for sm_90 and sm_80). 4-bit: the pipelined x tiles plus, per W
+    element of a tile, the staged packed bytes, code-pair gathers and absmax (and, in
+    backward, the dequantized tile handed to the tensor cores): at most 6 bytes
+    (forward) / 8 bytes (backward), fitted to sm_90 compiles of every config
+    (``python -m benchmarks.lora_sass``) and rounded up; sm_80 compiles need less.
+    """
+    kw = cfg.kwargs
+    bm, bn, bk, st = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages
+    x_tiles = st * bm * bk * elem
+    if not is_4bit:
+        return x_tiles + st * bk * bn * elem
+    return x_tiles + bn * bk * (6 if forward else 8)
+
+
+def _arch_of(device) -> Optional[Tuple[int, int]]:
+    if isinstance(device, tuple):
+        return device
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(dev)
+
+
+def matmul_configs(*, forward: bool, is_4bit: bool, arch=(9, 0), dtype: torch.dtype = torch.bfloat16) -> List:
+    """The triton.Config list the 16-bit launcher may pick for one variant on one arch.
+
+    ``arch`` is a (major, minor) capability, an int like 90, or a CUDA device. This is
+    what the autotuner is given after its host-side prune (the tile set of the variant,
+    minus configs whose shared memory passes the arch's limit): an ahead-of-time tier
+    compiles exactly these. fp32 inputs and the interpreter use one fixed tile
+    (``fixed_matmul_config``) instead.
+    """
+    if isinstance(arch, int):
+        arch = divmod(arch, 10)
+    arch = _arch_of(arch)
+    limit = SMEM_LIMIT.get(arch, 99 * 1024) if arch is not None else None
+    elem = torch.empty((), dtype=dtype).element_size()
+    out = []
+    for cfg in _MATMUL_CONFIGS:
+        kw = cfg.kwargs
+        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages) not in _TILES[is_4bit]:
+            continue
+        if limit is not None and _smem_estimate(cfg, forward=forward, is_4bit=is_4bit, elem=elem) > limit:
+            continue
+        out.append(cfg)
+    return out
+
+
+def fixed_matmul_config(dtype: torch.dtype) -> dict:
+    """The one tile fp32 inputs use on the GPU (exact fp32 dots; not the hot path)."""
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """Autotuner hook: keep the configs matmul_configs lists for this call's variant and device."""
+    arch = _arch_of(nargs["a_ptr"].device)
+    allowed = matmul_configs(forward=bool(kwargs["W_ROWS_ARE_OUT"]), is_4bit=bool(kwargs["IS_4BIT"]),
+                             arch=arch if arch is not None else (9, 0), dtype=nargs["a_ptr"].dtype)
+    keep = [c for c in configs if any(c.kwargs == a.kwargs and c.num_warps == a.num_warps
+                                      and c.num_stages == a.num_stages for a in allowed)]
+    return keep or allowed[:1] or configs[-1:]
+
+
+def w_as_a(forward: bool, is_4bit: bool) -> bool:
+    """Whether the kernel computes out^T = W a^T: the dequantized W tile is then the
+    wgmma's register operand (no shared-memory round trip, and the wgmma is not waited
+    on at once). Compiled for sm_90 this wins for the 4-bit forward only; the backward's
+    W^T tile would need a transpose and its wgmmas are then waited one by one."""
+    return forward and is_4bit
+
+
+def _even_k(args) -> bool:
+    return args["K_RED"] % args["BLOCK_K"] == 0
+
+
 _lora_matmul_tuned = triton.autotune(
     configs=_MATMUL_CONFIGS,
     key=["N_OUT", "K_RED", "W_ROWS_ARE_OUT", "IS_4BIT", "PAIRED", "QBLOCK", "ROWS_ALIGNED", "HAS_BIAS",
          "ACCUMULATE", "BLOCK_R"],
     restore_value=["out_ptr"],
-)(_lora_matmul_kernel)
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(triton.heuristics({"EVEN_K": _even_k})(_lora_matmul_kernel))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -217,7 +414,8 @@ class _Weight:
             w = self.weight
             return w, w, w, w.stride(0), w.stride(1), 1, False
         info = self.info
-        return info.packed, absmax, info.code, 0, 0, info.blocksize, info.shape[1] % 2 == 0
+        paired = info.shape[1] % 2 == 0
+        return info.packed, absmax, info.pairs if paired else info.code, 0, 0, info.blocksize, paired
 
 
 def _matmul(a: torch.Tensor, weight: _Weight, absmax, lo: torch.Tensor, p: torch.Tensor, p_strides,
@@ -234,15 +432,18 @@ def _matmul(a: torch.Tensor, weight: _Weight, absmax, lo: torch.Tensor, p: torch
             a.stride(0), a.stride(1), s_wr, s_wc, lo.stride(0), lo.stride(1), p_strides[0], p_strides[1],
             out.stride(0), out.stride(1))
     flags = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=weight.is_4bit, PAIRED=paired, QBLOCK=blocksize,
+                 W_AS_A=w_as_a(forward, weight.is_4bit),
                  ROWS_ALIGNED=bool(paired and weight.shape[1] % blocksize == 0),
                  HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
                  DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_R=_rank_block(r))
     if is_interpreter() or a.dtype == torch.float32:
         # interpreter: one small config; fp32 (exact ieee dots, not the hot path): tiles that fit registers
-        bm, bn, bk, warps, stages = (32, 64, 64, 4, 1) if is_interpreter() else (64, 64, 32, 8, 3)
-        grid = (triton.cdiv(M, bm) * triton.cdiv(n_out, bn),)
-        _lora_matmul_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                  num_warps=warps, num_stages=stages)
+        if is_interpreter():
+            cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
+        else:
+            cfg = fixed_matmul_config(a.dtype)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        _lora_matmul_kernel[grid](*args, **flags, **cfg, EVEN_K=k_red % cfg["BLOCK_K"] == 0)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
@@ -296,7 +497,7 @@ def _dense_or_4bit(weight: torch.Tensor, quant_state) -> _Weight:
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         return _Weight(weight, None)
-    return _Weight(weight, quant_info(weight, quant_state))
+    return _Weight(weight, cached_quant_info(weight, quant_state))
 
 
 def _check_lora(x: torch.Tensor, w: _Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, bias, name: str = ""):
@@ -327,17 +528,179 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+# --------------------------------------------------------------------------- ahead-of-time view
+def _matmul_signature(fn, *, is_4bit: bool, dt: str, constexprs: dict):
+    """(signature, attrs) of _lora_matmul_kernel as the JIT sees it at training shapes:
+    16-byte aligned pointers; sizes and row strides divisible by 16; unit strides constexpr 1."""
+    ptr = {"a_ptr": dt, "w_ptr": "u8" if is_4bit else dt, "absmax_ptr": "fp32",
+           "code_ptr": "i64" if is_4bit else dt, "l_ptr": "fp32", "p_ptr": "fp32", "bias_ptr": dt, "out_ptr": dt}
+    div16 = ("N_OUT", "K_RED", "stride_am", "stride_wr", "stride_om", "stride_lm", "stride_pr", "stride_pn")
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptr:
+            sig[name] = "*" + ptr[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name == "scale" else "i32"
+            if name in div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _plain_signature(fn, types: dict, constexprs: dict):
+    """Signature for a kernel whose pointers are in ``types`` (aligned) and whose other arguments are i32."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+            if types[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    return sig, attrs
+
+
+def _entry(name, fn, sig, constexprs, attrs, options, smem_estimate=None) -> dict:
+    return dict(name=name, fn=fn, signature=sig, constexprs=constexprs, attrs=attrs, options=options,
+                smem_estimate=smem_estimate)
+
+
+def launch_variants(arch=(9, 0), dtypes=("bf16", "fp16"), ranks=(16,), blocksize: int = 64,
+                    even_k: bool = True, include_aux: bool = True) -> List[dict]:
+    """Every (kernel, constexprs, launch options) the launchers of this module can pick on ``arch``.
+
+    For an ahead-of-time tier: each entry has "name", "fn" (the @triton.jit function),
+    "signature", "constexprs", "attrs" (for ``triton.compiler.ASTSource``), "options"
+    (num_warps, num_stages, ...) and "smem_estimate" (the bytes the host-side prune
+    assumed, None where nothing is pruned). The matmul entries cover the forward (with
+    and without bias) and backward-dx (first write and accumulation) of a dense and an
+    NF4/FP4 base (even in_features, rows a multiple of ``blocksize``), each tile of
+    ``matmul_configs(arch)``, per dot dtype and LoRA rank, plus the fixed exact-fp32
+    tile. ``include_aux`` adds the fixed-config kernels: the rank projection and
+    reduction (per dtype and rank), the 4-bit dequantizer (per output dtype, byte
+    aligned rows or not) and the nested-absmax decoder. Unit strides are not
+    specialized in the aux entries (the JIT may specialize them to 1).
+    """
+    if isinstance(arch, int):
+        arch = divmod(arch, 10)
+    out = []
+    dots = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    fn = _lora_matmul_kernel
+    fixed = triton.Config({k: v for k, v in fixed_matmul_config(torch.float32).items()
+                           if k not in ("num_warps", "num_stages")},
+                          num_warps=fixed_matmul_config(torch.float32)["num_warps"],
+                          num_stages=fixed_matmul_config(torch.float32)["num_stages"])
+    for dt in tuple(dtypes) + ("fp32",):
+        for forward in (True, False):
+            for is_4bit in (False, True):
+                if dt == "fp32":
+                    cfgs = [fixed]
+                else:
+                    cfgs = matmul_configs(forward=forward, is_4bit=is_4bit, arch=arch,
+                                          dtype=torch.bfloat16 if dt == "bf16" else torch.float16)
+                for rank in ranks:
+                    for extra in (False, True):
+                        has_bias, accumulate = (extra, False) if forward else (False, extra)
+                        for cfg in cfgs:
+                            c = dict(W_ROWS_ARE_OUT=forward, IS_4BIT=is_4bit, PAIRED=is_4bit,
+                                     QBLOCK=blocksize if is_4bit else 1, ROWS_ALIGNED=is_4bit, EVEN_K=even_k,
+                                     W_AS_A=w_as_a(forward, is_4bit), HAS_BIAS=has_bias, ACCUMULATE=accumulate,
+                                     DOT_DTYPE=dots[dt], PRECISION="ieee" if dt == "fp32" else None,
+                                     BLOCK_R=_rank_block(rank), stride_ak=1, stride_lr=1, stride_on=1, **cfg.kwargs)
+                            c["stride_pr" if forward else "stride_pn"] = 1
+                            if is_4bit:
+                                c.update(stride_wr=0, stride_wc=0)
+                            else:
+                                c["stride_wc"] = 1
+                            sig, attrs = _matmul_signature(fn, is_4bit=is_4bit, dt=dt, constexprs=c)
+                            kw = cfg.kwargs
+                            name = (f"lora_matmul_{'fwd' if forward else 'bwd_dx'}_{'4bit' if is_4bit else 'dense'}"
+                                    f"_{dt}_r{rank}{'_bias' if has_bias else ''}{'_acc' if accumulate else ''}"
+                                    f"_BM{kw['BLOCK_M']}_BN{kw['BLOCK_N']}_BK{kw['BLOCK_K']}"
+                                    f"_w{cfg.num_warps}_s{cfg.num_stages}")
+                            est = None if dt == "fp32" else _smem_estimate(cfg, forward=forward, is_4bit=is_4bit)
+                            out.append(_entry(name, fn, sig, c, attrs,
+                                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, est))
+    if not include_aux:
+        return out
+    from .quant import _decode_nested_absmax_kernel, _dequantize_4bit_kernel
+
+    for dt in tuple(dtypes) + ("fp32",):
+        prec = "ieee" if dt == "fp32" else None
+        for rank in ranks:
+            for p_dt in dict.fromkeys(("fp32", dt)):  # peft keeps adapters in fp32 or in the model dtype
+                c = dict(DOT_DTYPE=dots[dt], PRECISION=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_R=_rank_block(rank))
+                sig, attrs = _plain_signature(_rank_project_kernel, {"x_ptr": "*" + dt, "p_ptr": "*" + p_dt,
+                                                                     "out_ptr": "*fp32", "scale": "fp32"}, c)
+                out.append(_entry(f"rank_project_{dt}_p{p_dt}_r{rank}", _rank_project_kernel, sig, c, attrs,
+                                  {"num_warps": 4, "num_stages": 4}))
+            c = dict(DOT_DTYPE=dots[dt], PRECISION=prec, BLOCK_D=64, BLOCK_M=64, BLOCK_R=_rank_block(rank))
+            sig, attrs = _plain_signature(_rank_reduce_kernel, {"y_ptr": "*" + dt, "z_ptr": "*fp32",
+                                                                "part_ptr": "*fp32"}, c)
+            out.append(_entry(f"rank_reduce_{dt}_r{rank}", _rank_reduce_kernel, sig, c, attrs,
+                              {"num_warps": 4, "num_stages": 3}))
+        for paired in (True, False):
+            c = dict(PAIRED=paired, BLOCK_ROW=32, BLOCK_COL=128)
+            sig, attrs = _plain_signature(_dequantize_4bit_kernel, {
+                "w_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*i64" if paired else "*fp32",
+                "out_ptr": "*" + dt}, c)
+            out.append(_entry(f"dequantize_4bit_{dt}_{'paired' if paired else 'odd_cols'}", _dequantize_4bit_kernel,
+                              sig, c, attrs, {"num_warps": 4, "num_stages": 3}))
+    c = dict(BLOCK=1024)
+    sig, attrs = _plain_signature(_decode_nested_absmax_kernel, {
+        "q_ptr": "*u8", "code2_ptr": "*fp32", "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32"}, c)
+    out.append(_entry("decode_nested_absmax", _decode_nested_absmax_kernel, sig, c, attrs,
+                      {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}))
+    return out
+
+
+# --------------------------------------------------------------------------- cuBLAS strategy
+def _dense_w(w: _Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W (out, in) dense in ``dtype``: the weight itself, or a 4-bit W dequantized into the workspace."""
+    if not w.is_4bit:
+        return w.weight
+    out_f, in_f = w.shape
+    buf = workspace(out_f * in_f, dtype, w.info.packed.device).view(out_f, in_f)
+    return dequantize_into(w.info, buf)
+
+
+def _cublas_lora(a: torch.Tensor, w_mat: torch.Tensor, lo: torch.Tensor, p_mat: torch.Tensor, scale: float,
+                 bias: Optional[torch.Tensor], out: torch.Tensor, *, accumulate: bool = False) -> torch.Tensor:
+    """out [+]= a @ w_mat (+ bias), then out += scale * lo @ p_mat in one more addmm (rank r: cheap)."""
+    with torch.autocast(out.device.type, enabled=False):  # the products run in x's dtype, as the kernels do
+        return _cublas_lora_impl(a, w_mat, lo, p_mat, scale, bias, out, accumulate)
+
+
+def _cublas_lora_impl(a, w_mat, lo, p_mat, scale, bias, out, accumulate):
+    dt = out.dtype
+    if accumulate:
+        out.addmm_(a, w_mat)
+    elif bias is not None:
+        torch.addmm(bias.to(dt), a, w_mat, out=out)
+    else:
+        torch.mm(a, w_mat, out=out)
+    if lo.shape[1]:
+        out.addmm_(lo.to(dt), p_mat.to(dt), alpha=scale)
+    return out
+
+
 # --------------------------------------------------------------------------- autograd
 class _LoraLinearFn(torch.autograd.Function):
     """Forward/backward of one or several LoRA projections sharing the input x.
 
-    Projection i has weight[i], lora_a[i], lora_b[i], scaling[i], bias[i]. Tensors
+    Projection i has weight[i], lora_a[i], lora_b[i], scaling[i], bias[i] and a
+    strategy ("triton" or "cublas", chosen on the host from the row count). Tensors
     are passed flat (autograd needs them as arguments): weights, lora_as, lora_bs,
-    biases, each a run of n entries.
+    biases, each a run of n entries. Backward recomputes a 4-bit W (the cuBLAS
+    strategy dequantizes it again into the workspace); nothing dense is saved.
     """
 
     @staticmethod
-    def forward(ctx, x2, infos, scalings, *tensors):
+    def forward(ctx, x2, infos, scalings, strategies, *tensors):
         n = len(scalings)
         weights, lora_as, lora_bs, biases = (tensors[i * n:(i + 1) * n] for i in range(4))
         ranks = [a.shape[0] for a in lora_as]
@@ -347,15 +710,18 @@ class _LoraLinearFn(torch.autograd.Function):
         outs, offset = [], 0
         for i in range(n):
             w = _Weight(weights[i], infos[i])
-            absmax = absmax_fp32(w.info) if w.is_4bit else None
             y = empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
             lo = xa[:, offset:offset + ranks[i]]
             b = lora_bs[i]
-            _matmul(x2, w, absmax, lo, b, (b.stride(1), b.stride(0)), scalings[i], biases[i], y, forward=True)
+            if strategies[i] == "cublas":
+                _cublas_lora(x2, _dense_w(w, x2.dtype).t(), lo, b.t(), scalings[i], biases[i], y)
+            else:
+                absmax = absmax_fp32(w.info) if w.is_4bit else None
+                _matmul(x2, w, absmax, lo, b, (b.stride(1), b.stride(0)), scalings[i], biases[i], y, forward=True)
             outs.append(y)
             offset += ranks[i]
         ctx.save_for_backward(x2, xa, *weights, *lora_as, *lora_bs)
-        ctx.infos, ctx.scalings, ctx.ranks = infos, scalings, ranks
+        ctx.infos, ctx.scalings, ctx.ranks, ctx.strategies = infos, scalings, ranks, strategies
         ctx.bias_meta = [(b is not None and b.requires_grad, None if b is None else b.dtype) for b in biases]
         return tuple(outs)
 
@@ -366,6 +732,7 @@ class _LoraLinearFn(torch.autograd.Function):
         weights, lora_as, lora_bs = params[:n], params[n:2 * n], params[2 * n:]
         M = x2.shape[0]
         need_x = ctx.needs_input_grad[0]
+        first = 4  # index of weights[0] among forward's inputs
         out_features = [_Weight(w, info).shape[0] for w, info in zip(weights, ctx.infos)]
         # an output that did not reach the loss has a zero gradient
         grads = [torch.zeros(M, n_out, dtype=x2.dtype, device=x2.device) if g is None else
@@ -378,33 +745,42 @@ class _LoraLinearFn(torch.autograd.Function):
             _rank_project(g, b, (b.stride(1), b.stride(0)), r, s, out=gbs[:, offset:offset + r])
             # dB = s * g^T xa  (out, r)
             d_b.append((_rank_reduce(g, xa[:, offset:offset + r], g.dtype) * s).to(b.dtype)
-                       if ctx.needs_input_grad[3 + 2 * n + i] else None)
+                       if ctx.needs_input_grad[first + 2 * n + i] else None)
             offset += r
         # dA = (s g B)^T x for all adapters in one pass over x
-        if any(ctx.needs_input_grad[3 + n + i] for i in range(n)):
+        if any(ctx.needs_input_grad[first + n + i] for i in range(n)):
             d_a_cat = _rank_reduce(x2, gbs, x2.dtype).t()  # (r_tot, in)
             offset = 0
             for i in range(n):
                 r = ctx.ranks[i]
                 d_a.append(d_a_cat[offset:offset + r].to(lora_as[i].dtype).contiguous()
-                           if ctx.needs_input_grad[3 + n + i] else None)
+                           if ctx.needs_input_grad[first + n + i] else None)
                 offset += r
         else:
             d_a = [None] * n
         dx = None
         if need_x:
+            # dx = sum_i g_i W_i + (s g B)_cat A_cat, accumulated in one buffer
             dx = empty(M, x2.shape[1], dtype=x2.dtype, device=x2.device)
             a_cat = lora_as[0] if n == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], 0)
+            rank_done = False
             for i in range(n):
                 w = _Weight(weights[i], ctx.infos[i])
-                absmax = absmax_fp32(w.info) if w.is_4bit else None
-                # the rank term for all projections rides on the first matmul's epilogue
-                lo, p = (gbs, a_cat) if i == 0 else (gbs[:, :0], a_cat[:0])
-                _matmul(grads[i], w, absmax, lo, p, (p.stride(0), p.stride(1)), 1.0, None, dx,
-                        forward=False, accumulate=i > 0)
+                if ctx.strategies[i] == "cublas":
+                    _cublas_lora(grads[i], _dense_w(w, x2.dtype), gbs[:, :0], a_cat[:0], 1.0, None, dx,
+                                 accumulate=i > 0)
+                else:
+                    absmax = absmax_fp32(w.info) if w.is_4bit else None
+                    # the rank term for all projections rides on one Triton matmul's epilogue
+                    lo, p = (gbs, a_cat) if not rank_done else (gbs[:, :0], a_cat[:0])
+                    _matmul(grads[i], w, absmax, lo, p, (p.stride(0), p.stride(1)), 1.0, None, dx,
+                            forward=False, accumulate=i > 0)
+                    rank_done = True
+            if not rank_done:
+                dx.addmm_(gbs.to(dx.dtype), a_cat.to(dx.dtype))
         d_w = []
         for i in range(n):
-            if ctx.infos[i] is None and ctx.needs_input_grad[3 + i]:
+            if ctx.infos[i] is None and ctx.needs_input_grad[first + i]:
                 gw = empty(*weights[i].shape, dtype=weights[i].dtype, device=x2.device)
                 torch.mm(grads[i].t(), x2, out=gw)  # full fine-tuning of the base: cuBLAS
                 d_w.append(gw)
@@ -412,10 +788,10 @@ class _LoraLinearFn(torch.autograd.Function):
                 d_w.append(None)
         d_bias = [grads[i].sum(0, dtype=torch.float32).to(dt) if needs else None
                   for i, (needs, dt) in enumerate(ctx.bias_meta)]
-        return (dx, None, None, *d_w, *d_a, *d_b, *d_bias)
+        return (dx, None, None, None, *d_w, *d_a, *d_b, *d_bias)
 
 
-def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states):
+def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states, dequant_rows=None, dense_base=None):
     n = len(weights)
     for name, seq in (("lora_as", lora_as), ("lora_bs", lora_bs), ("scalings", scalings),
                       ("biases", biases), ("quant_states", quant_states)):
@@ -429,30 +805,42 @@ def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states):
     for i, s in enumerate(scalings):
         if not isinstance(s, (int, float)) or s != s:
             raise ValueError(f"scaling must be a finite Python number, got {s!r}")
+    rows_threshold = resolve_dequant_rows(dequant_rows)
+    base = resolve_dense_base(dense_base)
     lead = x.shape[:-1]
     if x.numel() == 0:  # no tokens: nothing to launch; the reference handles the empty shapes
         return [reference.lora_linear(x, w, a, b, s, bias=bi, quant_state=q)
                 for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
     x2 = _as_2d(x)
+    strategies = [pick_strategy(x2.shape[0], w.is_4bit, dequant_rows=rows_threshold, dense_base=base) for w in ws]
     outs = _LoraLinearFn.apply(
-        x2, [w.info for w in ws], [float(s) for s in scalings],
+        x2, [w.info for w in ws], [float(s) for s in scalings], strategies,
         *[w.weight if w.info is None else w.info.packed for w in ws], *lora_as, *lora_bs, *biases)
     return [y.reshape(*lead, y.shape[-1]) for y in outs]
 
 
 # --------------------------------------------------------------------------- public API
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float, *, bias: Optional[torch.Tensor] = None, quant_state=None) -> torch.Tensor:
-    """y = x W^T + scaling * (x A^T) B^T (+ bias); W dense or bitsandbytes 4-bit (quant_state)."""
+                scaling: float, *, bias: Optional[torch.Tensor] = None, quant_state=None,
+                dequant_rows: Optional[int] = None, dense_base: Optional[str] = None) -> torch.Tensor:
+    """y = x W^T + scaling * (x A^T) B^T (+ bias); W dense or bitsandbytes 4-bit (quant_state).
+
+    dequant_rows: from this many rows (x's leading dims flattened) on, a 4-bit W is
+    dequantized once into a shared workspace and multiplied by cuBLAS; below it the
+    Triton kernel dequantizes in registers (default 1024, env FASTSFT_LORA_DEQUANT_ROWS).
+    dense_base: "cublas" (default, env FASTSFT_LORA_DENSE_BASE) or "triton" for a dense W.
+    """
     if not use_triton(x):
         return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, quant_state=quant_state)
-    return _run(x, [weight], [lora_a], [lora_b], [scaling], [bias], [quant_state])[0]
+    return _run(x, [weight], [lora_a], [lora_b], [scaling], [bias], [quant_state],
+                dequant_rows=dequant_rows, dense_base=dense_base)[0]
 
 
 def lora_linear_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
                       lora_bs: Sequence[torch.Tensor], scalings: Sequence[float], *,
                       biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                      quant_states: Optional[Sequence] = None) -> list:
+                      quant_states: Optional[Sequence] = None, dequant_rows: Optional[int] = None,
+                      dense_base: Optional[str] = None) -> list:
     """Several LoRA projections of one x (q/k/v, gate/up): [lora_linear(x, W_i, A_i, B_i, s_i, ...)].
 
     x is read once for all x A_i^T and once for all dA_i, and dx accumulates every
@@ -466,7 +854,8 @@ def lora_linear_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
     if not use_triton(x):
         return [reference.lora_linear(x, w, a, b, s, bias=bi, quant_state=q)
                 for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
-    return _run(x, list(weights), list(lora_as), list(lora_bs), list(scalings), biases, quant_states)
+    return _run(x, list(weights), list(lora_as), list(lora_bs), list(scalings), biases, quant_states,
+                dequant_rows=dequant_rows, dense_base=dense_base)
 
 
 def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -478,4 +867,6 @@ def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dty
     return triton_dequantize_4bit(packed, quant_state, dtype=dtype)
 
 
-__all__ = ["lora_linear", "lora_linear_fused", "dequantize_4bit", "MAX_RANK", "FLOAT_DTYPES"]
+__all__ = ["lora_linear", "lora_linear_fused", "dequantize_4bit", "pick_strategy", "matmul_configs",
+           "launch_variants", "resolve_dequant_rows", "resolve_dense_base", "workspace_bytes", "MAX_RANK",
+           "FLOAT_DTYPES"]

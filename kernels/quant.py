@@ -46,10 +46,69 @@ class QuantInfo:
     absmax2: Optional[torch.Tensor] = None
     blocksize2: int = 0
     offset: Optional[torch.Tensor] = None  # (1,) fp32 on the device: read by the kernel, no host sync
+    absmax_decoded: Optional[torch.Tensor] = None  # fp32 absmax of a nested state, decoded once
+    _pairs: Optional[torch.Tensor] = None
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        """The 256-entry code-pair table (built once): see ``code_pair_table``."""
+        if self._pairs is None:
+            self._pairs = code_pair_table(self.code)
+        return self._pairs
 
     @property
     def n_blocks(self) -> int:
         return -(-self.shape[0] * self.shape[1] // self.blocksize)
+
+
+# ---------------------------------------------------------------- per-weight cache
+# Validating a QuantState costs several .to() calls and, when nested, a decode
+# kernel and an absmax-sized allocation; both are constant per weight. The result
+# is kept on the QuantState itself and reused while the key below still holds:
+# the packed storage (pointer, size, dtype) and every statistics tensor (object,
+# pointer, in-place version). Moving the state (QuantState.to) replaces those
+# tensors; editing them in place bumps their version: either misses the cache.
+_CACHE_ATTR = "_fastsft_quant_info"
+
+
+def _tensor_key(t) -> tuple:
+    if not isinstance(t, torch.Tensor):
+        return (type(t).__name__, t if isinstance(t, (int, float)) else id(t))
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = -1
+    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
+
+
+def _state_key(packed: torch.Tensor, quant_state) -> tuple:
+    state2 = getattr(quant_state, "state2", None)
+    stats = [getattr(quant_state, "absmax", None), getattr(quant_state, "code", None),
+             getattr(quant_state, "offset", None)]
+    if state2 is not None:
+        stats += [state2.absmax, state2.code]
+    return (packed.data_ptr(), packed.numel(), packed.dtype, packed.device, tuple(quant_state.shape),
+            int(quant_state.blocksize), quant_state.quant_type, quant_state.dtype,
+            bool(getattr(quant_state, "nested", False)), *(_tensor_key(t) for t in stats))
+
+
+def cached_quant_info(packed: torch.Tensor, quant_state) -> QuantInfo:
+    """quant_info(packed, quant_state), validated once per weight and reused until it changes."""
+    if not isinstance(packed, torch.Tensor):
+        return quant_info(packed, quant_state)
+    try:
+        key = _state_key(packed, quant_state)
+    except (AttributeError, TypeError, ValueError):
+        return quant_info(packed, quant_state)  # not a QuantState: let quant_info say why
+    hit = getattr(quant_state, _CACHE_ATTR, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    info = quant_info(packed, quant_state)
+    try:
+        setattr(quant_state, _CACHE_ATTR, (key, info))
+    except AttributeError:  # a state object that refuses attributes: validate per call
+        pass
+    return info
 
 
 def quant_info(packed: torch.Tensor, quant_state) -> QuantInfo:
@@ -109,6 +168,17 @@ def quant_info(packed: torch.Tensor, quant_state) -> QuantInfo:
     return info
 
 
+def code_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: entry b holds the fp32 bits of code[b >> 4] (low word) and code[b & 15] (high word).
+
+    One 8-byte lookup decodes both nibbles of a packed byte (instead of two 4-byte
+    lookups), with the exact fp32 codes, so the dequantized values stay bit for bit.
+    """
+    bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256, device=code.device)
+    return (bits[b >> 4] | (bits[b & 15] << 32)).contiguous()
+
+
 def standard_code(quant_type: str, device) -> torch.Tensor:
     """The 16-entry table bitsandbytes uses for ``quant_type`` (fp32)."""
     # one table for the oracle and the kernels; parity tests against bitsandbytes check it
@@ -129,9 +199,15 @@ def _decode_nested_absmax_kernel(q_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_
 
 
 def absmax_fp32(info: QuantInfo) -> torch.Tensor:
-    """The per-block fp32 absmax (decoding the 8-bit nested codes when double-quantized)."""
+    """The per-block fp32 absmax (the 8-bit nested codes decoded once per QuantInfo)."""
     if not info.nested:
         return info.absmax
+    if info.absmax_decoded is None:
+        info.absmax_decoded = _decode_nested_absmax(info)
+    return info.absmax_decoded
+
+
+def _decode_nested_absmax(info: QuantInfo) -> torch.Tensor:
     n = info.absmax.numel()
     out = empty(n, dtype=torch.float32, device=info.absmax.device)
     block = 1024
@@ -145,33 +221,50 @@ def absmax_fp32(info: QuantInfo) -> torch.Tensor:
 def load_weight_tile(w_ptr, absmax_ptr, code_ptr, offs_row, col_start, n_rows, n_cols,
                      stride_row, stride_col, blocksize,
                      IS_4BIT: tl.constexpr, PAIRED: tl.constexpr, BLOCK_ROW: tl.constexpr,
-                     BLOCK_COL: tl.constexpr, OUT_DTYPE: tl.constexpr, ROW_SCALE: tl.constexpr = False):
+                     BLOCK_COL: tl.constexpr, OUT_DTYPE: tl.constexpr, ROW_SCALE: tl.constexpr = False,
+                     EVEN_ROWS: tl.constexpr = False, EVEN_COLS: tl.constexpr = False):
     """Tile W[offs_row, col_start : col_start + BLOCK_COL] of a (n_rows, n_cols) weight
     as OUT_DTYPE (0 outside the weight). col_start is a multiple of BLOCK_COL.
 
-    Dense: a masked load. 4-bit: unpack nibbles, look the code up (the 16-entry
-    table stays in L1), scale by the block's absmax in fp32, then cast -- in
-    registers only. PAIRED (n_cols even, so every row starts on a byte boundary)
-    loads each byte once and interleaves its two nibbles with tl.join; otherwise
-    (odd n_cols) every element gathers its own byte. ROW_SCALE (n_cols a multiple
+    Dense: a masked load. 4-bit: unpack nibbles, look the code up (the table stays
+    in L1), scale by the block's absmax in fp32, then cast -- in registers only.
+    PAIRED (n_cols even, so every row starts on a byte boundary) loads each byte
+    once, decodes both its nibbles with one lookup in the 256-entry pair table
+    (``code_ptr`` is ``code_pair_table``'s int64 table then) and interleaves them
+    with tl.join; otherwise (odd n_cols) every element gathers its own byte and
+    ``code_ptr`` is the 16-entry fp32 table. ROW_SCALE (n_cols a multiple
     of blocksize, blocksize a multiple of BLOCK_COL) means one quantization block
     covers each row of the tile: one absmax load per row instead of per element.
+    EVEN_ROWS / EVEN_COLS: the tile never passes that edge of the weight (no mask
+    on it, so the loop body carries no per-step bounds checks there).
     """
     offs_col = col_start + tl.arange(0, BLOCK_COL)
+    row_ok = offs_row[:, None] < n_rows
     if IS_4BIT:
         if PAIRED:
             # byte b of the row holds columns 2b (high nibble) and 2b + 1 (low nibble)
             offs_pair = col_start // 2 + tl.arange(0, BLOCK_COL // 2)
-            mask = (offs_row[:, None] < n_rows) & (offs_pair[None, :] < n_cols // 2)
-            flat = offs_row[:, None].to(tl.int64) * n_cols + 2 * offs_pair[None, :]
-            byte = tl.load(w_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+            if EVEN_ROWS and EVEN_COLS:
+                mask = None
+            elif EVEN_COLS:
+                mask = row_ok
+            elif EVEN_ROWS:
+                mask = offs_pair[None, :] < n_cols // 2
+            else:
+                mask = row_ok & (offs_pair[None, :] < n_cols // 2)
+            # a row's bytes start at row * n_cols / 2 (n_cols even): no per-element 64-bit division
+            row_bytes = offs_row.to(tl.int64) * (n_cols // 2)
+            byte = tl.load(w_ptr + row_bytes[:, None] + offs_pair[None, :], mask=mask, other=0).to(tl.int32)
             if ROW_SCALE:
                 first = offs_row.to(tl.int64) * n_cols + col_start
                 scale = tl.load(absmax_ptr + first // blocksize, mask=offs_row < n_rows, other=0.0)[:, None]
             else:
+                flat = 2 * row_bytes[:, None] + 2 * offs_pair[None, :]
                 scale = tl.load(absmax_ptr + flat // blocksize, mask=mask, other=0.0)
-            hi = tl.load(code_ptr + (byte >> 4)) * scale
-            lo = tl.load(code_ptr + (byte & 15)) * scale
+            # code_ptr is the 256-entry pair table here: both codes of the byte in one load
+            pair = tl.load(code_ptr + byte)
+            hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
+            lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
             w = tl.reshape(tl.join(hi, lo), (BLOCK_ROW, BLOCK_COL))
         else:
             mask = (offs_row[:, None] < n_rows) & (offs_col[None, :] < n_cols)
@@ -200,20 +293,29 @@ def _dequantize_4bit_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, n_rows, n_cols
     tl.store(out_ptr + offs_row[:, None].to(tl.int64) * n_cols + offs_col[None, :], w, mask=mask)
 
 
+def dequantize_into(info: QuantInfo, out: torch.Tensor) -> torch.Tensor:
+    """Write the dense (out, in) W of ``info`` into ``out`` (contiguous, that shape, a float dtype)."""
+    n_rows, n_cols = info.shape
+    if tuple(out.shape) != (n_rows, n_cols) or not out.is_contiguous() or out.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out must be a contiguous float ({n_rows}, {n_cols}) tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    block_row, block_col = (32, 64) if is_interpreter() else (32, 128)
+    grid = (triton.cdiv(n_rows, block_row), triton.cdiv(n_cols, block_col))
+    paired = n_cols % 2 == 0
+    _dequantize_4bit_kernel[grid](info.packed, absmax_fp32(info), info.pairs if paired else info.code, out, n_rows,
+                                  n_cols, info.blocksize, PAIRED=paired, BLOCK_ROW=block_row, BLOCK_COL=block_col)
+    return out
+
+
 def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Dequantize bitsandbytes 4-bit data to a dense (out, in) tensor with Triton.
 
     Matches ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)`` (the
     fp32 product code * absmax, cast to ``dtype``, default ``quant_state.dtype``).
     """
-    info = quant_info(packed, quant_state)
+    info = cached_quant_info(packed, quant_state)
     dtype = dtype or info.dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32/float16/bfloat16, got {dtype}")
-    n_rows, n_cols = info.shape
-    out = empty(n_rows, n_cols, dtype=dtype, device=info.packed.device)
-    block_row, block_col = (32, 64) if is_interpreter() else (32, 128)
-    grid = (triton.cdiv(n_rows, block_row), triton.cdiv(n_cols, block_col))
-    _dequantize_4bit_kernel[grid](info.packed, absmax_fp32(info), info.code, out, n_rows, n_cols, info.blocksize,
-                                  PAIRED=n_cols % 2 == 0, BLOCK_ROW=block_row, BLOCK_COL=block_col)
-    return out
+    out = empty(*info.shape, dtype=dtype, device=info.packed.device)
+    return dequantize_into(info, out)

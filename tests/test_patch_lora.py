@@ -70,7 +70,8 @@ def _loss_and_grads(model):
 def _compare(model, bound):
     loss_ref, grads_ref = _loss_and_grads(model)
     lines = lora_patch.apply(model)
-    assert len([line for line in lines if "lora_linear" in line]) == 2 * len(TARGETS)
+    assert len([line for line in lines if "lora_linear (" in line]) == 2 * len(TARGETS)
+    assert len([line for line in lines if "-> lora_linear_fused" in line]) == 2 * 2  # q/k/v and gate/up per layer
     loss, grads = _loss_and_grads(model)
     fell_back = {name: m.__dict__.get("_fastsft_lora_logged") for name, m in model.named_modules()
                  if m.__dict__.get("_fastsft_lora_logged")}
@@ -157,17 +158,24 @@ def test_unsupported_options_keep_peft_path(caplog):
     import fastsft_kernels.lora as kernel_module
 
     original = kernel_module.lora_linear
+    original_fused = kernel_module.lora_linear_fused
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
+    def counting_fused(*args, **kwargs):  # q_proj is in a q/k/v group: its call fuses the three
+        calls["n"] += 1
+        return original_fused(*args, **kwargs)
+
     layer_x = torch.randn(2, 5, 64)
     with caplog.at_level(logging.INFO, logger="fastsft"):
         kernel_module.lora_linear = counting
+        kernel_module.lora_linear_fused = counting_fused
         import fastsft_kernels
 
         fastsft_kernels.__dict__.pop("lora_linear", None)  # re-resolve through the module
+        fastsft_kernels.__dict__.pop("lora_linear_fused", None)
         try:
             model.train()
             layer(layer_x)
@@ -178,7 +186,9 @@ def test_unsupported_options_keep_peft_path(caplog):
             assert calls["n"] == 1
         finally:
             kernel_module.lora_linear = original
+            kernel_module.lora_linear_fused = original_fused
             fastsft_kernels.__dict__.pop("lora_linear", None)
+            fastsft_kernels.__dict__.pop("lora_linear_fused", None)
     messages = [r.getMessage() for r in caplog.records if "dropout" in r.getMessage()]
     assert len(messages) == 1 and "self_attn.q_proj" in messages[0]
 

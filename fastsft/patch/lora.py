@@ -12,6 +12,9 @@ LoRA bias), dropout inactive (p == 0 or eval mode), no per-sample
 ``adapter_names``, rank <= 128. Under torch.autocast the dense path computes in
 the autocast dtype, as ``F.linear`` would. Otherwise that call takes peft's own
 forward and the reason is logged once per layer.
+
+Layers that share x in Llama-family attention (q/k/v) and MLPs (gate/up) are then
+wired into groups that run as one ``lora_linear_fused`` call (``lora_fused``).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ _PATCHED = "_fastsft_lora_patched"
 _NAME = "_fastsft_lora_name"
 _LOGGED = "_fastsft_lora_logged"
 _IS_4BIT = "_fastsft_lora_4bit"
+_GROUP = "_fastsft_lora_group"  # (lora_fused.ProjectionGroup, index) on members of a fused group
 
 
 def _peft_classes():
@@ -126,6 +130,38 @@ def _log_once(module: torch.nn.Module, reason: str) -> None:
         logger.info("fastsft lora: %s: peft path for this call (%s)", module.__dict__.get(_NAME, "?"), reason)
 
 
+def _kernel_args(self, x: torch.Tensor) -> dict:
+    """What fastsft_kernels.lora_linear needs for this layer and input (call only when eligible).
+
+    Returns x as the kernel must see it ("x", cast to the compute dtype), the
+    weight / quant_state / bias / adapter, and "out_dtype" (the dtype peft returns,
+    None when it is x's). Dense under autocast: x, W and bias in the autocast dtype,
+    as F.linear would do. bitsandbytes Linear4bit: its compute_dtype, output back in
+    x's dtype, as Linear4bit.forward does.
+    """
+    name = next(a for a in self.active_adapters if a in self.lora_A)
+    base = self.get_base_layer()
+    weight = base.weight
+    args = dict(lora_a=self.lora_A[name].weight, lora_b=self.lora_B[name].weight,
+                scaling=float(self.scaling[name]), quant_state=None, out_dtype=None, x=x)
+    if not self.__dict__.get(_IS_4BIT):  # dense nn.Linear base
+        bias = base.bias
+        autocast = _autocast_dtype(x)
+        if autocast is not None:
+            args["x"], weight = x.to(autocast), weight.to(autocast)
+            bias = bias.to(autocast) if bias is not None else None
+        args.update(weight=weight, bias=bias)
+        return args
+    if not getattr(base, "compute_type_is_set", True):
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    compute = base.compute_dtype or x.dtype
+    args.update(x=x.to(compute), weight=weight.data, quant_state=weight.quant_state,
+                bias=base.bias.to(compute) if base.bias is not None else None,
+                out_dtype=x.dtype if compute != x.dtype else None)
+    return args
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft LoraLayer.forward with one active plain adapter, as one fused lora_linear call."""
     reason = _call_reason(self, x, kwargs) if not args else "extra positional arguments"
@@ -134,45 +170,36 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     kwargs.pop("adapter_names", None)
     self._check_forward_args(x, *args, **kwargs)
+    group = self.__dict__.get(_GROUP)
+    if group is not None:
+        y = group[0].output(group[1], x, kwargs)
+        if y is not None:
+            return y
     import fastsft_kernels as fk
 
-    name = next(a for a in self.active_adapters if a in self.lora_A)
-    lora_a = self.lora_A[name].weight
-    lora_b = self.lora_B[name].weight
-    scaling = float(self.scaling[name])
-    base = self.get_base_layer()
-    weight = base.weight
-    autocast = _autocast_dtype(x)
-    if not self.__dict__.get(_IS_4BIT):  # dense nn.Linear base
-        bias = base.bias
-        if autocast is not None:
-            # what F.linear does under autocast: x, W and bias in the autocast dtype (the
-            # adapter's tiles are cast inside the kernel, as autocast would cast them)
-            x, weight = x.to(autocast), weight.to(autocast)
-            bias = bias.to(autocast) if bias is not None else None
-            with torch.autocast(x.device.type, enabled=False):
-                return fk.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias)
-        return fk.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias)
-    # bitsandbytes Linear4bit: mirror its dtype handling (compute in compute_dtype, return x's dtype)
-    if not getattr(base, "compute_type_is_set", True):
-        base.set_compute_type(x)
-        base.compute_type_is_set = True
-    inp_dtype = x.dtype
-    compute = base.compute_dtype or x.dtype
-    xc = x.to(compute)
-    bias = base.bias.to(compute) if base.bias is not None else None
+    k = _kernel_args(self, x)
+    # the kernel computes in x's dtype: autocast has nothing left to do inside
     with torch.autocast(x.device.type, enabled=False):
-        y = fk.lora_linear(xc, weight.data, lora_a, lora_b, scaling, bias=bias, quant_state=weight.quant_state)
-    return y.to(inp_dtype)
+        y = fk.lora_linear(k["x"], k["weight"], k["lora_a"], k["lora_b"], k["scaling"], bias=k["bias"],
+                           quant_state=k["quant_state"])
+    return y if k["out_dtype"] is None else y.to(k["out_dtype"])
 
 
 def apply(model: torch.nn.Module) -> List[str]:
-    """Patch every eligible peft LoraLayer of ``model`` in place; return what was done and why."""
+    """Patch every eligible peft LoraLayer of ``model`` in place; return what was done and why.
+
+    Then wire q/k/v and gate/up groups whose layers are all patched through
+    ``lora_linear_fused`` (``fastsft.patch.lora_fused``). One INFO line sums it up;
+    the per-layer lines go to DEBUG and to the returned report.
+    """
+    from . import lora_fused
+
     classes = _peft_classes()
     if classes is None:
         return []
     lora_layer_cls = classes[2]
     lines: List[str] = []
+    patched, kept = set(), 0
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
@@ -180,9 +207,8 @@ def apply(model: torch.nn.Module) -> List[str]:
             continue  # idempotent
         reason = _static_reason(module, classes)
         if reason is not None:
-            line = f"{name}: kept on peft's path ({reason})"
-            logger.info("fastsft lora: %s", line)
-            lines.append(line)
+            lines.append(f"{name}: kept on peft's path ({reason})")
+            kept += 1
             continue
         base = module.get_base_layer()
         is_4bit = _is_bnb_4bit(base)
@@ -191,14 +217,42 @@ def apply(model: torch.nn.Module) -> List[str]:
         module.forward = types.MethodType(_fused_forward, module)
         module.__dict__[_PATCHED] = True
         module.__dict__[_NAME] = name
-        line = f"{name}: lora_linear ({kind} base {base.in_features}->{base.out_features})"
-        logger.info("fastsft lora: %s", line)
-        lines.append(line)
+        patched.add(id(module))
+        lines.append(f"{name}: lora_linear ({kind} base {base.in_features}->{base.out_features})")
+    if not patched:
+        for line in lines:
+            logger.debug("fastsft lora: %s", line)
+        if kept:
+            logger.info("fastsft lora: %d LoRA layers kept on peft's path (%s)", kept, lines[0])
+        return lines
+    group_lines = lora_fused.apply(model, patched, _GROUP)
+    lines.extend(group_lines)
+    for line in lines:
+        logger.debug("fastsft lora: %s", line)
+    fused = sum("lora_linear_fused" in line for line in group_lines)
+    packed = sum("(packed)" in line for line in group_lines)
+    summary = f"fastsft lora: {len(patched)} LoRA layers on lora_linear, {fused} q/k/v or gate/up groups fused"
+    if packed:
+        summary += f", {packed} packed projections"
+    if kept:
+        first = next(line for line in lines if "kept on peft's path" in line)
+        summary += f"; {kept} kept on peft's path (e.g. {first})"
+    logger.info(summary)
     return lines
+
+
+def fused_calls(model: torch.nn.Module) -> int:
+    """How many lora_linear_fused calls the wired groups of ``model`` made so far."""
+    from . import lora_fused
+
+    return sum(g.fused_calls for g in lora_fused.groups_of(model, _GROUP))
 
 
 def revert(model: torch.nn.Module) -> None:
     """Restore peft's forward on every layer ``apply`` patched."""
+    from . import lora_fused
+
+    lora_fused.revert(model, _GROUP)
     for module in model.modules():
         if module.__dict__.pop(_PATCHED, False):
             module.__dict__.pop("forward", None)
