@@ -140,13 +140,7 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     model.config.use_cache = False
 
     if config.mode == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        prepare_quantized_base(model, config.gradient_checkpointing)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -172,6 +166,22 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
 
         model = fastsft.patch_model(model)
     return model
+
+
+def prepare_quantized_base(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """What peft's prepare_model_for_kbit_training is for, without its fp32 upcast.
+
+    The base is frozen (LoRA adds the trainable weights) and checkpointing recomputes
+    with use_reentrant=False, which needs no input-grad hook. Embeddings, norms and
+    lm_head stay in the compute dtype they were loaded in: peft's blanket upcast to
+    fp32 would make the residual stream fp32 and send fp32 activations into every
+    kernel (attention's exact-fp32 path, no tensor cores); the kernels already keep
+    their statistics and accumulators in fp32.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_base(config, output_dir: str, resuming: bool) -> str:
