@@ -242,7 +242,10 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
     if attention_mask is not None:
-        bnd = boundaries_from_padding_mask(attention_mask[:, -kv_len:], query.device)
+        if attention_mask.shape[-1] != kv_len:
+            attention_mask = attention_mask[:, -kv_len:]
+        # the mask function already derived the indices (once per batch); this finds them cached
+        bnd = boundaries_from_padding_mask(attention_mask, query.device)
         out = _run_kernel(backend, q[bnd.rows, bnd.cols], k[bnd.rows, bnd.cols], v[bnd.rows, bnd.cols],
                           bnd.cu, max(bnd.max_len, 1), scale, causal, window, softcap, 0.0)
         padded = out.new_zeros(batch, q_len, n_heads, out.shape[-1])
@@ -250,14 +253,22 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
 
     cu_q = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
-    if cu_q is not None:
-        # max_length_q is not needed: the exact maximum comes with the one host copy
+    max_q = kwargs.get("max_length_q")
+    if (cu_q is not None and isinstance(max_q, int) and not isinstance(max_q, bool)
+            and cu_q.dtype == torch.int32 and cu_q.device == query.device):
+        # the collator's boundaries with their host maximum: handed to the kernel as they are
+        # (the kernel validates them against its host view, made once per batch)
+        cu, max_len = cu_q, max(max_q, 1)
+    elif cu_q is not None:
+        # no host maximum: one host copy of the cu_seq_lens per batch, cached for every later layer
         bnd = boundaries_from_cu_seqlens(cu_q, query.device)
+        cu, max_len = bnd.cu, max(bnd.max_len, 1)
     elif position_ids is not None:
         bnd = boundaries_from_position_ids(position_ids, batch, q_len, query.device)
     else:
         bnd = boundaries_one_per_row(batch, q_len, query.device)
-    cu, max_len = bnd.cu, max(bnd.max_len, 1)
+    if cu_q is None:
+        cu, max_len = bnd.cu, max(bnd.max_len, 1)
     out = _run_kernel(backend, q.reshape(batch * q_len, n_heads, head_dim),
                       k.reshape(batch * kv_len, k.shape[2], head_dim),
                       v.reshape(batch * kv_len, v.shape[2], v.shape[3]),
@@ -285,13 +296,79 @@ def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
     padding (or the lengths differ), else None -- never a 4-D mask."""
     if attention_mask is None:
         return None
-    attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    if attention_mask.shape[-1] != kv_length:
+        attention_mask = attention_mask[:, -kv_length:]
+        if attention_mask.shape[1] != kv_length:
+            return attention_mask
+    # the one host copy of this batch's mask: it decides "no padding" and gives the unpad
+    # indices, cached on the returned mask for every layer (and the recompute)
+    bnd = boundaries_from_padding_mask(attention_mask, attention_mask.device)
+    if bnd.total == attention_mask.numel():
         return None
     return attention_mask
 
 
 _FUNCTIONS = {"fastsft_varlen": fastsft_varlen, "fastsft_varlen_fa2": fastsft_varlen_fa2}
+
+
+# =============================================================================== packed positions
+class _PackedPositions:
+    __slots__ = ("device_ids", "version", "sequence_index")
+
+    def __init__(self, device_ids, sequence_index):
+        self.device_ids, self.version, self.sequence_index = device_ids, device_ids._version, sequence_index
+
+
+_PACKED: List[_PackedPositions] = []
+
+
+def packed_sequence_index(host_position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """transformers' find_packed_sequence_indices, on host position ids (no device read):
+    per token, the index of its document in the row; None when every row is one document."""
+    pos = host_position_ids if host_position_ids.dim() == 2 else host_position_ids.unsqueeze(0)
+    diff = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
+    index = (diff != 1).cumsum(-1)
+    return None if bool((index[:, -1] == 0).all()) else index
+
+
+def remember_packed_positions(device_position_ids: torch.Tensor, host_position_ids: torch.Tensor) -> None:
+    """Register a batch's device position ids with their host copy (once per batch, before the
+    forward): transformers' mask preparation then gets its packed-sequence index from the host
+    values instead of reading the device tensor back (one sync per forward otherwise)."""
+    index = packed_sequence_index(host_position_ids)
+    if index is not None:
+        index = index.to(device_position_ids.device, non_blocking=True)
+    _PACKED.insert(0, _PackedPositions(device_position_ids, index))
+    del _PACKED[_CACHE_SIZE:]
+    _install_packed_lookup()
+
+
+def _known_packed_index(position_ids):
+    for entry in _PACKED:
+        if entry.device_ids is position_ids and entry.version == position_ids._version:
+            return True, entry.sequence_index
+    return False, None
+
+
+def _install_packed_lookup() -> None:
+    """Wrap masking_utils.find_packed_sequence_indices once: for registered position ids it
+    returns the value computed on the host (the very tensor transformers would compute);
+    for every other tensor it is the stock function."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return
+    stock = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if stock is None or getattr(stock, "_fastsft_packed_lookup", False):
+        return
+
+    def find_packed_sequence_indices(position_ids):
+        known, index = _known_packed_index(position_ids)
+        return index if known else stock(position_ids)
+
+    find_packed_sequence_indices._fastsft_packed_lookup = True
+    find_packed_sequence_indices.__wrapped__ = stock
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 def register() -> bool:
@@ -364,15 +441,13 @@ def apply(model, backend: str = "triton") -> List[str]:
         return []
     current = config._attn_implementation
     if current == name:
-        return [f"attention: already {name}"]
+        return [f"already {name}"]
     previous = getattr(base, _PREVIOUS_ATTR, None)
     if previous is None:
         previous = current
     _set_implementation(base, name)
     object.__setattr__(base, _PREVIOUS_ATTR, previous)
-    line = f"attention: {current} -> {name} (packed varlen, {backend} kernel)"
-    logger.info(line)
-    return [line]
+    return [f"{current} -> {name} (packed varlen, {backend} kernel)"]
 
 
 def revert(model) -> None:
@@ -387,4 +462,4 @@ def revert(model) -> None:
 
 
 __all__ = ["apply", "revert", "register", "fastsft_varlen", "fastsft_varlen_fa2", "eager_attention",
-           "padding_only_mask", "IMPLEMENTATIONS"]
+           "padding_only_mask", "remember_packed_positions", "packed_sequence_index", "IMPLEMENTATIONS"]
