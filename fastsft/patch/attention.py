@@ -29,7 +29,7 @@ from typing import List, Optional
 
 import torch
 
-logger = logging.getLogger("fastsft")
+logger = logging.getLogger("fastsft.patch")
 
 IMPLEMENTATIONS = {"triton": "fastsft_varlen", "flash_attn": "fastsft_varlen_fa2"}
 _PREVIOUS_ATTR = "_fastsft_attention_previous"
@@ -151,7 +151,7 @@ def _run_kernel(backend, q, k, v, cu, max_len, scale, causal, window, softcap, d
         return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
                                       causal=causal, window_size=(left, right), softcap=softcap or 0.0)
     if backend == "flash_attn":
-        _log_once("fa-dtype", "fastsft attention: flash-attn needs fp16/bf16 CUDA tensors (got %s on %s); "
+        _log_once("fa-dtype", "attention: flash-attn needs fp16/bf16 CUDA tensors (got %s on %s); "
                   "using fastsft's Triton kernel for these calls", q.dtype, q.device)
     import fastsft_kernels
 
@@ -234,7 +234,7 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     elif attention_mask is not None and attention_mask.dim() != 2:
         reason = f"a {attention_mask.dim()}-D attention mask was passed"
     if reason is not None:
-        _log_once(reason, "fastsft attention: %s; using an eager attention fallback for these calls", reason)
+        _log_once(reason, "attention: %s; using an eager attention fallback for these calls", reason)
         return eager_attention(query, key, value, attention_mask, scale, causal, window, softcap, dropout,
                                training), None
 

@@ -84,7 +84,7 @@ def _apply_rms_norm(model) -> List[str]:
         set_forward(module, _make_norm_forward(offset, eps_attr), _TAGS["rms_norm"])
         done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
     if skipped:
-        logger.warning("fastsft.patch_model: rms_norm: unknown norm classes left to PyTorch: %s", ", ".join(sorted(skipped)))
+        logger.warning("rms_norm: unknown norm classes left to PyTorch: %s", ", ".join(sorted(skipped)))
     return [f"{n} x{c}" for n, c in sorted(done.items())]
 
 
@@ -126,7 +126,7 @@ def _apply_swiglu(model) -> List[str]:
         set_forward(module, fn, _TAGS["swiglu"])
         done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
     if not_silu:
-        logger.warning("fastsft.patch_model: swiglu: MLPs whose activation is not SiLU are left to PyTorch "
+        logger.warning("swiglu: MLPs whose activation is not SiLU are left to PyTorch "
                        "(no GeGLU kernel): %s", ", ".join(sorted(not_silu)))
     return [f"{n} x{c}" for n, c in sorted(done.items())]
 
@@ -222,7 +222,7 @@ def _apply_rope(model) -> List[str]:
         try:
             fn = _rope_forward_for(type(module))
         except ValueError as exc:
-            logger.warning("fastsft.patch_model: rope: %s; left to PyTorch", exc)
+            logger.warning("rope: %s; left to PyTorch", exc)
             continue
         set_forward(module, fn, _TAGS["rope"])
         done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
@@ -239,7 +239,7 @@ def apply(model: torch.nn.Module, *, which: str) -> List[str]:
     base = base_model_of(model)
     done = _APPLY[which](base)
     if not done:
-        logger.warning("fastsft.patch_model: %s: no supported module in %s (model_type %r); left to PyTorch",
+        logger.warning("%s: no supported module in %s (model_type %r); left to PyTorch",
                        which, type(base).__name__, getattr(getattr(base, "config", None), "model_type", None))
     return done
 

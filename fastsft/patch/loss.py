@@ -51,7 +51,7 @@ _warned: set = set()
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        logger.warning("fastsft: fused loss not used (%s); the model's own loss is computed instead", reason)
+        logger.warning("cross_entropy: fused loss not used (%s); the model's own loss is computed instead", reason)
 
 
 @torch.compiler.disable
@@ -205,11 +205,11 @@ def apply(model: torch.nn.Module) -> List[str]:
     base = base_model_of(model)
     reason = _unsupported_reason(base)
     if reason is not None:
-        logger.warning("fastsft.patch_model: cross_entropy: not patched: %s", reason)
+        logger.warning("cross_entropy: not patched: %s", reason)
         return []
     if _lm_head(base) is None:
         # still patch: the head may become a plain Linear later (e.g. merge); each call re-checks
-        logger.warning("fastsft.patch_model: cross_entropy: %s's output embedding is %s, not a plain Linear; "
+        logger.warning("cross_entropy: %s's output embedding is %s, not a plain Linear; "
                        "the model's own loss is used until it is", type(base).__name__,
                        type(base.get_output_embeddings()).__name__)
     set_forward(base, _causal_lm_forward, _TAG)
