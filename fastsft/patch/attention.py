@@ -7,16 +7,21 @@ padding mask, or nothing, instead of building a 4-D mask) and switches the model
 
 Per attention call the backend finds the document boundaries, in this order:
 1. ``cu_seq_lens_q`` passed by the caller (transformers' FlashAttentionKwargs, e.g.
-   from DataCollatorWithFlattening; ``max_length_q`` is not needed, the exact maximum
-   comes from the same host copy);
+   from DataCollatorWithFlattening or fastsft's trainer). With an int32 device tensor
+   and an int ``max_length_q`` they go to the kernel as they are: no host read at all
+   (the trainer makes them with ``make_cu_seqlens``, whose host view the kernel
+   keeps); otherwise one host copy per batch gives the exact maximum;
 2. a 2-D padding mask: the valid tokens are gathered (unpad), run as documents
    and scattered back (padded positions get zeros);
 3. ``position_ids`` that restart per document: a document starts wherever the
    position is not the previous one + 1;
 4. otherwise every batch row is one document.
-Boundaries are computed once per batch (one small device->host copy of the
-cu_seq_lens, mask or position ids), cached on the identity of that tensor, and
-reused by every later layer and the backward with no host sync.
+Otherwise boundaries are computed once per batch (one small device->host copy of the
+cu_seq_lens, mask or position ids; the padding mask's in the mask function),
+cached on the identity of that tensor, and reused by every later layer, the
+recompute and the backward with no host sync. ``remember_packed_positions``
+gives transformers' packed-sequence detection its answer from host position ids
+(it reads the device tensor back on every forward otherwise).
 
 Cases the kernel does not cover (attention dropout > 0, decoding with a KV cache,
 custom 4-D masks) run an exact eager computation instead, logged once per reason.

@@ -133,3 +133,17 @@ def test_batches_without_host_boundaries_sync_once_per_batch(sync_counter, monke
         assert len(reads) == 1, f"{kind}, {layers} layers: expected one host copy per batch:\n{counter.summary()}"
         counts.append(len(counter.events))
     assert counts[0] == counts[1], f"{kind}: syncs grow with the number of layers: {counts}"
+
+
+def test_label_range_is_checked_on_the_host_before_the_device_copy(make_packed_batch):
+    from fastsft.errors import DataError
+    from fastsft.train.batch import batch_to_device
+
+    batch = make_packed_batch()
+    batch["labels"][0, 5] = 500  # beyond a 128-token vocabulary
+    with pytest.raises(DataError, match=r"1 label\(s\) outside the model's vocabulary \[0, 128\) \(token ids 500\)"):
+        batch_to_device(batch, torch.device("cpu"), vocab_size=128)
+    batch["labels"][0, 5] = -100
+    inputs = batch_to_device(batch, torch.device("cpu"), vocab_size=128)
+    assert isinstance(inputs["max_length_q"], int) and inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"]
+    assert "num_trained_tokens" not in inputs
