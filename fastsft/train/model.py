@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -158,7 +159,11 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
                 modules_to_save=config.lora_modules_to_save,
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, lora)
+            with warnings.catch_warnings():
+                # peft asks transformers for a renamed property; nothing a user of fastsft can act on
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                model = get_peft_model(model, lora)
         except ValueError as exc:
             raise ConfigError(f"LoRA options (lora_*): {exc}") from None
     if config.patch_kernels:

@@ -113,6 +113,7 @@ class SyncCounter:
 
     def __init__(self):
         self.events = []
+        self.triton_launches = 0  # the launchers ran as on a GPU (not the CPU reference path)
         self._paused = 0
         self._modes = None
         self._restore = None
@@ -180,6 +181,7 @@ def _pause_inside_triton_launches(counter):
     original = interpreter.GridExecutor.__call__
 
     def call(self, *args, **kwargs):
+        counter.triton_launches += 1
         with counter.paused():
             return original(self, *args, **kwargs)
 

@@ -76,6 +76,7 @@ def test_no_host_sync_in_forward_and_backward(tmp_path, sync_counter, monkeypatc
     assert record is not None and torch.isfinite(torch.tensor(record["loss"]))
     batch = trainer.collate(trainer.stream_data.plan(0)[0])
     assert {"cu_seq_lens_q", "position_ids"} <= set(batch), "the trainer's batch is not packed"
+    assert fwd_bwd.triton_launches > 0, "the kernels did not take the Triton path"
     assert not fwd_bwd.events, f"{mode}: host syncs in forward + backward:\n{fwd_bwd.summary()}"
     outside = len(whole.events) - len(fwd_bwd.events)
     print(f"{mode}: forward+backward syncs 0; rest of the step {outside}:\n{whole.summary()}")
