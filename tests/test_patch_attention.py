@@ -207,7 +207,7 @@ def test_apply_revert_idempotent():
     first = fattn.apply(model)
     assert first and model.config._attn_implementation == "fastsft_varlen"
     again = fattn.apply(model)
-    assert again == ["attention: already fastsft_varlen"]
+    assert again == ["already fastsft_varlen"]  # patch_model prefixes the component name
     fattn.revert(model)
     assert model.config._attn_implementation == before
     fattn.revert(model)  # second revert: nothing to undo

@@ -99,7 +99,8 @@ def test_what_was_and_was_not_patched_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="fastsft.patch"):
         fastsft.patch_model(model, attention=False, lora=False)
     text = caplog.text
-    assert "rms_norm -> Gemma2RMSNorm" in text and "rope -> Gemma2Attention" in text
+    assert "rms_norm: Gemma2RMSNorm" in text and "rope: Gemma2Attention" in text
+    assert "fastsft.patch_model" not in text  # the logger's name says where; no doubled prefix
     assert "not SiLU" in text and "Gemma2MLP" in text  # GeGLU MLPs stay on PyTorch, said so
     assert "softcap 30.0" in text
     assert "swiglu" not in patch_state(model)

@@ -83,3 +83,23 @@ def _padded(examples, pad_token_id: int, multiple: int) -> dict:
         "attention_mask": attention_mask,
         "num_trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
     }
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int, *, ignore_index: int = IGNORE_INDEX,
+                      where: str = "batch") -> None:
+    """Raise DataError when a trained label is outside [0, vocab_size).
+
+    Runs on the collator's host tensors, once per batch, so the loss kernels need no
+    device-to-host read of their own (a bad label there only gives a NaN row).
+    """
+    if labels.device.type != "cpu":
+        raise ValueError("check_label_range runs on the host copy of the labels (before the device copy)")
+    trained = labels != ignore_index
+    bad = trained & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        values = sorted(set(labels[bad].tolist()))
+        from fastsft.errors import DataError
+
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise DataError(f"{where}: {int(bad.sum())} label(s) outside the model's vocabulary [0, {vocab_size}) "
+                        f"(token ids {shown}); does the tokenizer match the model?")

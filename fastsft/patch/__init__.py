@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -64,11 +65,56 @@ def _component_module(name: str):
     return importlib.import_module(f"{__name__}.{COMPONENTS[name]}")
 
 
+class _PerModuleLinesToDebug(logging.Filter):
+    """The LoRA component logs one INFO line per layer (about 224 at 8B); patch_model logs
+    their one-line summary instead, so those lines are kept at DEBUG only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not record.pathname.endswith(f"patch{os.sep}lora.py"):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _lora_summary(lines: List[str]) -> str:
+    """'14 layers -> lora_linear (14 4-bit nf4); 2 kept on peft's path (...)' from the per-layer lines."""
+    fused = [line for line in lines if ": lora_linear (" in line]
+    kinds: Dict[str, int] = {}
+    for line in fused:
+        kind = line.split(": lora_linear (", 1)[1].split(" base", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    text = f"{len(fused)} layers on lora_linear ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" \
+        if fused else "no layer on lora_linear"
+    kept = [line for line in lines if line not in fused]
+    if kept:
+        reasons = sorted({line.split("(", 1)[-1].rstrip(")") for line in kept})
+        text += f"; {len(kept)} kept on peft's path ({'; '.join(reasons)})"
+    return text
+
+
+def _summary(name: str, done: List[str]) -> str:
+    return _lora_summary(done) if name == "lora" else "; ".join(done)
+
+
 def _apply_component(name: str, model: torch.nn.Module, options: dict) -> Optional[List[str]]:
+    if name == "lora":
+        quiet = _PerModuleLinesToDebug()
+        root = logging.getLogger("fastsft")
+        root.addFilter(quiet)
+        try:
+            return _apply_component_logged(name, model, options)
+        finally:
+            root.removeFilter(quiet)
+    return _apply_component_logged(name, model, options)
+
+
+def _apply_component_logged(name: str, model: torch.nn.Module, options: dict) -> Optional[List[str]]:
     try:
         module = _component_module(name)
     except ImportError as exc:
-        logger.error("fastsft.patch_model: component %r is unavailable (%s); left unpatched", name, exc)
+        logger.error("patch_model: component %r is unavailable (%s); left unpatched", name, exc)
         return None
     try:
         if module.__name__.endswith(".layers"):
@@ -76,12 +122,12 @@ def _apply_component(name: str, model: torch.nn.Module, options: dict) -> Option
         else:
             done = module.apply(model, **options)
     except Exception as exc:  # one component failing must not leave the others undone
-        logger.error("fastsft.patch_model: component %r failed and was left unpatched: %s: %s",
+        logger.error("patch_model: component %r failed and was left unpatched: %s: %s",
                      name, type(exc).__name__, exc)
         try:
             _revert_component(name, model)
         except Exception:
-            logger.exception("fastsft.patch_model: reverting the failed component %r also failed", name)
+            logger.exception("patch_model: reverting the failed component %r also failed", name)
         return None
     return list(done or [])
 
@@ -136,10 +182,10 @@ def patch_model(
             continue
         if done:
             state[name] = done
-            logger.info("fastsft.patch_model: %s -> %s", name, "; ".join(done))
+            logger.info("%s: %s", name, _summary(name, done))
         else:
             # applied cleanly but found nothing to patch (e.g. lora=True on a model without LoRA layers)
-            logger.info("fastsft.patch_model: %s: nothing to patch in %s", name, type(base).__name__)
+            logger.info("%s: nothing to patch in %s", name, type(base).__name__)
     object.__setattr__(base, _STATE_ATTR, state)
     return model
 

@@ -7,16 +7,21 @@ padding mask, or nothing, instead of building a 4-D mask) and switches the model
 
 Per attention call the backend finds the document boundaries, in this order:
 1. ``cu_seq_lens_q`` passed by the caller (transformers' FlashAttentionKwargs, e.g.
-   from DataCollatorWithFlattening; ``max_length_q`` is not needed, the exact maximum
-   comes from the same host copy);
+   from DataCollatorWithFlattening or fastsft's trainer). With an int32 device tensor
+   and an int ``max_length_q`` they go to the kernel as they are: no host read at all
+   (the trainer makes them with ``make_cu_seqlens``, whose host view the kernel
+   keeps); otherwise one host copy per batch gives the exact maximum;
 2. a 2-D padding mask: the valid tokens are gathered (unpad), run as documents
    and scattered back (padded positions get zeros);
 3. ``position_ids`` that restart per document: a document starts wherever the
    position is not the previous one + 1;
 4. otherwise every batch row is one document.
-Boundaries are computed once per batch (one small device->host copy of the
-cu_seq_lens, mask or position ids), cached on the identity of that tensor, and
-reused by every later layer and the backward with no host sync.
+Otherwise boundaries are computed once per batch (one small device->host copy of the
+cu_seq_lens, mask or position ids; the padding mask's in the mask function),
+cached on the identity of that tensor, and reused by every later layer, the
+recompute and the backward with no host sync. ``remember_packed_positions``
+gives transformers' packed-sequence detection its answer from host position ids
+(it reads the device tensor back on every forward otherwise).
 
 Cases the kernel does not cover (attention dropout > 0, decoding with a KV cache,
 custom 4-D masks) run an exact eager computation instead, logged once per reason.
@@ -29,7 +34,7 @@ from typing import List, Optional
 
 import torch
 
-logger = logging.getLogger("fastsft")
+logger = logging.getLogger("fastsft.patch")
 
 IMPLEMENTATIONS = {"triton": "fastsft_varlen", "flash_attn": "fastsft_varlen_fa2"}
 _PREVIOUS_ATTR = "_fastsft_attention_previous"
@@ -151,7 +156,7 @@ def _run_kernel(backend, q, k, v, cu, max_len, scale, causal, window, softcap, d
         return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale,
                                       causal=causal, window_size=(left, right), softcap=softcap or 0.0)
     if backend == "flash_attn":
-        _log_once("fa-dtype", "fastsft attention: flash-attn needs fp16/bf16 CUDA tensors (got %s on %s); "
+        _log_once("fa-dtype", "attention: flash-attn needs fp16/bf16 CUDA tensors (got %s on %s); "
                   "using fastsft's Triton kernel for these calls", q.dtype, q.device)
     import fastsft_kernels
 
@@ -234,7 +239,7 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     elif attention_mask is not None and attention_mask.dim() != 2:
         reason = f"a {attention_mask.dim()}-D attention mask was passed"
     if reason is not None:
-        _log_once(reason, "fastsft attention: %s; using an eager attention fallback for these calls", reason)
+        _log_once(reason, "attention: %s; using an eager attention fallback for these calls", reason)
         return eager_attention(query, key, value, attention_mask, scale, causal, window, softcap, dropout,
                                training), None
 
@@ -242,7 +247,10 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
     if attention_mask is not None:
-        bnd = boundaries_from_padding_mask(attention_mask[:, -kv_len:], query.device)
+        if attention_mask.shape[-1] != kv_len:
+            attention_mask = attention_mask[:, -kv_len:]
+        # the mask function already derived the indices (once per batch); this finds them cached
+        bnd = boundaries_from_padding_mask(attention_mask, query.device)
         out = _run_kernel(backend, q[bnd.rows, bnd.cols], k[bnd.rows, bnd.cols], v[bnd.rows, bnd.cols],
                           bnd.cu, max(bnd.max_len, 1), scale, causal, window, softcap, 0.0)
         padded = out.new_zeros(batch, q_len, n_heads, out.shape[-1])
@@ -250,14 +258,22 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
 
     cu_q = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
-    if cu_q is not None:
-        # max_length_q is not needed: the exact maximum comes with the one host copy
+    max_q = kwargs.get("max_length_q")
+    if (cu_q is not None and isinstance(max_q, int) and not isinstance(max_q, bool)
+            and cu_q.dtype == torch.int32 and cu_q.device == query.device):
+        # the collator's boundaries with their host maximum: handed to the kernel as they are
+        # (the kernel validates them against its host view, made once per batch)
+        cu, max_len = cu_q, max(max_q, 1)
+    elif cu_q is not None:
+        # no host maximum: one host copy of the cu_seq_lens per batch, cached for every later layer
         bnd = boundaries_from_cu_seqlens(cu_q, query.device)
+        cu, max_len = bnd.cu, max(bnd.max_len, 1)
     elif position_ids is not None:
         bnd = boundaries_from_position_ids(position_ids, batch, q_len, query.device)
     else:
         bnd = boundaries_one_per_row(batch, q_len, query.device)
-    cu, max_len = bnd.cu, max(bnd.max_len, 1)
+    if cu_q is None:
+        cu, max_len = bnd.cu, max(bnd.max_len, 1)
     out = _run_kernel(backend, q.reshape(batch * q_len, n_heads, head_dim),
                       k.reshape(batch * kv_len, k.shape[2], head_dim),
                       v.reshape(batch * kv_len, v.shape[2], v.shape[3]),
@@ -285,13 +301,79 @@ def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
     padding (or the lengths differ), else None -- never a 4-D mask."""
     if attention_mask is None:
         return None
-    attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    if attention_mask.shape[-1] != kv_length:
+        attention_mask = attention_mask[:, -kv_length:]
+        if attention_mask.shape[1] != kv_length:
+            return attention_mask
+    # the one host copy of this batch's mask: it decides "no padding" and gives the unpad
+    # indices, cached on the returned mask for every layer (and the recompute)
+    bnd = boundaries_from_padding_mask(attention_mask, attention_mask.device)
+    if bnd.total == attention_mask.numel():
         return None
     return attention_mask
 
 
 _FUNCTIONS = {"fastsft_varlen": fastsft_varlen, "fastsft_varlen_fa2": fastsft_varlen_fa2}
+
+
+# =============================================================================== packed positions
+class _PackedPositions:
+    __slots__ = ("device_ids", "version", "sequence_index")
+
+    def __init__(self, device_ids, sequence_index):
+        self.device_ids, self.version, self.sequence_index = device_ids, device_ids._version, sequence_index
+
+
+_PACKED: List[_PackedPositions] = []
+
+
+def packed_sequence_index(host_position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """transformers' find_packed_sequence_indices, on host position ids (no device read):
+    per token, the index of its document in the row; None when every row is one document."""
+    pos = host_position_ids if host_position_ids.dim() == 2 else host_position_ids.unsqueeze(0)
+    diff = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
+    index = (diff != 1).cumsum(-1)
+    return None if bool((index[:, -1] == 0).all()) else index
+
+
+def remember_packed_positions(device_position_ids: torch.Tensor, host_position_ids: torch.Tensor) -> None:
+    """Register a batch's device position ids with their host copy (once per batch, before the
+    forward): transformers' mask preparation then gets its packed-sequence index from the host
+    values instead of reading the device tensor back (one sync per forward otherwise)."""
+    index = packed_sequence_index(host_position_ids)
+    if index is not None:
+        index = index.to(device_position_ids.device, non_blocking=True)
+    _PACKED.insert(0, _PackedPositions(device_position_ids, index))
+    del _PACKED[_CACHE_SIZE:]
+    _install_packed_lookup()
+
+
+def _known_packed_index(position_ids):
+    for entry in _PACKED:
+        if entry.device_ids is position_ids and entry.version == position_ids._version:
+            return True, entry.sequence_index
+    return False, None
+
+
+def _install_packed_lookup() -> None:
+    """Wrap masking_utils.find_packed_sequence_indices once: for registered position ids it
+    returns the value computed on the host (the very tensor transformers would compute);
+    for every other tensor it is the stock function."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return
+    stock = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if stock is None or getattr(stock, "_fastsft_packed_lookup", False):
+        return
+
+    def find_packed_sequence_indices(position_ids):
+        known, index = _known_packed_index(position_ids)
+        return index if known else stock(position_ids)
+
+    find_packed_sequence_indices._fastsft_packed_lookup = True
+    find_packed_sequence_indices.__wrapped__ = stock
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 def register() -> bool:
@@ -364,15 +446,13 @@ def apply(model, backend: str = "triton") -> List[str]:
         return []
     current = config._attn_implementation
     if current == name:
-        return [f"attention: already {name}"]
+        return [f"already {name}"]
     previous = getattr(base, _PREVIOUS_ATTR, None)
     if previous is None:
         previous = current
     _set_implementation(base, name)
     object.__setattr__(base, _PREVIOUS_ATTR, previous)
-    line = f"attention: {current} -> {name} (packed varlen, {backend} kernel)"
-    logger.info(line)
-    return [line]
+    return [f"{current} -> {name} (packed varlen, {backend} kernel)"]
 
 
 def revert(model) -> None:
@@ -387,4 +467,4 @@ def revert(model) -> None:
 
 
 __all__ = ["apply", "revert", "register", "fastsft_varlen", "fastsft_varlen_fa2", "eager_attention",
-           "padding_only_mask", "IMPLEMENTATIONS"]
+           "padding_only_mask", "remember_packed_positions", "packed_sequence_index", "IMPLEMENTATIONS"]

@@ -30,6 +30,7 @@ import torch
 import fastsft_kernels as fk
 
 from . import base_model_of
+from .dtypes import ConstantCasts, autocast_dtype, to_autocast
 from .families import (
     is_known_attention, is_patched, is_rms_norm_like, mlp_layout, norm_info,
     original_forward, restore_forward, set_forward,
@@ -60,7 +61,12 @@ def _rope(q, k, cos, sin):
 # ---------------------------------------------------------------- rms_norm
 def _make_norm_forward(offset: float, eps_attr: str) -> Callable:
     def forward(self, hidden_states):
-        return _rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset)
+        dtype = autocast_dtype(hidden_states)
+        # under autocast: x (the fp32 residual of full fine-tuning) in the autocast dtype; the
+        # Llama-style weight too, since the output has the promoted dtype of x and weight.
+        # Gemma's (1 + w) is applied in fp32 and rounded to x's dtype: its weight stays as is.
+        weight = to_autocast(self.weight, dtype) if offset == 0.0 else self.weight
+        return _rms_norm(to_autocast(hidden_states, dtype), weight, getattr(self, eps_attr), offset)
 
     return forward
 
@@ -78,7 +84,7 @@ def _apply_rms_norm(model) -> List[str]:
         set_forward(module, _make_norm_forward(offset, eps_attr), _TAGS["rms_norm"])
         done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
     if skipped:
-        logger.warning("fastsft.patch_model: rms_norm: unknown norm classes left to PyTorch: %s", ", ".join(sorted(skipped)))
+        logger.warning("rms_norm: unknown norm classes left to PyTorch: %s", ", ".join(sorted(skipped)))
     return [f"{n} x{c}" for n, c in sorted(done.items())]
 
 
@@ -91,13 +97,18 @@ def _is_silu(act) -> bool:
     return act is torch.nn.functional.silu
 
 
+def _swiglu_in_compute_dtype(gate, up):
+    dtype = autocast_dtype(gate)  # the projections' outputs already are, under autocast
+    return _swiglu(to_autocast(gate, dtype), to_autocast(up, dtype))
+
+
 def _split_mlp_forward(self, x):
-    return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_swiglu_in_compute_dtype(self.gate_proj(x), self.up_proj(x)))
 
 
 def _fused_mlp_forward(self, hidden_states):
     gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
-    return self.down_proj(_swiglu(gate, up))
+    return self.down_proj(_swiglu_in_compute_dtype(gate, up))
 
 
 def _apply_swiglu(model) -> List[str]:
@@ -115,18 +126,24 @@ def _apply_swiglu(model) -> List[str]:
         set_forward(module, fn, _TAGS["swiglu"])
         done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
     if not_silu:
-        logger.warning("fastsft.patch_model: swiglu: MLPs whose activation is not SiLU are left to PyTorch "
+        logger.warning("swiglu: MLPs whose activation is not SiLU are left to PyTorch "
                        "(no GeGLU kernel): %s", ", ".join(sorted(not_silu)))
     return [f"{n} x{c}" for n, c in sorted(done.items())]
 
 
 # ---------------------------------------------------------------- rope
+# cos/sin come in the residual stream's dtype (fp32 in full fine-tuning): under autocast
+# they are cast once per forward and shared by every layer
+_ROPE_CASTS = ConstantCasts()
+
+
 def _make_fast_apply_rotary(stock: Callable) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
         # the kernel covers HF's standard call: q/k (batch, heads, seq, dim), cos/sin (batch, seq, rot)
         if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() not in (2, 3):
             return stock(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-        return _rope(q, k, cos, sin)
+        dtype = autocast_dtype(q)
+        return _rope(to_autocast(q, dtype), to_autocast(k, dtype), _ROPE_CASTS(cos, dtype), _ROPE_CASTS(sin, dtype))
 
     apply_rotary_pos_emb.__wrapped__ = stock
     return apply_rotary_pos_emb
@@ -205,7 +222,7 @@ def _apply_rope(model) -> List[str]:
         try:
             fn = _rope_forward_for(type(module))
         except ValueError as exc:
-            logger.warning("fastsft.patch_model: rope: %s; left to PyTorch", exc)
+            logger.warning("rope: %s; left to PyTorch", exc)
             continue
         set_forward(module, fn, _TAGS["rope"])
         done[type(module).__name__] = done.get(type(module).__name__, 0) + 1
@@ -222,7 +239,7 @@ def apply(model: torch.nn.Module, *, which: str) -> List[str]:
     base = base_model_of(model)
     done = _APPLY[which](base)
     if not done:
-        logger.warning("fastsft.patch_model: %s: no supported module in %s (model_type %r); left to PyTorch",
+        logger.warning("%s: no supported module in %s (model_type %r); left to PyTorch",
                        which, type(base).__name__, getattr(getattr(base, "config", None), "model_type", None))
     return done
 

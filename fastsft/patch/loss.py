@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import fastsft_kernels as fk
 
 from . import base_model_of
+from .dtypes import autocast_dtype, cached_weight_cast, drop_weight_cast, to_autocast
 from .families import original_forward, restore_forward, set_forward
 
 logger = logging.getLogger("fastsft.patch")
@@ -50,7 +51,7 @@ _warned: set = set()
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        logger.warning("fastsft: fused loss not used (%s); the model's own loss is computed instead", reason)
+        logger.warning("cross_entropy: fused loss not used (%s); the model's own loss is computed instead", reason)
 
 
 @torch.compiler.disable
@@ -103,6 +104,24 @@ def _unsupported_reason(model) -> Optional[str]:
     return None
 
 
+def _signature_names(fn) -> set:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+_CACHE_KEYWORDS: dict = {}
+
+
+def _cache_keyword(decoder) -> str:
+    """The decoder's name for the KV cache: ``cache`` (newer transformers) or ``past_key_values``."""
+    cls = type(decoder)
+    if cls not in _CACHE_KEYWORDS:
+        _CACHE_KEYWORDS[cls] = "cache" if "cache" in _signature_names(cls.forward) else "past_key_values"
+    return _CACHE_KEYWORDS[cls]
+
+
 def _causal_lm_forward(
     self,
     input_ids=None,
@@ -115,6 +134,17 @@ def _causal_lm_forward(
     logits_to_keep=0,
     **kwargs,
 ):
+    # the 4th parameter is the cache under either name; it is passed on only when given, under
+    # the name this transformers uses (the old name logs a deprecation warning on every call)
+    if "cache" in kwargs:
+        if past_key_values is not None:
+            raise ValueError("pass the cache as either `cache` or `past_key_values`, not both")
+        past_key_values = kwargs.pop("cache")
+    decoder = getattr(self, self.base_model_prefix)
+    cache_kw = _cache_keyword(decoder)
+    if past_key_values is not None:
+        kwargs[cache_kw] = past_key_values
+
     stock = original_forward(self)
     head = _lm_head(self)
     if labels is None or head is None or not _is_zero(logits_to_keep):
@@ -122,8 +152,8 @@ def _causal_lm_forward(
             _warn_once("the output embedding is not a plain Linear" if head is None
                        else "logits_to_keep was given with labels")
         return stock(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                     use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                     logits_to_keep=logits_to_keep, **kwargs)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -134,10 +164,8 @@ def _causal_lm_forward(
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
 
-    decoder = getattr(self, self.base_model_prefix)
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                      return_dict=True, **kwargs)
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
     hidden = outputs.last_hidden_state
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -146,12 +174,27 @@ def _causal_lm_forward(
                          f"{tuple(hidden.shape[:-1])}")
     if torch.is_tensor(num_items):
         num_items = num_items.to(hidden.device)
-    loss = _fused_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                       shift_labels.reshape(-1).to(hidden.device), head.bias, ignore_index, num_items,
+    # under autocast the kernel gets the autocast dtype: the hidden states (already, from a patched
+    # norm) and lm_head's weight, whose cast is made once per weight version (per optimizer step
+    # for a trained fp32 head; a frozen head is loaded in the compute dtype and is not cast)
+    dtype = autocast_dtype(hidden)
+    weight = cached_weight_cast(head, head.weight, dtype)
+    bias = to_autocast(head.bias, dtype)
+    loss = _fused_loss(to_autocast(hidden, dtype).reshape(-1, hidden.shape[-1]), weight,
+                       shift_labels.reshape(-1).to(hidden.device), bias, ignore_index, num_items,
                        _softcap(self.config))
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions,
+                                 **{_cache_field(CausalLMOutputWithPast): getattr(outputs, _cache_field(type(outputs)))})
     return out if return_dict else out.to_tuple()
+
+
+def _cache_field(output_cls) -> str:
+    """The output dataclass's cache field (reading the old name logs a deprecation warning)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(output_cls)}
+    return "cache" if "cache" in names else "past_key_values"
 
 
 def _is_zero(logits_to_keep) -> bool:
@@ -162,11 +205,11 @@ def apply(model: torch.nn.Module) -> List[str]:
     base = base_model_of(model)
     reason = _unsupported_reason(base)
     if reason is not None:
-        logger.warning("fastsft.patch_model: cross_entropy: not patched: %s", reason)
+        logger.warning("cross_entropy: not patched: %s", reason)
         return []
     if _lm_head(base) is None:
         # still patch: the head may become a plain Linear later (e.g. merge); each call re-checks
-        logger.warning("fastsft.patch_model: cross_entropy: %s's output embedding is %s, not a plain Linear; "
+        logger.warning("cross_entropy: %s's output embedding is %s, not a plain Linear; "
                        "the model's own loss is used until it is", type(base).__name__,
                        type(base.get_output_embeddings()).__name__)
     set_forward(base, _causal_lm_forward, _TAG)
@@ -175,7 +218,11 @@ def apply(model: torch.nn.Module) -> List[str]:
 
 
 def revert(model: torch.nn.Module) -> None:
-    restore_forward(base_model_of(model), _TAG)
+    base = base_model_of(model)
+    restore_forward(base, _TAG)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is not None:
+        drop_weight_cast(head)
 
 
 __all__ = ["apply", "revert"]

@@ -22,6 +22,7 @@ import torch
 from fastsft import run_dir
 from fastsft.errors import ConfigError, DataError
 from fastsft.train import checkpoint as ckpt
+from fastsft.train.batch import batch_to_device, output_vocab_size
 from fastsft.train.evaluate import autocast_factory, evaluate_loss, exact_match
 from fastsft.train.metrics import (LOSS_CURVE_FILE, MetricsWriter, Progress, open_reporters, peak_memory_mb,
                                    plot_loss_curve, summary_lines)
@@ -341,6 +342,7 @@ class Trainer:
                     "'eval_fraction'"
                 )
             self.model = load_model(base, config, self.device, self.precision)
+            self.vocab_size = output_vocab_size(self.model)
             base = self._commit_output(base, staging)
         finally:
             if staging is not None:
@@ -391,8 +393,8 @@ class Trainer:
 
     def compute_loss(self, batch: dict, num_items: int) -> torch.Tensor:
         """Loss of one micro-batch = its trained-token loss sum / trained tokens of the whole window."""
-        inputs = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                  for k, v in batch.items() if k != "num_trained_tokens"}
+        # host label check, then one device copy per batch (cu_seqlens pre-validated, max lengths as ints)
+        inputs = batch_to_device(batch, self.device, vocab_size=self.vocab_size)
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                    if self.config.offload_activations else contextlib.nullcontext())
         with self.autocast(), offload:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -140,13 +141,7 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     model.config.use_cache = False
 
     if config.mode == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        prepare_quantized_base(model, config.gradient_checkpointing)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -164,7 +159,11 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
                 modules_to_save=config.lora_modules_to_save,
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, lora)
+            with warnings.catch_warnings():
+                # peft asks transformers for a renamed property; nothing a user of fastsft can act on
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                model = get_peft_model(model, lora)
         except ValueError as exc:
             raise ConfigError(f"LoRA options (lora_*): {exc}") from None
     if config.patch_kernels:
@@ -172,6 +171,22 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
 
         model = fastsft.patch_model(model)
     return model
+
+
+def prepare_quantized_base(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """What peft's prepare_model_for_kbit_training is for, without its fp32 upcast.
+
+    The base is frozen (LoRA adds the trainable weights) and checkpointing recomputes
+    with use_reentrant=False, which needs no input-grad hook. Embeddings, norms and
+    lm_head stay in the compute dtype they were loaded in: peft's blanket upcast to
+    fp32 would make the residual stream fp32 and send fp32 activations into every
+    kernel (attention's exact-fp32 path, no tensor cores); the kernels already keep
+    their statistics and accumulators in fp32.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_base(config, output_dir: str, resuming: bool) -> str:
