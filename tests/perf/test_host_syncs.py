@@ -55,9 +55,9 @@ def count_step(trainer, sync_counter, monkeypatch):
         with fwd_bwd.paused():  # host tensors, before the device copy
             return real_to_device(*args, **kwargs)
 
-    def accumulate(batches):
+    def accumulate(*args, **kwargs):
         with fwd_bwd:
-            return real_accumulate(batches)
+            return real_accumulate(*args, **kwargs)
 
     monkeypatch.setattr(loop_module, "batch_to_device", to_device)
     monkeypatch.setattr(trainer, "accumulate", accumulate)

@@ -73,8 +73,11 @@ def test_every_advertised_op_is_patched_and_called(model_type, kernel_recorder, 
         "linear_cross_entropy": 1,
         # input + post-attention norms per layer (Gemma-2/3: four), the final norm, q/k norms
         "rms_norm": LAYERS * (4 if model_type.startswith("gemma") else 2) + 1 + (2 * LAYERS if qk_norm else 0),
-        "lora_linear": lora_layers,
     }
+    if model_type == "phi3":  # packed qkv_proj and gate_up_proj: one LoRA layer each
+        expected.update(lora_linear=lora_layers, lora_linear_fused=0)
+    else:  # q/k/v and gate/up share x: one fused call each; o_proj and down_proj alone
+        expected.update(lora_linear=lora_layers - 5 * LAYERS, lora_linear_fused=2 * LAYERS)
     if swiglu:
         expected["swiglu"] = LAYERS
     counts = kernel_recorder.counts()
