@@ -22,17 +22,6 @@ TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num
         "num_key_value_heads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _kernel_label_check_moved_to_the_host(monkeypatch):
-    # The trainer checks labels on the host (fastsft.data.collate.check_label_range). Kernels
-    # that still carry their own device-side check (one .item() per loss call) get it switched
-    # off here; once kernels/cross_entropy.py has no such check this does nothing.
-    import importlib
-
-    if hasattr(importlib.import_module("fastsft_kernels.cross_entropy"), "_label_check_enabled"):
-        monkeypatch.setenv("FASTSFT_CHECK_LABELS", "0")
-
-
 def trainer_for(tmp_path, mode, precision):
     train, _ = make_records(12, 1, seed=1)
     write_jsonl(str(tmp_path / "train.jsonl"), train)
