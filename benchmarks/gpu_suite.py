@@ -496,13 +496,7 @@ def plot_kernels(report: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{p['benchmark']}: fwd+bwd ms (lower is better)", fontsize=8)
         ax.legend(fontsize=6)
-    for ax in axes[len(payloads):]:
-        ax.axis("off")
-    fig.suptitle(_title(report), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    _finish_figure(plt, fig, axes[len(payloads):], report, path)
 
 
 def plot_e2e(report: dict, path: str) -> None:
@@ -523,7 +517,12 @@ def plot_e2e(report: dict, path: str) -> None:
         if not rows:
             ax.text(0.5, 0.5, "no provider measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{p['benchmark']}: {title}", fontsize=8)
-    for ax in axes[len(payloads):]:
+    _finish_figure(plt, fig, axes[len(payloads):], report, path)
+
+
+def _finish_figure(plt, fig, unused_axes, report: dict, path: str) -> None:
+    """Blank the unused panels, title the figure, and write it atomically (a kill never leaves half a PNG)."""
+    for ax in unused_axes:
         ax.axis("off")
     fig.suptitle(_title(report), fontsize=9)
     fig.tight_layout()
