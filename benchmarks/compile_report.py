@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     import torch
 
     record = {"triton": triton.__version__, "torch": torch.__version__, "git_commit": _git_commit(),
-              "host": platform.node(), "full": args.full, "seconds": round(elapsed, 1),
+              "host": platform.node(), "ptxas": aot.tool_versions(), "full": args.full, "seconds": round(elapsed, 1),
               "note": "compiler figures for sm_90 / sm_80 from a CPU machine (ptxas -v, metadata, SASS); no GPU",
               "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

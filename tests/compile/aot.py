@@ -32,18 +32,47 @@ def triton_bin_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def _ptxas_tools():
+    """The ptxas binaries Triton runs (sm_80: ``ptxas``; sm_90+: ``ptxas_blackwell`` in Triton 3.9)."""
+    from triton import knobs
+
+    tools = {}
+    for attr in ("ptxas", "ptxas_blackwell"):
+        tool = getattr(knobs.nvidia, attr, None)
+        if tool is not None:
+            tools[attr] = tool
+    return tools
+
+
 def missing_tools() -> Optional[str]:
-    """None when the wheel's ptxas and cuobjdump are there, else the reason they are not."""
+    """None when the ptxas Triton uses and the wheel's cuobjdump are there, else the reason not."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:  # pragma: no cover - triton is a hard dependency
         return f"triton is not importable: {exc}"
-    bin_dir = triton_bin_dir()
-    for tool in ("ptxas", "cuobjdump"):
-        path = os.path.join(bin_dir, tool)
-        if not os.access(path, os.X_OK):
-            return f"{tool} not found in the triton wheel ({path})"
+    for name, tool in _ptxas_tools().items():
+        try:
+            path = tool.path
+        except Exception as exc:  # the knob raises when the binary cannot be found
+            return f"{name} not found ({exc})"
+        if not path or not os.access(path, os.X_OK):
+            return f"{name} not found ({path})"
+    cuobjdump = os.path.join(triton_bin_dir(), "cuobjdump")
+    if not os.access(cuobjdump, os.X_OK):
+        return f"cuobjdump not found in the triton wheel ({cuobjdump})"
     return None
+
+
+def tool_versions() -> dict:
+    """ptxas release per tool, for the report's header."""
+    out = {}
+    for name, tool in _ptxas_tools().items():
+        try:
+            text = subprocess.run([tool.path, "--version"], capture_output=True, text=True).stdout
+            out[name] = next((line for line in text.splitlines() if "release" in line), text.strip()[-80:])
+        except Exception as exc:  # reported, never fatal
+            out[name] = f"unknown ({type(exc).__name__})"
+    return out
 
 
 @dataclass
