@@ -24,7 +24,11 @@ Backward: a preprocess kernel computes delta = rowsum(dO * O); a dK/dV kernel
 runs per (document, key block, KV head) and loops over the query heads of the
 group inside the program, so dK/dV accumulate in registers with no atomics; a
 dQ kernel runs per (document, query block, head). The backward is therefore
-deterministic (bitwise reproducible run to run). Extra memory: the fp32
+deterministic (bitwise reproducible run to run). The price of the split is the dQ
+kernel's recomputed S = QK^T and dP = dO V^T: 7 block matmuls per (query, key) block
+where FlashAttention-2, accumulating dQ with atomics, needs 5. Every other product is
+computed once: launch tiles are sized so that no two warpgroups compute the same tile
+(see the config tables). Extra memory: the fp32
 log-sum-exp and delta, (H, T) each -- nothing O(T^2).
 
 Document bases (start * stride, head * total) are int64 scalars; the row offsets
@@ -34,6 +38,7 @@ the token stride can pass int32 (WIDE), which keeps register pressure down.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -433,27 +438,59 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, ITEMS, n_items, total_tokens
 
 
 # =============================================================================== launch configuration
-def _configs(head_dim: int, dtype: torch.dtype) -> dict:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. dkdv's BLOCK_N is its key
-    block and BLOCK_M the query block it loops over.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head_dim bucket. dkdv's BLOCK_N is
+# its key block and BLOCK_M the query block it loops over. Chosen from the compile tier
+# (tests/compile; `python -m benchmarks.compile_report`): ptxas registers / spills and the
+# SASS, not timings -- re-tune on the GPU.
+#
+# Hopper (wgmma): a warpgroup (4 warps) issues m64 wgmmas, so the rows of every dot (the
+# query block in fwd / dq, the key block in dkdv) are 64 per warpgroup: 128-row tiles on 8
+# warps, each warpgroup owning its own 64 rows. Otherwise the two warpgroups split the
+# columns of one 64-row tile into tiny N = 16 / 32 wgmmas.
+_HOPPER_16BIT = {
+    64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+    128: {"fwd": (128, 64, 8, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 8, 2)},
+    # dK / dV accumulators of 64 x 256 fp32 and K / V operands leave no room for 128 key
+    # rows: one 64-row key block on 8 warps, its columns split between the warpgroups
+    256: {"fwd": (128, 32, 8, 2), "dkdv": (16, 64, 8, 2), "dq": (128, 32, 8, 1)},
+}
+# Ampere (mma.sync, 163 KB shared memory): mma.sync fragments need more registers than
+# wgmma accumulators, so the Hopper tiles spill there.
+_AMPERE_16BIT = {
+    64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (64, 32, 4, 2)},
+    128: {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    256: {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+}
+# fp32 inputs: 4-byte tiles and FMA (ieee) dots, not the training path: small tiles
+_FP32 = {
+    64: {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 2)},
+    128: {"fwd": (16, 32, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 32, 8, 1)},
+    256: {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 4, 1)},
+}
+_INTERPRETER = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
-    GPU values were chosen from ptxas register / spill reports for sm_90 (no spills or
-    a few hundred bytes at most), not from timings: re-tune on the GPU. Small blocks
-    under the interpreter (speed, and several blocks per test document)."""
+
+def _configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """Launch configs for ``head_dim`` / ``dtype`` on compute capability ``arch`` (e.g. 90, 80).
+
+    Small blocks under the interpreter (speed, and several blocks per test document)."""
     if is_interpreter():
-        return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-    block_d = next_power_of_2(head_dim)
-    if dtype == torch.float32:  # 4-byte tiles and FMA (ieee) dots: small tiles
-        if block_d <= 64:
-            return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 2)}
-        if block_d <= 128:
-            return {"fwd": (32, 32, 8, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 8, 2)}
-        return {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 8, 1)}
-    if block_d <= 64:
-        return {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
-    if block_d <= 128:
-        return {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)}
-    return {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+        return _INTERPRETER
+    bucket = min(b for b in (64, 128, 256) if b >= next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return _FP32[bucket]
+    return (_HOPPER_16BIT if arch // 10 == 9 else _AMPERE_16BIT)[bucket]
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def _arch(t: torch.Tensor) -> int:
+    return _arch_of(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+        if t.is_cuda else 90
 
 
 # =============================================================================== cu_seqlens cache
@@ -606,7 +643,7 @@ def _launch_forward(q, k, v, cu, info, scale, causal, window, softcap):
     group = n_heads // k.shape[1]
     out = empty_like(q)
     lse = empty(n_heads, total, dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _configs(head_dim, q.dtype)["fwd"]
+    block_m, block_n, warps, stages = _configs(head_dim, q.dtype, _arch(q))["fwd"]
     items = info.work_items(block_m, False, causal, window)
     n_items = items.shape[1]
     if n_items == 0:
@@ -643,7 +680,7 @@ def _launch_backward(do, q, k, v, out, lse, cu, info, scale, causal, window, sof
         out, do, delta, total, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, WIDE=_wide(total, out, do),
     )
-    cfg = _configs(head_dim, q.dtype)
+    cfg = _configs(head_dim, q.dtype, _arch(q))
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
                   HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
                   DOT_PRECISION=_dot_precision(q.dtype), WIDE=_wide(info.max_len, q, k, v, do, dq, dk))

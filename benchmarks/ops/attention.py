@@ -85,15 +85,44 @@ def make_fastsft(lengths, q, k, v):
     return lambda: fk.varlen_attention(q, k, v, cu, max_len)
 
 
+_SDPA_BACKEND = {"per_doc": "default"}
+
+
+def _flash_backend():
+    """Context manager restricting SDPA to its flash backend (CUDA), or None where that is not possible."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return None
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
 def make_sdpa_per_doc(lengths, q, k, v):
-    # (1, H, L, D) views of each document; one SDPA call per document (flash backend where it can)
+    # (1, H, L, D) views of each document; one SDPA call per document, on SDPA's flash
+    # backend on a GPU (the issue's baseline); the default dispatch if flash refuses the case
     bounds = _cu(lengths, "cpu").tolist()
     views = [(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None])
              for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def run():
+    def attend():
         outs = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True) for qd, kd, vd in views]
         return torch.cat([o[0].transpose(0, 1) for o in outs])
+
+    if not q.is_cuda or _flash_backend() is None:
+        return attend
+    try:
+        with torch.no_grad(), _flash_backend():
+            attend()
+    except RuntimeError as exc:
+        print(f"sdpa_per_doc: flash backend refused the case ({str(exc).splitlines()[0][:120]}); "
+              "using SDPA's default dispatch")
+        _SDPA_BACKEND["per_doc"] = "default (flash refused)"
+        return attend
+    _SDPA_BACKEND["per_doc"] = "flash"
+
+    def run():
+        with _flash_backend():
+            return attend()
 
     return run
 
@@ -206,6 +235,7 @@ def run(op: str, args):
                                          error=flash_attn_unavailable()))
             continue
         results.extend(measure(case, provider, lengths, input_sets, flop, quick))
+    config["sdpa_per_doc_backend"] = _SDPA_BACKEND["per_doc"]
     return config, results, BASELINE
 
 
@@ -218,8 +248,10 @@ def smoke(op: str, args) -> List[common.Result]:
     lengths = [5, 19, 1, 8]
     q, k, v = _inputs(lengths, 4, 2, 16, torch.float32, "cpu", seed=0)
     cu = _cu(lengths, "cpu")
-    ref = reference.varlen_attention(q.detach().double(), k.detach().double(), v.detach().double(), cu,
-                                     max(lengths))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.varlen_attention(*leaves, cu, max(lengths))
+    ref_grads = torch.autograd.grad(ref, leaves, torch.ones_like(ref))
+    ref = ref.detach()
     flop = flops(lengths, 4, 16)
     results = []
     for provider in _providers(args):
@@ -229,13 +261,20 @@ def smoke(op: str, args) -> List[common.Result]:
             fn = MAKERS[provider](lengths, q, k, v)
             t0 = time.perf_counter()
             out = fn()
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-            ms = (time.perf_counter() - t0) * 1e3
+            fwd_ms = (time.perf_counter() - t0) * 1e3
             err = rel_err(out, ref)
             error = None if err <= 1e-5 else f"output differs from the reference (rel err {err:.2e})"
-            results.append(common.Result(case="smoke", provider=provider, mode="full", ms=ms,
-                                         tflops=flop["full"] / ms / 1e9, error=error))
+            t0 = time.perf_counter()
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            bwd_ms = (time.perf_counter() - t0) * 1e3
+            gerr = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+            bwd_error = None if gerr <= 1e-5 else f"gradients differ from the reference (rel err {gerr:.2e})"
+            results.append(common.Result(case="smoke", provider=provider, mode="fwd", ms=fwd_ms,
+                                         tflops=flop["fwd"] / fwd_ms / 1e9, error=error))
+            results.append(common.Result(case="smoke", provider=provider, mode="bwd", ms=bwd_ms,
+                                         tflops=flop["bwd"] / bwd_ms / 1e9, error=bwd_error))
         except Exception as exc:
-            results.append(common.Result(case="smoke", provider=provider, mode="full",
-                                         error=f"{type(exc).__name__}: {exc}"))
+            for mode in ("fwd", "bwd"):
+                results.append(common.Result(case="smoke", provider=provider, mode=mode,
+                                             error=f"{type(exc).__name__}: {exc}"))
     return results

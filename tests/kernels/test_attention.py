@@ -249,3 +249,25 @@ def test_gpu_int64_offsets(one_long_document):
     assert_close(out[tail], ref, 1e-2, "out (last document)")
     assert_close(q.grad[tail], q64.grad, 1.5e-2, "dq (last document)")
     assert_close(k.grad[tail], k64.grad, 1.5e-2, "dk (last document)")
+
+
+def _gpu_tile_tables():
+    from fastsft_kernels import attention
+
+    # the fp32 tables use small tiles like the interpreter's own; the window's block ranges
+    # are checked on the Hopper tiles (the widest)
+    for name, table, windows in (("hopper", attention._HOPPER_16BIT, (None, 70)),
+                                 ("ampere", attention._AMPERE_16BIT, (None,))):
+        for bucket, cfg in table.items():
+            for window in windows:
+                yield pytest.param(cfg, window, id=f"{name}-d{bucket}-window{window}")
+
+
+@pytest.mark.parametrize("cfg,window", list(_gpu_tile_tables()))
+def test_gpu_tile_configs_through_the_interpreter(cfg, window, monkeypatch, device):
+    # the GPU tables (128-row tiles, 16-query dK/dV steps...) take other block ranges and
+    # masks than the interpreter's small blocks: run each table's tiles here on small heads
+    from fastsft_kernels import attention
+
+    monkeypatch.setattr(attention, "_configs", lambda head_dim, dtype, arch=90: cfg)
+    check_parity([1, 129, 200, 64], 2, 1, 16, torch.float32, device, seed=21, window=window)
