@@ -99,6 +99,9 @@ class Spec:
     budget_reason: str = ""
     smem_exempt: Dict[int, str] = field(default_factory=dict)  # arch -> why over the limit is fine
     archs: tuple = ARCHS
+    # (signature, constexprs, attrs) when the launcher lists them itself (lora.launch_variants)
+    prebuilt: Optional[tuple] = None
+    smem_limit_hint: Optional[int] = None  # the bytes the launcher's host-side prune assumed
 
     def key(self, arch: int) -> str:
         return f"{self.kernel}|{self.config}|{self.dtype}|sm_{arch}"
@@ -181,11 +184,11 @@ def compile_one(spec: Spec, arch: int) -> dict:
            "num_warps": spec.num_warps, "num_stages": spec.num_stages, "ci": spec.ci, "dot16": spec.dot16,
            "smem_limit": SMEM_LIMIT[arch], "spill_budget": spec.spill_budget.get(arch, 0),
            "budget_reason": spec.budget_reason if spec.spill_budget.get(arch, 0) else "",
-           "smem_exempt": spec.smem_exempt.get(arch, "")}
+           "smem_exempt": spec.smem_exempt.get(arch, ""), "smem_estimate": spec.smem_limit_hint}
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
-        signature, constants, attrs = _signature(spec)
+        signature, constants, attrs = spec.prebuilt if spec.prebuilt is not None else _signature(spec)
         src = ASTSource(spec.fn, signature, constants, attrs)
         knobs.nvidia.dump_ptxas_log = True  # Triton prints the `ptxas -v` log it otherwise drops
         knobs.compilation.always_compile = True  # two specs may specialise alike: no cache hit, ptxas runs
@@ -232,6 +235,9 @@ def problems(row: dict) -> list:
         out.append(f"spills {row['spill_stores']} bytes (budget {row['spill_budget']})")
     if row["smem"] > row["smem_limit"] and not row["smem_exempt"]:
         out.append(f"shared memory {row['smem']} bytes > {row['smem_limit']} ({row['arch']} limit)")
+    if row.get("smem_estimate") is not None and row["smem"] > row["smem_estimate"]:
+        out.append(f"shared memory {row['smem']} bytes > the launcher's estimate {row['smem_estimate']} "
+                   "(its host-side prune would keep a config that does not fit)")
     if row["dot16"] and row["arch"] == "sm_90" and row["mma"] != "wgmma":
         out.append(f"bf16/fp16 tl.dot compiles to {row['mma']}, not wgmma, on sm_90")
     if row["dot16"] and row["mma"] == "none":

@@ -14,6 +14,7 @@ removes it, or why the launcher never picks that config on that arch).
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Iterator
 
 import torch
@@ -126,114 +127,80 @@ def cross_entropy_specs() -> Iterator[Spec]:
         for vocab in VOCABS:
             block, warps = CE._row_block(vocab)
             ci = vocab == VOCABS[0] and dtype != torch.float16
-            # forward (loss + lse, gradient fused when the logits need it) and backward (lse given)
-            for label, loss, lse_given, grad in (("fwd+grad", True, False, True), ("bwd", False, True, True),
-                                                 ("fwd", True, False, False)):
+            # forward (loss + row stats, gradient fused when the logits need it) and backward (stats given);
+            # the GPU path computes the softcap's tanh with libdevice
+            for label, loss, stats_given, grad, softcap in (("fwd+grad", True, False, True, False),
+                                                            ("bwd", False, True, True, False),
+                                                            ("fwd", True, False, False, False),
+                                                            ("fwd+grad softcap", True, False, True, True)):
                 yield Spec(kernel="cross_entropy._ce_rows_kernel", config=f"V{vocab} {label} B{block} w{warps}",
                            dtype=_name(dtype), fn=CE._ce_rows_kernel,
                            args=dict(logits_ptr=p, logits_row_stride=vocab, labels_ptr="*i64", loss_ptr="*fp32",
-                                     lse_ptr="*fp32", grad_ptr=p, grad_row_stride=vocab, scale_ptr="*fp32",
+                                     stats_ptr="*fp32", grad_ptr=p, grad_row_stride=vocab, scale_ptr="*fp32",
                                      scale_stride=0, n_cols=vocab, ignore_index=-100, label_smoothing=0.0,
-                                     z_loss=0.0, softcap=1.0),
-                           constexprs=dict(HAS_SOFTCAP=False, WRITE_LOSS=loss, LSE_GIVEN=lse_given,
-                                           WRITE_GRAD=grad, BLOCK=block),
+                                     z_loss=0.0, softcap=30.0),
+                           constexprs=dict(HAS_SOFTCAP=softcap, WRITE_LOSS=loss, STATS_GIVEN=stats_given,
+                                           WRITE_GRAD=grad, LIBDEVICE=True, BLOCK=block),
                            num_warps=warps, num_stages=3, ci=ci and label == "fwd+grad")
         yield Spec(kernel="cross_entropy._scale_inplace_kernel", config="B4096 w8", dtype=_name(dtype),
                    fn=CE._scale_inplace_kernel, args=dict(x_ptr=p, scale_ptr="*fp32", n=TOKENS * HIDDEN),
                    constexprs=dict(BLOCK=4096), num_warps=8, num_stages=3, ci=dtype != torch.float16)
-    yield Spec(kernel="cross_entropy._label_stats_kernel", config="B1024 w4", dtype="int64",
-               fn=CE._label_stats_kernel,
-               args=dict(labels_ptr="*i64", n_rows=TOKENS, ignore_index=-100, n_cols=VOCABS[0], stats_ptr="*i32"),
+    yield Spec(kernel="cross_entropy._count_trained_kernel", config="B1024 w4", dtype="int64",
+               fn=CE._count_trained_kernel,
+               args=dict(labels_ptr="*i64", n_rows=TOKENS, ignore_index=-100, count_ptr="*i32"),
                constexprs=dict(BLOCK=1024), num_warps=4, num_stages=3)
 
 
 # ------------------------------------------------------------------------------ LoRA / NF4
-# Current code (before issue 11): the 16-bit matmul autotunes over _MATMUL_CONFIGS on
-# every arch and relies on the autotuner dropping configs that fail to launch. The specs
-# below state those cases as exemptions / budgets naming issue 11, which prunes configs
-# per arch before launch and rewrites the NF4 main loop; the lead updates this table
-# after merging it.
-_ISSUE_11 = "issue 11 prunes configs over the arch's shared memory before launch"
-_ISSUE_11_SPILL = "issue 11 rewrites the NF4 main loop (dispatch by rows)"
+# The lora launcher prunes its tiles per arch on the host (shared memory estimated from the
+# tile) and lists what it can launch itself; the tier compiles exactly that list and also
+# checks that the compiled shared memory stays within the launcher's estimate.
+_DTYPE_IN_NAME = re.compile(r"_(bf16|fp16|fp32)(?:_|$)")
+_FULL_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# CI: per arch, the first tile of these lora/quant variants (the training dtype, both bases and
+# directions, the exact-fp32 tile, and the fixed-config kernels); every other tile with --full
+_LORA_CI = ("lora_matmul_fwd_4bit_bf16_r16", "lora_matmul_fwd_dense_bf16_r16", "lora_matmul_fwd_dense_fp32_r16",
+            "lora_matmul_bwd_dx_4bit_bf16_r16_acc", "lora_matmul_bwd_dx_dense_bf16_r16",
+            "rank_project_bf16_pbf16_r16", "rank_reduce_bf16_r16", "dequantize_4bit_bf16_paired",
+            "decode_nested_absmax", "rank_project_fp32_pfp32_r16", "rank_reduce_fp32_r16",
+            "dequantize_4bit_fp32_paired")
+
+
+def _lora_family_specs(module_name: str) -> Iterator[Spec]:
+    """The launcher's own list (fastsft_kernels.lora.launch_variants): every tile its host-side prune
+    keeps on each arch, with the signature and constexprs it launches with."""
+    L = _module("lora")
+    for arch in aot.ARCHS:
+        seen = set()
+        for entry in L.launch_variants(arch, dtypes=("bf16", "fp16"), ranks=(RANK,), blocksize=NF4_BLOCK):
+            fn = entry["fn"]
+            if fn.fn.__module__.rsplit(".", 1)[-1] != module_name:
+                continue
+            group = re.sub(r"_BM\d+.*$", "", entry["name"])
+            match = _DTYPE_IN_NAME.search(entry["name"])
+            dtype = match.group(1) if match else "uint8"
+            dot16 = dtype in ("bf16", "fp16") and fn.__name__ != "_dequantize_4bit_kernel"
+            budget, reason = {}, ""
+            if arch == 80 and dot16 and fn.__name__ == "_lora_matmul_kernel":
+                # full sweep: the 128x256 / 256x128 (and w4 128x128 accumulating) 16-bit tiles spill 8-44 B on
+                # Ampere, whose mma.sync keeps the whole accumulator in registers; the autotuner takes them only
+                # where they time faster, every sm_90 tile is spill-free
+                budget, reason = {80: 48}, "large 16-bit tiles on sm_80 (mma.sync accumulators in registers)"
+            yield Spec(kernel=f"{module_name}.{fn.__name__}", config=entry["name"], dtype=_FULL_NAMES.get(dtype, dtype),
+                       fn=fn, args={}, constexprs=entry["constexprs"], num_warps=entry["options"]["num_warps"],
+                       num_stages=entry["options"]["num_stages"], ci=group in _LORA_CI and group not in seen,
+                       dot16=dot16, archs=(arch,), spill_budget=budget, budget_reason=reason,
+                       prebuilt=(entry["signature"], entry["constexprs"], entry["attrs"]),
+                       smem_limit_hint=entry.get("smem_estimate"))
+            seen.add(group)
 
 
 def lora_specs() -> Iterator[Spec]:
-    L = _module("lora")
-
-    for dtype in DTYPES:
-        p = _PTR[dtype]
-        dot_dtype, precision = L._dot_config(dtype)
-        dot16 = dtype != torch.float32
-        if dtype == torch.float32:
-            configs = [(64, 64, 32, 8, 3)]  # the launcher's fixed fp32 tile (exact ieee dots)
-        else:
-            configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-                       for c in L._MATMUL_CONFIGS]
-        # (label, forward, 4-bit, K_RED, N_OUT, accumulate): up_proj-like 4096 -> 14336
-        variants = (("dense fwd", True, False, HIDDEN, INTERMEDIATE, False),
-                    ("dense bwd-dx", False, False, INTERMEDIATE, HIDDEN, True),
-                    ("nf4 fwd", True, True, HIDDEN, INTERMEDIATE, False),
-                    ("nf4 bwd-dx", False, True, INTERMEDIATE, HIDDEN, True))
-        for label, forward, four_bit, k_red, n_out, accumulate in variants:
-            for i, (bm, bn, bk, warps, stages) in enumerate(configs):
-                if four_bit:
-                    w = dict(w_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", stride_wr=0, stride_wc=0)
-                else:
-                    # weight (out, in) row-major: rows are N_OUT forward, K_RED backward
-                    w = dict(w_ptr=p, absmax_ptr=p, code_ptr=p, stride_wr=HIDDEN, stride_wc=1)
-                args = dict(a_ptr=p, l_ptr="*fp32", p_ptr=p, bias_ptr=p, out_ptr=p, M=TOKENS, N_OUT=n_out,
-                            K_RED=k_red, R=RANK, scale=2.0, stride_am=k_red, stride_ak=1, stride_lm=RANK,
-                            stride_lr=1, stride_pr=1, stride_pn=RANK, stride_om=n_out, stride_on=1, **w)
-                smem_exempt, budget, reason = {}, {}, ""
-                if dot16:  # the autotuned configs: today a config over the limit fails at launch and
-                    # the autotuner drops it (never picked, but pruned late)
-                    smem_exempt = {90: _ISSUE_11, 80: _ISSUE_11}
-                if dot16:  # measured by the full sweep before issue 11: sm_90 0-44 B, sm_80 0-332 B
-                    budget, reason = {90: 48, 80: 340}, "autotuned 16-bit tiles spill on some archs: " + \
-                        (_ISSUE_11_SPILL if four_bit else _ISSUE_11)
-                ci = i == 0 and dtype != torch.float16 and forward and (dot16 or not four_bit)
-                yield Spec(kernel="lora._lora_matmul_kernel", config=f"{label} M{bm} N{bn} K{bk} w{warps} s{stages}",
-                           dtype=_name(dtype), fn=L._lora_matmul_kernel, args=args,
-                           constexprs=dict(W_ROWS_ARE_OUT=forward, IS_4BIT=four_bit, PAIRED=four_bit,
-                                           QBLOCK=NF4_BLOCK if four_bit else 1, ROWS_ALIGNED=four_bit,
-                                           HAS_BIAS=False, ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype,
-                                           PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                           BLOCK_R=L._rank_block(RANK), GROUP_M=8),
-                           num_warps=warps, num_stages=stages, ci=ci, dot16=dot16,
-                           spill_budget=budget, budget_reason=reason, smem_exempt=smem_exempt)
-        yield Spec(kernel="lora._rank_project_kernel", config="M64 K64 w4 s4", dtype=_name(dtype),
-                   fn=L._rank_project_kernel,
-                   args=dict(x_ptr=p, p_ptr=p, out_ptr="*fp32", M=TOKENS, K=HIDDEN, R=RANK, scale=1.0,
-                             stride_xm=HIDDEN, stride_xk=1, stride_pr=HIDDEN, stride_pk=1, stride_om=RANK),
-                   constexprs=dict(DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=64, BLOCK_K=64,
-                                   BLOCK_R=L._rank_block(RANK)),
-                   num_warps=4, num_stages=4, ci=dtype != torch.float16, dot16=dot16)
-        yield Spec(kernel="lora._rank_reduce_kernel", config="D64 M64 w4 s3", dtype=_name(dtype),
-                   fn=L._rank_reduce_kernel,
-                   args=dict(y_ptr=p, z_ptr="*fp32", part_ptr="*fp32", M=TOKENS, D=HIDDEN, R=RANK,
-                             rows_per_split=1024, stride_ym=HIDDEN, stride_yd=1, stride_zm=RANK, stride_zr=1),
-                   constexprs=dict(DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_D=64, BLOCK_M=64,
-                                   BLOCK_R=L._rank_block(RANK)),
-                   num_warps=4, num_stages=3, ci=dtype != torch.float16, dot16=dot16,
-                   spill_budget={80: 16} if dot16 else {},
-                   budget_reason="bf16 rank reduce spills 8 B on sm_80; lora.py is reworked by issue 11")
+    yield from _lora_family_specs("lora")
 
 
 def quant_specs() -> Iterator[Spec]:
-    Q = _module("quant")
-
-    n_blocks = INTERMEDIATE * HIDDEN // NF4_BLOCK
-    yield Spec(kernel="quant._decode_nested_absmax_kernel", config="B1024", dtype="uint8", fn=Q._decode_nested_absmax_kernel,
-               args=dict(q_ptr="*u8", code2_ptr="*fp32", absmax2_ptr="*fp32", offset_ptr="*fp32", out_ptr="*fp32",
-                         n=n_blocks, blocksize2=256),
-               constexprs=dict(BLOCK=1024), num_warps=4, num_stages=3)
-    for dtype in DTYPES:
-        yield Spec(kernel="quant._dequantize_4bit_kernel", config="R32 C128", dtype=_name(dtype),
-                   fn=Q._dequantize_4bit_kernel,
-                   args=dict(w_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", out_ptr=_PTR[dtype],
-                             n_rows=INTERMEDIATE, n_cols=HIDDEN, blocksize=NF4_BLOCK),
-                   constexprs=dict(PAIRED=True, BLOCK_ROW=32, BLOCK_COL=128), num_warps=4, num_stages=3,
-                   ci=dtype != torch.float16)
+    yield from _lora_family_specs("quant")
 
 
 # ------------------------------------------------------------------------------ norm / rope / swiglu
