@@ -264,3 +264,20 @@ def test_gpu_bf16_packed_llama_matches_documents_one_by_one():
             fattn.revert(model)
     # bf16 end to end (two layers of bf16 matmuls on each side): logits agree to bf16 precision
     assert_close(got, ref, 2e-2, "logits")
+
+
+def test_dropout_fallback_keeps_packed_documents_apart():
+    """Attention dropout takes the eager fallback; a packed row must still not attend across documents."""
+    model = tiny_llama(seed=5, attention_dropout=1e-12)  # dropout on (fallback), with no visible effect
+    docs = make_docs(DOC_LENGTHS, 101, seed=6)
+    ref = per_doc_reference(model, docs)
+    fattn.apply(model)
+    model.train()
+    try:
+        ids = torch.cat(docs)[None]
+        position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+        logits = model(input_ids=ids, position_ids=position_ids).logits[0]
+    finally:
+        fattn.revert(model)
+        model.eval()
+    assert_close(logits, ref[0], 1e-5, "logits")

@@ -219,6 +219,33 @@ def _to_compute_dtype(query, key, value):
     return query.to(dtype), key.to(dtype), value.to(dtype)  # no-ops when already there
 
 
+def _packed_boundaries(kwargs, batch: int, seqlen: int, device):
+    """(cu_seqlens on the device, max length) of the documents in a (batch, seqlen) batch with no padding."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    max_q = kwargs.get("max_length_q")
+    if (cu_q is not None and isinstance(max_q, int) and not isinstance(max_q, bool)
+            and cu_q.dtype == torch.int32 and cu_q.device == device):
+        # the collator's boundaries with their host maximum: handed to the kernel as they are
+        # (the kernel validates them against its host view, made once per batch)
+        return cu_q, max(max_q, 1)
+    if cu_q is not None:
+        # no host maximum: one host copy of the cu_seq_lens per batch, cached for every later layer
+        bnd = boundaries_from_cu_seqlens(cu_q, device)
+    elif position_ids is not None:
+        bnd = boundaries_from_position_ids(position_ids, batch, seqlen, device)
+    else:
+        bnd = boundaries_one_per_row(batch, seqlen, device)
+    return bnd.cu, max(bnd.max_len, 1)
+
+
+def _document_mask(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """(batch, 1, seqlen, seqlen) bool: True where query and key are in the same packed document."""
+    tokens = torch.arange(batch * seqlen, device=cu.device)
+    doc = torch.searchsorted(cu[1:].to(torch.int64), tokens, right=True).view(batch, 1, seqlen)
+    return doc.unsqueeze(-1) == doc.unsqueeze(-2)
+
+
 def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, is_causal=None, **kwargs):
     batch, n_heads, q_len, head_dim = query.shape
@@ -240,6 +267,9 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
         reason = f"a {attention_mask.dim()}-D attention mask was passed"
     if reason is not None:
         _log_once(reason, "attention: %s; using an eager attention fallback for these calls", reason)
+        if attention_mask is None and q_len == kv_len:  # a packed batch keeps its documents apart here too
+            cu, _ = _packed_boundaries(kwargs, batch, q_len, query.device)
+            attention_mask = _document_mask(cu, batch, q_len)
         return eager_attention(query, key, value, attention_mask, scale, causal, window, softcap, dropout,
                                training), None
 
@@ -256,24 +286,7 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
         padded = out.new_zeros(batch, q_len, n_heads, out.shape[-1])
         return padded.index_put((bnd.rows, bnd.cols), out), None
 
-    cu_q = kwargs.get("cu_seq_lens_q")
-    position_ids = kwargs.get("position_ids")
-    max_q = kwargs.get("max_length_q")
-    if (cu_q is not None and isinstance(max_q, int) and not isinstance(max_q, bool)
-            and cu_q.dtype == torch.int32 and cu_q.device == query.device):
-        # the collator's boundaries with their host maximum: handed to the kernel as they are
-        # (the kernel validates them against its host view, made once per batch)
-        cu, max_len = cu_q, max(max_q, 1)
-    elif cu_q is not None:
-        # no host maximum: one host copy of the cu_seq_lens per batch, cached for every later layer
-        bnd = boundaries_from_cu_seqlens(cu_q, query.device)
-        cu, max_len = bnd.cu, max(bnd.max_len, 1)
-    elif position_ids is not None:
-        bnd = boundaries_from_position_ids(position_ids, batch, q_len, query.device)
-    else:
-        bnd = boundaries_one_per_row(batch, q_len, query.device)
-    if cu_q is None:
-        cu, max_len = bnd.cu, max(bnd.max_len, 1)
+    cu, max_len = _packed_boundaries(kwargs, batch, q_len, query.device)
     out = _run_kernel(backend, q.reshape(batch * q_len, n_heads, head_dim),
                       k.reshape(batch * kv_len, k.shape[2], head_dim),
                       v.reshape(batch * kv_len, v.shape[2], v.shape[3]),
