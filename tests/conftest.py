@@ -52,5 +52,17 @@ def _poisoned_kernel_outputs():
 
 
 @pytest.fixture
+def reference_ops(monkeypatch):
+    """Trainer and CLI tests run the PyTorch reference ops (the kernels have their own parity tests)
+    with one intra-op thread: the models are tiny, and on a shared 2-core runner (pytest -n 2)
+    OpenMP threads spin against each other and make every step ~50x slower."""
+    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"

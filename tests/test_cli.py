@@ -22,13 +22,7 @@ DEMO = str(REPO / "examples" / "demo.yaml")
 TINY = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; avoids OpenMP threads spinning on a shared runner
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
 
 def small_config(tmp_path, extra=""):

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from fastsft.cli import main
 from fastsft.demo_data import make_records, write_jsonl
@@ -10,13 +9,7 @@ from fastsft.demo_data import make_records, write_jsonl
 TINY = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")  # the kernels have their own parity tests
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -13,7 +13,6 @@ import glob
 import os
 import random
 import shutil
-from typing import Optional
 
 import numpy as np
 import torch

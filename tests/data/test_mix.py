@@ -2,7 +2,6 @@
 (seed, epoch), so a resumed data stream continues exactly."""
 import json
 
-import pytest
 
 from fastsft.config import load_config
 from fastsft.data import IGNORE_INDEX

@@ -28,13 +28,7 @@ from dist_common import RUNS, WORLD, make_config, write_data  # noqa: E402
 LAUNCH_TIMEOUT_S = 400
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
 
 def _env():

@@ -5,7 +5,6 @@ reference ops instead of the Triton interpreter (the kernels have their own
 parity tests in tests/kernels; test_interpreter_path_end_to_end runs the
 interpreter through the trainer once).
 """
-import io
 import json
 import math
 import os
@@ -24,15 +23,7 @@ TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
               "num_key_value_heads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
-    # one intra-op thread: these models are tiny, and on a shared 2-core runner (pytest -n 2) OpenMP
-    # threads spin against each other and make every step ~50x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
 
 def make_config(tmp_path, n_train=40, n_eval=0, **values):

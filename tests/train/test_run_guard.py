@@ -9,7 +9,6 @@ import shutil
 import stat
 
 import pytest
-import torch
 
 from fastsft.config import load_config
 from fastsft.demo_data import make_records, write_jsonl
@@ -21,13 +20,7 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num
         "num_key_value_heads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
 
 def make_config(root, data_root=None, **values):
