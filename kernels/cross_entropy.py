@@ -311,6 +311,11 @@ def _trained_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return count[0]
 
 
+def out_of_range_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
+    """Bool mask of the labels the loss kernels would turn into NaN rows: trained, outside [0, V)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+
+
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
     """Raise ValueError unless every label is ignore_index or in [0, vocab_size).
 
@@ -324,8 +329,7 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     flat = labels.reshape(-1)
-    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab_size))
-    positions = torch.nonzero(bad).reshape(-1)
+    positions = torch.nonzero(out_of_range_labels(flat, vocab_size, ignore_index)).reshape(-1)
     if positions.numel():
         first = int(positions[0])
         raise ValueError(f"labels: {positions.numel()} label(s) outside [0, {vocab_size}) that are not "

@@ -94,8 +94,9 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, *, ignore_index: in
     """
     if labels.device.type != "cpu":
         raise ValueError("check_label_range runs on the host copy of the labels (before the device copy)")
-    trained = labels != ignore_index
-    bad = trained & ((labels < 0) | (labels >= vocab_size))
+    from fastsft_kernels.cross_entropy import out_of_range_labels
+
+    bad = out_of_range_labels(labels, vocab_size, ignore_index)
     if bool(bad.any()):
         values = sorted(set(labels[bad].tolist()))
         from fastsft.errors import DataError
