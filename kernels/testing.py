@@ -30,35 +30,43 @@ from ._triton_utils import set_output_poisoning
 _SHIM_FLAG = "_fastsft_bf16_dot_shim"
 
 
-def install_interpreter_bf16_dot_shim() -> bool:
-    """Patch the interpreter's tl.dot to compute bf16 operands as float32.
+def _patch_interpreter_builder(flag: str, method: str, make_replacement) -> bool:
+    """Replace ``InterpreterBuilder.<method>`` by ``make_replacement(original)`` once per process.
 
-    Returns True when the shim is (already) active, False when not under the
+    Returns True when the patch is (already) active, False when not under the
     interpreter (TRITON_INTERPRET unset), where nothing is changed.
     """
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False
-    import numpy as np
-    import triton.language as tl
     from triton.runtime import interpreter
 
     builder_cls = interpreter.InterpreterBuilder
-    if getattr(builder_cls, _SHIM_FLAG, False):
-        return True
-    original_dot = builder_cls.create_dot
-
-    def as_float32(handle):
-        if handle.get_element_ty() == tl.bfloat16:
-            data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interpreter.TensorHandle(data.reshape(handle.data.shape), tl.float32)
-        return handle
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
-
-    builder_cls.create_dot = create_dot
-    setattr(builder_cls, _SHIM_FLAG, True)
+    if not getattr(builder_cls, flag, False):
+        setattr(builder_cls, method, make_replacement(getattr(builder_cls, method)))
+        setattr(builder_cls, flag, True)
     return True
+
+
+def install_interpreter_bf16_dot_shim() -> bool:
+    """Patch the interpreter's tl.dot to compute bf16 operands as float32 (True when active)."""
+
+    def make(original_dot):
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        def as_float32(handle):
+            if handle.get_element_ty() == tl.bfloat16:
+                data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+                return interpreter.TensorHandle(data.reshape(handle.data.shape), tl.float32)
+            return handle
+
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            return original_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
+
+        return create_dot
+
+    return _patch_interpreter_builder(_SHIM_FLAG, "create_dot", make)
 
 
 _ROUNDING_SHIM_FLAG = "_fastsft_bf16_rounding_shim"
@@ -81,30 +89,21 @@ def float32_to_bfloat16_bits(data):
 
 
 def install_interpreter_bf16_rounding_shim() -> bool:
-    """Patch the interpreter's fp32 -> bf16 cast to round to nearest even (see module doc).
+    """Patch the interpreter's fp32 -> bf16 cast to round to nearest even (see module doc; True when active)."""
 
-    Returns True when the shim is (already) active, False when not under the
-    interpreter (TRITON_INTERPRET unset), where nothing is changed.
-    """
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    import triton.language as tl
-    from triton.runtime import interpreter
+    def make(original_cast):
+        import triton.language as tl
+        from triton.runtime import interpreter
 
-    builder_cls = interpreter.InterpreterBuilder
-    if getattr(builder_cls, _ROUNDING_SHIM_FLAG, False):
-        return True
-    original_cast = builder_cls.cast_impl
+        def cast_impl(self, src, dst_type):
+            # Only fp32 -> bf16 changes; every other cast (and bf16 -> fp32, exact) is the original.
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                return interpreter.TensorHandle(float32_to_bfloat16_bits(src.data), tl.bfloat16)
+            return original_cast(self, src, dst_type)
 
-    def cast_impl(self, src, dst_type):
-        # Only fp32 -> bf16 changes; every other cast (and bf16 -> fp32, exact) is the original.
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return interpreter.TensorHandle(float32_to_bfloat16_bits(src.data), tl.bfloat16)
-        return original_cast(self, src, dst_type)
+        return cast_impl
 
-    builder_cls.cast_impl = cast_impl
-    setattr(builder_cls, _ROUNDING_SHIM_FLAG, True)
-    return True
+    return _patch_interpreter_builder(_ROUNDING_SHIM_FLAG, "cast_impl", make)
 
 
 def install_interpreter_shims() -> bool:

@@ -157,3 +157,13 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
              if '"train"' in l]
     assert steps == list(range(1, stopped_at + 3))
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_full_fine_tuning_trains_two_steps(tmp_path, precision):
+    """Full fine-tuning in bf16 and fp16 through the CLI (issue 17: it crashed on q/k/v dtypes)."""
+    config = small_config(tmp_path, "eval_at_start: false\n")
+    assert main(["train", config, "--mode", "full", "--precision", precision]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses), records
