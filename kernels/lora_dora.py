@@ -275,6 +275,12 @@ def lora_linear_ex_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_
     """Projections of one x, each LoRA or DoRA (magnitudes[i] given), with dropout on the LoRA
     input (dropout_ps[i] > 0; a mask is drawn per projection unless dropout_masks[i] is given)
     and a LoRA bias (lora_biases[i]); see the module docstring for the formulas (peft's)."""
+    return _run_ex(x, weights, lora_as, lora_bs, scalings, biases, quant_states, magnitudes, dropout_ps,
+                   dropout_masks, lora_biases, dequant_rows, dense_base)
+
+
+def _run_ex(x, weights, lora_as, lora_bs, scalings, biases, quant_states, magnitudes, dropout_ps, dropout_masks,
+            lora_biases, dequant_rows, dense_base):
     n = len(weights)
     if n == 0:
         raise ValueError("weights is empty; lora_linear_ex_fused needs at least one projection")
@@ -324,10 +330,8 @@ def lora_linear_ex(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
                    dequant_rows: Optional[int] = None, dense_base: Optional[str] = None) -> torch.Tensor:
     """One LoRA projection with DoRA (``magnitude``), dropout on the LoRA input and a LoRA bias,
     as peft computes it; ``lora_linear`` is this with none of the three."""
-    return lora_linear_ex_fused(x, [weight], [lora_a], [lora_b], [scaling], biases=[bias],
-                                quant_states=[quant_state], magnitudes=[magnitude], dropout_ps=[dropout_p],
-                                dropout_masks=[dropout_mask], lora_biases=[lora_bias], dequant_rows=dequant_rows,
-                                dense_base=dense_base)[0]
+    return _run_ex(x, [weight], [lora_a], [lora_b], [scaling], [bias], [quant_state], [magnitude], [dropout_p],
+                   [dropout_mask], [lora_bias], dequant_rows, dense_base)[0]
 
 
 __all__ = ["lora_linear_ex", "lora_linear_ex_fused", "weight_row_norm", "draw_dropout_mask"]

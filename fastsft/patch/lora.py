@@ -93,8 +93,8 @@ def _call_reason(module: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> Opti
     if getattr(module, "lora_bias", {}).get(name, False) and module.lora_B[name].bias is None:
         return "lora_bias=True without a lora_B bias"
     dropout = module.lora_dropout[name]
-    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
-        return f"dropout module {type(dropout).__name__}"
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)) and dropout.training:
+        return f"dropout module {type(dropout).__name__}"  # eval: any dropout module is the identity
     if module.lora_A[name].weight.shape[0] > 128:
         return f"rank {module.lora_A[name].weight.shape[0]} > 128"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
