@@ -1,0 +1,124 @@
+"""DoRA, QDoRA and LoRA dropout stay on fastsft's ops: call counts and host syncs.
+
+A DoRA, a QDoRA (NF4 base) and a lora_dropout 0.05 LoRA model, patched by
+fastsft.patch_model, route every targeted layer through lora_linear_ex /
+lora_linear_ex_fused (q/k/v and gate/up one fused call each, o_proj and down_proj
+single calls; no layer on peft's path, no fallback logged), and one trainer step of
+each (the use_dora / lora_dropout config keys; the Triton kernels through the
+interpreter, so their launchers' host code runs as on a GPU) makes no host sync in
+forward and backward.
+"""
+import io
+import logging
+
+import pytest
+import torch
+
+import fastsft
+from fastsft.config import load_config
+from fastsft.demo_data import make_records, write_jsonl
+from fastsft.train import Trainer
+from fastsft.train import loop as loop_module
+from fastsft.train.batch import batch_to_device
+
+VOCAB = 128
+LAYERS = 2
+VARIANTS = {"dora": dict(use_dora=True), "qdora": dict(use_dora=True), "dropout": dict(lora_dropout=0.05)}
+
+
+def _tiny_llama(four_bit):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    if four_bit:
+        bnb = pytest.importorskip("bitsandbytes")
+        for module in list(model.model.layers.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is torch.nn.Linear:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                                 blocksize=64, compress_statistics=True)
+                    setattr(module, name, q.to("cpu"))
+        model.is_loaded_in_4bit = True
+    return model
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_targeted_layer_runs_fastsft_ops(variant, kernel_recorder, make_packed_batch, caplog, monkeypatch):
+    import peft
+
+    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")  # counts only: the reference math is enough here
+    model = peft.get_peft_model(_tiny_llama(variant == "qdora"), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False,
+        **{"lora_dropout": 0.0, **VARIANTS[variant]}))
+    with caplog.at_level(logging.INFO, logger="fastsft"):
+        fastsft.patch_model(model)
+        model.train()
+        batch = make_packed_batch()
+        loss = model(**batch_to_device(batch, torch.device("cpu"), vocab_size=VOCAB),
+                     num_items_in_batch=batch["num_trained_tokens"]).loss
+        loss.backward()
+    assert torch.isfinite(loss)
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(lora_layers) == 7 * LAYERS
+    counts = kernel_recorder.counts()
+    expected = {"lora_linear_ex": 2 * LAYERS, "lora_linear_ex_fused": 2 * LAYERS, "lora_linear": 0,
+                "lora_linear_fused": 0}
+    assert {op: counts.get(op, 0) for op in expected} == expected, f"{variant}: kernel calls {counts}"
+    fell_back = [r.getMessage() for r in caplog.records if "peft path" in r.getMessage()
+                 or "not fused" in r.getMessage() or "kept on peft" in r.getMessage()]
+    assert not fell_back, fell_back
+    for layer in lora_layers:  # every trainable LoRA tensor got a gradient through the ops
+        assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad is not None
+        if variant != "dropout":
+            assert layer.lora_magnitude_vector["default"].weight.grad is not None
+
+
+def _trainer(tmp_path, mode, **extra):
+    train, _ = make_records(12, 1, seed=1)
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    config = load_config(None, model="tiny-llama", tokenizer_vocab_size=290, dataset=str(tmp_path / "train.jsonl"),
+                         model_config={"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "num_key_value_heads": 1},
+                         max_seq_length=48, batch_tokens=64, max_steps=2, output_dir=str(tmp_path / "out"),
+                         progress_bar="off", mode=mode, precision="bf16", device="cpu", gradient_checkpointing=True,
+                         lora_r=4, lora_alpha=8, packing=True, **extra)
+    trainer = Trainer(config, stream=io.StringIO())
+    trainer.setup()
+    trainer.model.train()
+    return trainer
+
+
+@pytest.mark.parametrize("mode,extra", [("lora", dict(use_dora=True)), ("qlora", dict(use_dora=True)),
+                                        ("lora", dict(lora_dropout=0.05)),
+                                        ("qlora", dict(use_dora=True, lora_dropout=0.05))],
+                         ids=["dora", "qdora", "dropout", "qdora-dropout"])
+def test_no_host_sync_in_forward_and_backward(tmp_path, sync_counter, monkeypatch, kernel_recorder, mode, extra):
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes")
+    trainer = _trainer(tmp_path, mode, **extra)
+    fwd_bwd = sync_counter()
+    real_to_device, real_accumulate = loop_module.batch_to_device, trainer.accumulate
+
+    def to_device(*args, **kwargs):
+        with fwd_bwd.paused():  # host tensors, before the device copy
+            return real_to_device(*args, **kwargs)
+
+    def accumulate(*args, **kwargs):
+        with fwd_bwd:
+            return real_accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "batch_to_device", to_device)
+    monkeypatch.setattr(trainer, "accumulate", accumulate)
+    record = trainer.train_step()
+    assert record is not None and torch.isfinite(torch.tensor(record["loss"]))
+    assert fwd_bwd.triton_launches > 0, "the kernels did not take the Triton path"
+    counts = kernel_recorder.counts()
+    assert counts.get("lora_linear_ex_fused", 0) > 0 and counts.get("lora_linear_ex", 0) > 0, counts
+    assert counts.get("lora_linear", 0) == counts.get("lora_linear_fused", 0) == 0, counts
+    assert not fwd_bwd.events, f"{mode} {extra}: host syncs in forward + backward:\n{fwd_bwd.summary()}"
