@@ -260,3 +260,48 @@ def test_bad_inputs_raise_value_error():
         fk.lora_linear_ex(x, w, a, b, 1.0, magnitude=torch.ones(8), lora_bias=torch.ones(8))
     with pytest.raises(ValueError, match="dropout_mask"):
         fk.lora_linear_ex(x, w, a, b, 1.0, dropout_p=0.1, dropout_mask=torch.ones(5, 16))
+
+
+# --------------------------------------------------------------------------- compile tier
+def test_launches_only_variants_the_compile_tier_compiles(monkeypatch):
+    """lora_linear_ex adds no kernel variant: every launch it makes (DoRA, QDoRA, dropout, bias,
+    both 4-bit strategies, bf16/fp16/fp32) is one ``lora.launch_variants`` lists, which the compile
+    tier (tests/compile/specs.py) compiles."""
+    import re
+
+    from fastsft_kernels import lora
+
+    listed = {re.sub(r"_BM\d+.*$", "", e["name"]) for e in lora.launch_variants((9, 0), dtypes=("bf16", "fp16"),
+                                                                                ranks=(16,))}
+    dt_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    launched = set()
+    real_matmul, real_project, real_reduce = lora_dora._matmul, lora_dora._rank_project, lora_dora._rank_reduce
+
+    def matmul(a, weight, absmax, lo, p, p_strides, scale, bias, out, *, forward, accumulate=False):
+        assert lo.shape[1] <= 16
+        launched.add(f"lora_matmul_{'fwd' if forward else 'bwd_dx'}_{'4bit' if weight.is_4bit else 'dense'}_"
+                     f"{dt_name[a.dtype]}_r16{'_bias' if bias is not None else ''}{'_acc' if accumulate else ''}")
+        return real_matmul(a, weight, absmax, lo, p, p_strides, scale, bias, out, forward=forward,
+                           accumulate=accumulate)
+
+    def project(x, p, p_strides, r, scale, out=None):
+        assert r <= 16
+        launched.add(f"rank_project_{dt_name[x.dtype]}_p{dt_name[p.dtype]}_r16")
+        return real_project(x, p, p_strides, r, scale, out=out)
+
+    def reduce(y, z, src):
+        assert z.shape[1] <= 16 and z.dtype == torch.float32
+        launched.add(f"rank_reduce_{dt_name[y.dtype]}_r16")
+        return real_reduce(y, z, src)
+
+    monkeypatch.setattr(lora_dora, "_matmul", matmul)
+    monkeypatch.setattr(lora_dora, "_rank_project", project)
+    monkeypatch.setattr(lora_dora, "_rank_reduce", reduce)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for quant in (None, "nf4"):
+            for dora, p in ((True, 0.0), (True, 0.2), (False, 0.2)):
+                for rows in (0, None):
+                    _check(10, dtype, quant=quant, dora=dora, p=p, rank=16, lead=(9,), in_f=64, out_f=32,
+                           dequant_rows=rows)
+    assert any(name.startswith("lora_matmul") for name in launched)
+    assert launched <= listed, f"variants the compile tier does not compile: {sorted(launched - listed)}"
