@@ -102,6 +102,8 @@ def test_no_host_sync_in_forward_and_backward(tmp_path, sync_counter, monkeypatc
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
     trainer = _trainer(tmp_path, mode, **extra)
+    magnitudes = [n for n, _ in trainer.model.named_parameters() if "lora_magnitude_vector" in n]
+    assert bool(magnitudes) == bool(extra.get("use_dora")), "use_dora must reach peft's LoraConfig"
     fwd_bwd = sync_counter()
     real_to_device, real_accumulate = loop_module.batch_to_device, trainer.accumulate
 
