@@ -77,6 +77,12 @@ def test_qdora_matches_reference(dtype, quant, nested, dequant_rows):
     _check(2, dtype, quant=quant, nested=nested, rank=5, dequant_rows=dequant_rows)
 
 
+@pytest.mark.parametrize("rank", [1, 128])
+def test_qdora_rank_extremes_match_reference(rank):
+    for dequant_rows in (0, None):
+        _check(2, torch.bfloat16, quant="nf4", nested=True, rank=rank, dequant_rows=dequant_rows, p=0.1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dora", [False, True])
 def test_dropout_forced_mask_matches_reference(dtype, dora):
@@ -215,6 +221,28 @@ def test_qdora_matches_peft_linear4bit(quant_type, nested, p):
     layer = LoraLinear4bit(base, "default", _peft_config(8, 16, use_dora=True), r=8, lora_alpha=16)
     x = torch.randn(3, 11, 128, requires_grad=True)
     _compare_with_peft(layer, x, True, p, quant_state=base.weight.quant_state)
+
+
+@pytest.mark.parametrize("rank", [1, 128])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_rank_extremes_match_peft(rank, four_bit):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    torch.manual_seed(24)
+    dense = torch.nn.Linear(128, 64, bias=True)
+    if four_bit:
+        base = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                        blocksize=64, compress_statistics=True)
+        base.bias = torch.nn.Parameter(dense.bias.data.clone())
+        layer = LoraLinear4bit(base.to("cpu"), "default", _peft_config(rank, rank, use_dora=True), r=rank,
+                               lora_alpha=rank)
+    else:
+        layer = LoraLinear(dense, "default", _peft_config(rank, rank, use_dora=True), r=rank, lora_alpha=rank)
+    x = torch.randn(2, 17, 128, requires_grad=True)
+    qs = layer.get_base_layer().weight.quant_state if four_bit else None
+    _compare_with_peft(layer, x, True, 0.1, quant_state=qs)
 
 
 # --------------------------------------------------------------------------- drawn masks
