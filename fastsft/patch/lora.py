@@ -237,6 +237,8 @@ def apply(model: torch.nn.Module) -> List[str]:
         base = module.get_base_layer()
         is_4bit = _is_bnb_4bit(base)
         kind = f"4-bit {getattr(base.weight, 'quant_type', '?')}" if is_4bit else "dense"
+        if any(module.use_dora.values()):
+            kind += " DoRA"
         module.__dict__[_IS_4BIT] = is_4bit
         module.forward = types.MethodType(_fused_forward, module)
         module.__dict__[_PATCHED] = True

@@ -22,7 +22,7 @@ BOUNDS = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def _make(seed, dtype, *, lead=(37,), in_f=96, out_f=80, rank=8, bias=True, quant=None, nested=False, dora=True,
-          p=0.0, lora_bias=False):
+          p=0.0, lora_bias=False, device="cpu"):
     """(op kwargs, float64 reference kwargs, the tensors whose gradients are compared)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, in_f, generator=g).to(dtype)
@@ -36,8 +36,11 @@ def _make(seed, dtype, *, lead=(37,), in_f=96, out_f=80, rank=8, bias=True, quan
     qs = None
     if quant is not None:
         w, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant, compress_statistics=nested)
+        qs.to(device)
+    w = w.to(device)
+    mask = None if mask is None else mask.to(device)
     leaves = {"x": x, "a": a, "b": b, "bias": bi, "magnitude": m, "lora_bias": lb}
-    leaves = {k: v.requires_grad_(True) for k, v in leaves.items() if v is not None}
+    leaves = {k: v.to(device).requires_grad_(True) for k, v in leaves.items() if v is not None}
     ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
 
     def kwargs(t, weight):
@@ -54,7 +57,7 @@ def _check(seed, dtype, bound=None, dequant_rows=None, **cfg):
     y = fk.lora_linear_ex(**ours, dequant_rows=dequant_rows)
     y_ref = reference.lora_linear_ex(**ref)
     assert y.dtype == dtype and y.shape == y_ref.shape
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(y.device)
     y.backward(g)
     y_ref.backward(g.double())
     bound = bound or BOUNDS[dtype]
@@ -333,3 +336,14 @@ def test_launches_only_variants_the_compile_tier_compiles(monkeypatch):
                            dequant_rows=rows)
     assert any(name.startswith("lora_matmul") for name in launched)
     assert launched <= listed, f"variants the compile tier does not compile: {sorted(launched - listed)}"
+
+
+# --------------------------------------------------------------------------- GPU, real sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_dora_real_size_gpu(quant, p):
+    # both 4-bit strategies: 2048 rows take dequantize + cuBLAS, the dequant_rows override the Triton GEMM
+    for rows in (None, 2 ** 30):
+        _check(41, torch.bfloat16, lead=(2, 1024), in_f=4096, out_f=4096 + 96, rank=16, quant=quant, nested=True,
+               p=p, dequant_rows=rows, device="cuda")

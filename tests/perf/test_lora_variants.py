@@ -124,3 +124,29 @@ def test_no_host_sync_in_forward_and_backward(tmp_path, sync_counter, monkeypatc
     assert counts.get("lora_linear_ex_fused", 0) > 0 and counts.get("lora_linear_ex", 0) > 0, counts
     assert counts.get("lora_linear", 0) == counts.get("lora_linear_fused", 0) == 0, counts
     assert not fwd_bwd.events, f"{mode} {extra}: host syncs in forward + backward:\n{fwd_bwd.summary()}"
+
+
+def test_saved_for_backward_x_once_bool_masks_and_one_z_per_dora_projection():
+    """What the fused path keeps for backward (peft keeps a dropped copy of x per layer and several
+    full-width DoRA intermediates): x once for the whole group, one bool mask per dropout layer,
+    one (rows, out) tensor per DoRA projection, nothing else of full width."""
+    import fastsft_kernels as fk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(29, 64, generator=g).requires_grad_()
+    outs = (48, 16, 16)
+    ws = [torch.randn(o, 64, generator=g) / 8 for o in outs]
+    a_s = [(torch.randn(4, 64, generator=g) / 8).requires_grad_() for _ in outs]
+    b_s = [torch.randn(o, 4, generator=g).requires_grad_() for o in outs]
+    mags = [(w.norm(dim=1) * 1.1).requires_grad_() for w in ws]
+    for magnitudes in ([None] * 3, mags):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            ys = fk.lora_linear_ex_fused(x, ws, a_s, b_s, [2.0] * 3, magnitudes=magnitudes, dropout_ps=[0.05] * 3)
+        rows = [t for t in saved if t.dim() == 2 and t.shape[0] == x.shape[0] and t.shape[1] >= 16]
+        x_like = [t for t in rows if t.shape == x.shape and t.is_floating_point()]
+        assert len(x_like) == 1 and x_like[0].data_ptr() == x.data_ptr(), [t.shape for t in x_like]
+        assert sum(t.dtype == torch.bool and t.shape == x.shape for t in rows) == 3
+        wide = [tuple(t.shape) for t in rows if t.shape != x.shape]
+        assert sorted(wide) == (sorted((x.shape[0], o) for o in outs) if magnitudes[0] is not None else []), wide
+        torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
