@@ -347,3 +347,19 @@ def test_dora_real_size_gpu(quant, p):
     for rows in (None, 2 ** 30):
         _check(41, torch.bfloat16, lead=(2, 1024), in_f=4096, out_f=4096 + 96, rank=16, quant=quant, nested=True,
                p=p, dequant_rows=rows, device="cuda")
+
+
+@pytest.mark.parametrize("dora,p", [(True, 0.0), (True, 0.3), (False, 0.3)])
+def test_trainable_dense_base_gets_its_gradient(dora, p):
+    # not a LoRA setup fastsft's patch makes, but the op keeps lora_linear's contract: a dense W that
+    # requires grad gets dW (the DoRA norm stays detached, as in peft)
+    ours, ref, leaves, ref_leaves = _make(12, torch.float32, dora=dora, p=p)
+    ours["weight"].requires_grad_(True)
+    ref["weight"] = ref["weight"].detach().requires_grad_(True)
+    y = fk.lora_linear_ex(**ours)
+    y_ref = reference.lora_linear_ex(**ref)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert_close(ours["weight"].grad, ref["weight"].grad, 1e-5, "dW")
+    assert_close(leaves["x"].grad, ref_leaves["x"].grad, 1e-5, "dx")
