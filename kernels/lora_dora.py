@@ -13,12 +13,15 @@ peft 0.21's LoRA layer computes, with x_d = x * mask / (1 - p) when dropout is o
 
 The row norm never builds W + s B A: ||W_j||^2 + 2 s B_j . (W A^T)_j + s^2 B_j (A A^T) B_j^T,
 from one pass over the dense W the base GEMM then reads (a 4-bit W is dequantized
-once into the shared workspace for both: a DoRA projection always takes the
-dequantize + cuBLAS strategy in forward). Backward: the LoRA backward of
-``fastsft_kernels.lora`` run on g * c, plus dm = sum_t g * z / ||.||, z the
-un-scaled product saved in forward (the one full-width tensor DoRA adds). With
-dropout, x (shared by the group) and each projection's bool mask are saved, never
-x_d: backward rebuilds it. ``DROPOUT_MASK_HOOK`` (tests) can force the masks.
+once into the shared workspace for both: a DoRA projection takes the dequantize +
+cuBLAS strategy). Without dropout or bias (the common case) c rides on the operands:
+y = x (c W)^T + s (x A^T) (c B)^T, c W formed in the workspace in place (4-bit) or as
+a transient copy (dense), and the backward reads y itself for dm = sum_t g y / m
+(z = y / c), so DoRA keeps nothing full-width beyond its outputs; dx, dA, dB are
+the LoRA backward with c W and c B. With a bias or dropout, z (the product before
+c) is kept and dm = sum_t g z / ||.||, the backward running on g * c. With dropout,
+x (shared by the group) and each projection's bool mask are saved, never x_d:
+backward rebuilds it. ``DROPOUT_MASK_HOOK`` (tests) can force the masks.
 """
 from __future__ import annotations
 
@@ -82,6 +85,14 @@ def _col_dot(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return acc if acc is not None else torch.zeros(n, dtype=torch.float32, device=g.device)
 
 
+def _scaled_w(w: _Weight, c: torch.Tensor, dtype) -> torch.Tensor:
+    """c[:, None] * W, dense: a 4-bit W is dequantized into the workspace and scaled there in
+    place; a dense W (a parameter) is scaled into a new, transient (out, in) tensor."""
+    if w.is_4bit:
+        return _dense_w(w, dtype).mul_(c[:, None])
+    return w.weight * c[:, None]
+
+
 def _product(a, w: _Weight, w_dense, strategy, lo, p_mat, scale, bias, out, *, forward, accumulate=False):
     """out [+]= a @ W^T (forward) or a @ W + scale * lo @ p_mat (+ bias): cuBLAS on a dense
     (or workspace-dequantized) W, or the Triton GEMM with the rank term in its epilogue."""
@@ -105,7 +116,7 @@ class _LoraExFn(torch.autograd.Function):
         n = len(metas)
         weights, lora_as, lora_bs, biases, mags, masks = (tensors[i * n:(i + 1) * n] for i in range(6))
         dt = x2.dtype
-        outs, xas, zs, norms = [], [], [], []
+        outs, xas, zs, norms, kept_ys = [], [], [], [], []
         # x A^T of every member without dropout in one pass over x; each dropout member on its own x_d
         plain = [i for i in range(n) if masks[i] is None]
         xa_of = {}
@@ -131,6 +142,17 @@ class _LoraExFn(torch.autograd.Function):
                 _product(x2, w, None, strategy, xa, b.t(), s, biases[i], y, forward=True)  # base on x, LoRA on x_d
                 zs.append(None)
                 norms.append(None)
+                kept_ys.append(None)
+            elif x_d is None and biases[i] is None:
+                # y = x (c W)^T + s xa (c B)^T straight from the GEMM; backward reads y itself for dm
+                # (z = y / c), so nothing full-width is added to what the next op keeps anyway
+                norm = weight_row_norm(_dense_w(w, dt), a, b, s)
+                c32 = mags[i].float() / norm
+                b_c = b.float() * c32[:, None]
+                _product(x2, w, _scaled_w(w, c32.to(dt), dt), "cublas", xa, b_c.t(), s, None, y, forward=True)
+                zs.append(None)
+                norms.append(norm)
+                kept_ys.append(y)
             else:
                 w_dense = _dense_w(w, dt)  # a 4-bit W: dequantized once, for the norm and the GEMMs
                 norm = weight_row_norm(w_dense, a, b, s)
@@ -148,9 +170,10 @@ class _LoraExFn(torch.autograd.Function):
                     y.addcmul_(z, c)
                 zs.append(z)
                 norms.append(norm)
+                kept_ys.append(None)
             xas.append(xa)
             outs.append(y)
-        ctx.save_for_backward(x2, *xas, *weights, *lora_as, *lora_bs, *mags, *masks, *zs, *norms)
+        ctx.save_for_backward(x2, *xas, *weights, *lora_as, *lora_bs, *mags, *masks, *zs, *norms, *kept_ys)
         ctx.metas = metas
         ctx.bias_meta = [(bi is not None and bi.requires_grad, None if bi is None else bi.dtype) for bi in biases]
         return tuple(outs)
@@ -160,7 +183,7 @@ class _LoraExFn(torch.autograd.Function):
         metas = ctx.metas
         n = len(metas)
         x2, *rest = ctx.saved_tensors
-        xas, weights, lora_as, lora_bs, mags, masks, zs, norms = (rest[i * n:(i + 1) * n] for i in range(8))
+        xas, weights, lora_as, lora_bs, mags, masks, zs, norms, kept_ys = (rest[i * n:(i + 1) * n] for i in range(9))
         M, dt = x2.shape[0], x2.dtype
         first = 2  # index of weights[0] among forward's inputs
         need = ctx.needs_input_grad
@@ -171,6 +194,17 @@ class _LoraExFn(torch.autograd.Function):
         for i in range(n):
             info, s, strategy, p, dora = metas[i]
             g, b, r = grads[i], lora_bs[i], lora_as[i].shape[0]
+            if kept_ys[i] is not None:  # DoRA from y: dz = c g is never formed, c rides on W and B
+                c32 = mags[i].float() / norms[i]
+                if need[first + 4 * n + i]:  # dm = sum_t g z / ||.|| = sum_t g y / m
+                    d_m[i] = (_col_dot(g, kept_ys[i]) / mags[i].float()).to(mags[i].dtype)
+                b_c = b.float() * c32[:, None]
+                gbs_of[i] = _rank_project(g, b_c, (b_c.stride(1), b_c.stride(0)), r, s)  # s g (c B)
+                if need[first + 2 * n + i]:
+                    d_b[i] = (_rank_reduce(g, xas[i], dt) * (s * c32[:, None])).to(b.dtype)
+                if need[first + n + i]:
+                    d_a[i] = _rank_reduce(x2, gbs_of[i], dt).t().to(lora_as[i].dtype).contiguous()
+                continue
             if dora:
                 c = (mags[i].float() / norms[i]).to(dt)
                 dz = g * c
@@ -194,6 +228,11 @@ class _LoraExFn(torch.autograd.Function):
                 info, s, strategy, p, dora = metas[i]
                 a = lora_as[i]
                 dropout = masks[i] is not None
+                if kept_ys[i] is not None:  # dx = g (c W) + s (g c B) A
+                    c = (mags[i].float() / norms[i]).to(dt)
+                    _product(grads[i], ws[i], _scaled_w(ws[i], c, dt), "cublas", gbs_of[i], a, 1.0, None, dx,
+                             forward=False, accumulate=i > 0)
+                    continue
                 w_dense = _dense_w(ws[i], dt) if (strategy == "cublas" or (dora and dropout)) else None
                 gbase = dz_of[i] if (dora and not dropout) else grads[i]
                 lo, pm = (gbs_of[i], a) if not dropout else (gbs_of[i][:, :0], a[:0])
@@ -213,6 +252,10 @@ class _LoraExFn(torch.autograd.Function):
             if metas[i][0] is None and need[first + i]:
                 info, s, strategy, p, dora = metas[i]
                 dropout = masks[i] is not None
+                if kept_ys[i] is not None:
+                    c = (mags[i].float() / norms[i]).to(dt)
+                    d_w.append(torch.mm(grads[i].t(), x2).mul_(c[:, None]).to(weights[i].dtype))
+                    continue
                 gbase = dz_of[i] if (dora and not dropout) else grads[i]
                 gw = torch.mm(gbase.t(), x2).to(weights[i].dtype)
                 if dora and dropout:

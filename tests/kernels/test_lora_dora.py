@@ -69,8 +69,9 @@ def _check(seed, dtype, bound=None, dequant_rows=None, **cfg):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rank", [1, 16, 128])
-def test_dora_dense_matches_reference(dtype, rank):
-    _check(1, dtype, rank=rank)
+@pytest.mark.parametrize("bias", [True, False])  # without bias nor dropout, DoRA's backward reads y (not z)
+def test_dora_dense_matches_reference(dtype, rank, bias):
+    _check(1, dtype, rank=rank, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,12 +79,14 @@ def test_dora_dense_matches_reference(dtype, rank):
 @pytest.mark.parametrize("dequant_rows", [0, None])  # dequantize + cuBLAS / the in-register Triton GEMM
 def test_qdora_matches_reference(dtype, quant, nested, dequant_rows):
     _check(2, dtype, quant=quant, nested=nested, rank=5, dequant_rows=dequant_rows)
+    _check(3, dtype, quant=quant, nested=nested, rank=5, dequant_rows=dequant_rows, bias=False)
 
 
 @pytest.mark.parametrize("rank", [1, 128])
 def test_qdora_rank_extremes_match_reference(rank):
     for dequant_rows in (0, None):
         _check(2, torch.bfloat16, quant="nf4", nested=True, rank=rank, dequant_rows=dequant_rows, p=0.1)
+        _check(2, torch.bfloat16, quant="nf4", nested=True, rank=rank, dequant_rows=dequant_rows, bias=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -189,7 +192,7 @@ def test_dora_matches_peft_linear(dtype, p):
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     torch.manual_seed(21)
-    base = torch.nn.Linear(96, 80, bias=True).to(dtype)
+    base = torch.nn.Linear(96, 80, bias=p == 0.0).to(dtype)  # no bias with dropout: both y and z paths
     layer = LoraLinear(base, "default", _peft_config(8, 12, use_dora=True), r=8, lora_alpha=12)
     layer.to(dtype)  # adapters in the model dtype: both paths then compute in it
     x = torch.randn(3, 13, 96, dtype=dtype, requires_grad=True)
@@ -349,11 +352,11 @@ def test_dora_real_size_gpu(quant, p):
                p=p, dequant_rows=rows, device="cuda")
 
 
-@pytest.mark.parametrize("dora,p", [(True, 0.0), (True, 0.3), (False, 0.3)])
-def test_trainable_dense_base_gets_its_gradient(dora, p):
+@pytest.mark.parametrize("dora,p,bias", [(True, 0.0, True), (True, 0.0, False), (True, 0.3, True), (False, 0.3, True)])
+def test_trainable_dense_base_gets_its_gradient(dora, p, bias):
     # not a LoRA setup fastsft's patch makes, but the op keeps lora_linear's contract: a dense W that
     # requires grad gets dW (the DoRA norm stays detached, as in peft)
-    ours, ref, leaves, ref_leaves = _make(12, torch.float32, dora=dora, p=p)
+    ours, ref, leaves, ref_leaves = _make(12, torch.float32, dora=dora, p=p, bias=bias)
     ours["weight"].requires_grad_(True)
     ref["weight"] = ref["weight"].detach().requires_grad_(True)
     y = fk.lora_linear_ex(**ours)

@@ -196,10 +196,11 @@ def _full_width_ops(fn, numel_out, w_numel, monkeypatch):
 
 
 @pytest.mark.parametrize("quant", [None, "nf4"])
-def test_dora_adds_four_elementwise_passes_and_never_forms_w_plus_ba(quant, monkeypatch):
-    """Against the same adapters as plain LoRA, a DoRA forward + backward adds exactly: y = c z,
-    dz = g c, the product g z and its column sum (the magnitude gradient). No fp32 copy of a
-    (rows, out) tensor, and nothing of W's size is computed (W + s B A never exists)."""
+def test_dora_adds_one_full_width_pass_and_never_forms_w_plus_ba(quant, monkeypatch):
+    """Against the same adapters as plain LoRA, a DoRA forward + backward (no bias, no dropout: the
+    common case) adds exactly one (rows, out) product and its column sum (the magnitude gradient,
+    read from y); c = m / ||.|| rides on W (one row scaling of W per direction: of the workspace in
+    place for a 4-bit W) and on B. No fp32 copy of a (rows, out) tensor, and W + s B A never exists."""
     import fastsft_kernels as fk
 
     rows, k, n = 40, 96, 80
@@ -232,5 +233,29 @@ def test_dora_adds_four_elementwise_passes_and_never_forms_w_plus_ba(quant, monk
     for op in lora_ops:
         assert op in extra, (lora_ops, dora_ops)
         extra.remove(op)
-    assert sorted(extra) == ["mul", "mul", "mul", "sum"], (lora_ops, dora_ops)
-    assert dora_w == lora_w, f"W-sized results in DoRA beyond plain LoRA's: {dora_w} vs {lora_w}"
+    assert sorted(extra) == ["mul", "sum"], (lora_ops, dora_ops)
+    extra_w = list(dora_w)
+    for op in lora_w:
+        extra_w.remove(op)
+    assert extra_w == (["mul_", "mul_"] if quant else ["mul", "mul"]), (lora_w, dora_w)
+
+
+def test_dora_without_dropout_or_bias_keeps_only_its_outputs():
+    """DoRA's common case (no dropout, no bias) keeps no tensor of its own of full width: the
+    (rows, out) tensors saved for backward are the outputs, which the next op keeps anyway."""
+    import fastsft_kernels as fk
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(29, 64, generator=g).requires_grad_()
+    outs = (48, 16, 16)
+    ws = [torch.randn(o, 64, generator=g) / 8 for o in outs]
+    a_s = [(torch.randn(4, 64, generator=g) / 8).requires_grad_() for _ in outs]
+    b_s = [torch.randn(o, 4, generator=g).requires_grad_() for o in outs]
+    mags = [(w.norm(dim=1) * 1.1).requires_grad_() for w in ws]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ys = fk.lora_linear_ex_fused(x, ws, a_s, b_s, [2.0] * 3, magnitudes=mags)
+    wide = [t for t in saved if t.dim() == 2 and t.shape[0] == x.shape[0] and t.shape[1] >= 16 and t.shape != x.shape]
+    assert sorted(t.data_ptr() for t in wide) == sorted(y.data_ptr() for y in ys)
+    torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+    assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in mags)
