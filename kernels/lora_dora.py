@@ -18,7 +18,9 @@ cuBLAS strategy). Without dropout or bias (the common case) c rides on the opera
 y = x (c W)^T + s (x A^T) (c B)^T, c W formed in the workspace in place (4-bit) or as
 a transient copy (dense), and the backward reads y itself for dm = sum_t g y / m
 (z = y / c), so DoRA keeps nothing full-width beyond its outputs; dx, dA, dB are
-the LoRA backward with c W and c B. With a bias or dropout, z (the product before
+the LoRA backward with c W and c B (m exactly 0 would make z unrecoverable from y; peft
+initialises m to the row norms, and an in-place edit of a saved y raises autograd's
+version error, never a silent wrong gradient). With a bias or dropout, z (the product before
 c) is kept and dm = sum_t g z / ||.||, the backward running on g * c. With dropout,
 x (shared by the group) and each projection's bool mask are saved, never x_d:
 backward rebuilds it. ``DROPOUT_MASK_HOOK`` (tests) can force the masks.
