@@ -135,9 +135,13 @@ class _LoraExFn(torch.autograd.Function):
             info, s, strategy, p, dora = metas[i]
             w = _Weight(weights[i], info)
             a, b = lora_as[i], lora_bs[i]
-            x_d = _dropped(x2, masks[i], p) if masks[i] is not None else None
-            if x_d is not None:
-                xa_of[i] = _rank_project(x_d, a, (a.stride(0), a.stride(1)), a.shape[0], 1.0)
+            x_d = None
+            if masks[i] is not None:
+                # x * mask is exact; 1 / (1 - p) rides on the rank projection's fp32 scale (one pass less),
+                # and only DoRA, whose base product reads the dropped x, scales it
+                x_m = x2.mul(masks[i])
+                xa_of[i] = _rank_project(x_m, a, (a.stride(0), a.stride(1)), a.shape[0], 1.0 / (1.0 - p))
+                x_d = x_m.mul_(1.0 / (1.0 - p)) if dora else None
             xa = xa_of[i]
             y = empty(x2.shape[0], w.shape[0], dtype=dt, device=x2.device)
             if not dora:
@@ -218,9 +222,9 @@ class _LoraExFn(torch.autograd.Function):
             gbs_of[i] = _rank_project(dz, b, (b.stride(1), b.stride(0)), r, s)  # s * dz B (M, r) fp32
             if need[first + 2 * n + i]:
                 d_b[i] = (_rank_reduce(dz, xas[i], dt) * s).to(b.dtype)
-            if need[first + n + i]:
-                x_in = x2 if masks[i] is None else _dropped(x2, masks[i], p)
-                d_a[i] = _rank_reduce(x_in, gbs_of[i], dt).t().to(lora_as[i].dtype).contiguous()
+            if need[first + n + i]:  # dA = (s dz B)^T x_d, x_d = (x * mask) / (1 - p)
+                x_in, keep = (x2, 1.0) if masks[i] is None else (x2.mul(masks[i]), 1.0 / (1.0 - p))
+                d_a[i] = (_rank_reduce(x_in, gbs_of[i], dt) * keep).t().to(lora_as[i].dtype).contiguous()
         dx = None
         if need[0]:
             # dx = sum_i gbase_i W_i + [no dropout] s (dz_i B_i) A_i
