@@ -116,6 +116,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
+    # --- issue 24: DoRA
+    use_dora: bool = False  # peft LoraConfig(use_dora=True): a trained magnitude per output row (fused by fastsft)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -447,6 +449,8 @@ def validate(config: TrainConfig) -> None:
             f"config key 'batch_tokens' ({config.batch_tokens}) must be >= 'max_seq_length' "
             f"({config.max_seq_length}) so that every example fits in a packed micro-batch"
         )
+    if config.use_dora and config.mode == "full":  # issue 24
+        raise ConfigError("config key 'use_dora' applies to mode lora or qlora, not full")
     if config.model_config and config.model != "tiny-llama":
         raise ConfigError("config key 'model_config' applies only to model: tiny-llama")
     if config.offload_activations and not config.gradient_checkpointing:

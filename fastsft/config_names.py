@@ -19,7 +19,7 @@ HELP: Dict[str, str] = {
     "patch_kernels": "swap in fastsft's fused Triton kernels (fastsft.patch_model)",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora)",
-    "lora_dropout": "dropout on the LoRA input, in [0, 1)",
+    "lora_dropout": "dropout on the LoRA input, in [0, 1) (runs inside fastsft's fused LoRA path; 0.05 is common)",
     "lora_target_modules": "modules that get adapters: all-linear, or a list of names",
     "lora_bias": "none | all | lora_only: which biases train",
     "use_rslora": "rank-stabilised LoRA scaling (alpha / sqrt(r))",
@@ -81,6 +81,8 @@ HELP: Dict[str, str] = {
     "overwrite_output_dir": "start over in an output_dir that holds a run (deletes it); --overwrite",
     "resume": "continue a run: true (newest checkpoint in output_dir), a run folder or a checkpoint",
     "resume_changed_config": "resume although keys that shape the run changed (new values from the resumed step)",
+    # --- issue 24: DoRA
+    "use_dora": "DoRA (weight-decomposed LoRA, peft's use_dora): a magnitude per output row; lora/qlora (QDoRA)",
 }
 
 

@@ -23,6 +23,7 @@ RESUME_FREE_KEYS = {
 RESUME_FIXED_KEYS = {
     "model", "model_config", "tokenizer", "tokenizer_vocab_size", "mode", "lora_r", "lora_target_modules",
     "lora_bias", "lora_modules_to_save", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "trust_remote_code",
+    "use_dora",
 }
 
 

@@ -24,6 +24,8 @@ _OPS = {
     "lora_linear": "lora",
     "lora_linear_fused": "lora",  # q/k/v or gate/up sharing one x
     "dequantize_4bit": "lora",  # bitsandbytes NF4/FP4 -> dense, in Triton
+    "lora_linear_ex": "lora_dora",  # + DoRA, dropout on the LoRA input, LoRA bias (peft's formulas)
+    "lora_linear_ex_fused": "lora_dora",
     "varlen_attention": "attention",
     "rms_norm": "norm",
     "rope": "rope",

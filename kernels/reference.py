@@ -266,3 +266,45 @@ def lora_linear(
     if bias is not None:
         y = y + bias.to(dt)
     return y.to(x.dtype)
+
+
+def lora_linear_ex(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    quant_state=None,
+    magnitude: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
+    lora_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """peft 0.21's LoRA layer with DoRA, dropout and a LoRA bias, in float32 (float64 for float64 x).
+
+    x_d = x * dropout_mask / (1 - dropout_p) (x when no mask). Plain LoRA:
+    y = x W^T + s (x_d A^T) B^T + bias + s lora_bias. DoRA (``magnitude`` m):
+    c = m / ||W + s B A||_row (detached); y = x W^T + bias + (c - 1) (x_d W^T) + c s (x_d A^T) B^T,
+    which is c (x W^T + s (x A^T) B^T) + bias without dropout.
+    """
+    dt = _compute_dtype(x)
+    w = dequantize_4bit(weight, quant_state, dtype=dt) if quant_state is not None else weight.to(dt)
+    xf = x.to(dt)
+    xd = xf if dropout_mask is None else xf * dropout_mask.to(dt) / (1.0 - dropout_p)
+    a, b = lora_a.to(dt), lora_b.to(dt)
+    lora = scaling * ((xd @ a.t()) @ b.t())
+    if lora_bias is not None:
+        lora = lora + scaling * lora_bias.to(dt)
+    y = xf @ w.t()
+    if magnitude is not None:
+        norm = torch.linalg.norm(w.detach() + scaling * (b @ a).detach(), dim=1).detach()
+        c = magnitude.to(dt) / norm
+        base_d = y if dropout_mask is None else xd @ w.t()
+        y = y + (c - 1) * base_d + c * lora
+    else:
+        y = y + lora
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(x.dtype)

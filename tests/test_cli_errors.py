@@ -82,6 +82,9 @@ CASES = [
      "'train' is not a local path and not in the hub cache"),
     ("ratio", ["train", "run.yaml", "--warmup_ratio", "2"], "'warmup_ratio' must be in [0, 1], got 2.0"),
     ("two spellings", ["train", "run.yaml", "--max_length", "64", "--max_seq_length", "64"], "both set"),
+    ("lora_dropout", ["train", "run.yaml", "--lora_dropout", "1.5"], "'lora_dropout' must be in [0, 1), got 1.5"),
+    ("use_dora in full mode", ["train", "run.yaml", "--mode", "full", "--use_dora", "true"],
+     "'use_dora' applies to mode lora or qlora"),
     # found after torch + transformers load, still before anything is written
     ("model_config key", ["train", "run.yaml", "--output_dir", "o", "--model_config", "{hidden_sise: 32}"],
      "'hidden_sise' is not a field of LlamaConfig; did you mean 'hidden_size'?"),

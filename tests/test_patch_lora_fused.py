@@ -95,12 +95,13 @@ def test_family_uses_fused_projections(family, monkeypatch):
 
 
 def test_group_with_an_ineligible_member_is_not_fused(caplog, monkeypatch):
-    """Dropout on k_proj only: in training the q/k/v group falls back (one log line for the
-    group, one for k_proj), the MLP group still fuses; in eval every group fuses."""
+    """A dropout module fastsft does not run (AlphaDropout) on k_proj only: in training the
+    q/k/v group falls back (one log line for the group, one for k_proj), the MLP group still
+    fuses; in eval every group fuses."""
     model = _peft(_tiny("llama", seed=4), SPLIT)
     model.train()
     k_proj = model.base_model.model.model.layers[0].self_attn.k_proj
-    k_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    k_proj.lora_dropout["default"] = torch.nn.AlphaDropout(0.5)
     with caplog.at_level(logging.INFO, logger="fastsft"):
         summary_lines = lora_patch.apply(model)
         counter = _Counter(monkeypatch)
@@ -108,7 +109,7 @@ def test_group_with_an_ineligible_member_is_not_fused(caplog, monkeypatch):
             _step(model)
     assert counter.calls["lora_linear_fused"] == 2  # the MLP group, both steps
     group_logs = [r.getMessage() for r in caplog.records if "not fused for this call" in r.getMessage()]
-    assert len(group_logs) == 1 and "k_proj: dropout p=0.5" in group_logs[0]
+    assert len(group_logs) == 1 and "k_proj: dropout module AlphaDropout" in group_logs[0]
     summaries = [r.getMessage() for r in caplog.records if "LoRA layers on lora_linear" in r.getMessage()]
     assert len(summaries) == 1 and "7 LoRA layers on lora_linear, 2 q/k/v or gate/up groups fused" in summaries[0]
     assert len(summary_lines) == 7 + 2

@@ -17,6 +17,12 @@ Providers (the base weight frozen, the adapter trainable, x requires grad):
 - fastsft_fused / fastsft_single (groups): one lora_linear_fused call vs one call per projection.
 Modes: fwd (grad enabled), bwd (backward alone, graph retained), full. TFLOP/s of the
 nominal work: fwd 2MNK + 2Mr(K+N); bwd 2MNK + 4Mr(K+N); the base product alone for cublas_base.
+
+DoRA rows (issue 24; cases "dora_*" on the bf16 base, "qdora_*" on NF4: 4096 -> 14336 and
+the q/k/v group): fastsft = lora_linear_ex(_fused) with the magnitude, fastsft_lora = the
+same adapters as plain LoRA through lora_linear(_fused) (the target: DoRA <= 1.15x LoRA),
+peft = peft's DoRA layer (use_dora=True), cublas_base. Each record carries
+"time_vs_fastsft_lora".
 """
 from __future__ import annotations
 
@@ -39,12 +45,13 @@ FORCE = {"fastsft_triton": dict(dequant_rows=2**62, dense_base="triton"),
          "fastsft_cublas": dict(dequant_rows=0, dense_base="cublas")}
 
 
-def _peft_layer(out_f: int, in_f: int, rank: int, base_kind: str, device, dtype, gen):
+def _peft_layer(out_f: int, in_f: int, rank: int, base_kind: str, device, dtype, gen, use_dora: bool = False):
     """(peft LoRA layer, its dense base W in ``dtype``); init_lora_weights=False keeps the LoRA term live."""
     from peft import LoraConfig
 
     w = (torch.randn(out_f, in_f, device=device, generator=gen) * in_f ** -0.5).to(dtype)
-    config = LoraConfig(r=rank, lora_alpha=ALPHA_OVER_R * rank, lora_dropout=0.0, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=ALPHA_OVER_R * rank, lora_dropout=0.0, init_lora_weights=False,
+                        use_dora=use_dora)
     if base_kind == "nf4":
         import bitsandbytes as bnb
         from peft.tuners.lora.bnb import Linear4bit
@@ -138,6 +145,58 @@ def _providers(layers, dense_ws, base_kind: str, group: bool):
         providers["dequant_matmul"] = dequant_matmul
     providers["cublas_base"] = cublas_base
     return providers
+
+
+def _dora_providers(layers, dense_ws):
+    """DoRA rows: fastsft's lora_linear_ex(_fused) with the magnitude, the same adapters as plain
+    LoRA in fastsft, peft's DoRA layers, and the bare base products."""
+    import fastsft_kernels as fk
+
+    args = [_kernel_args(layer) for layer in layers]
+    mags = [layer.lora_magnitude_vector["default"].weight for layer in layers]
+    cols = [[a[i] for a in args] for i in range(5)]
+
+    def fastsft(x):
+        return fk.lora_linear_ex_fused(x, cols[0], cols[1], cols[2], cols[3], quant_states=cols[4], magnitudes=mags)
+
+    def fastsft_lora(x):
+        return fk.lora_linear_fused(x, cols[0], cols[1], cols[2], cols[3], quant_states=cols[4])
+
+    return {"fastsft": fastsft, "fastsft_lora": fastsft_lora, "peft": lambda x: [layer(x) for layer in layers],
+            "cublas_base": lambda x: [torch.nn.functional.linear(x, w) for w in dense_ws]}
+
+
+def _dora_cases(quick):
+    """(case, base kind, rows, in_features, out_features per projection) of the DoRA rows."""
+    rows = (1024, 16384) if quick else ROWS
+    k, n = SHAPES["4096x14336"]
+    cases = []
+    for base_kind, prefix in (("bf16", "dora"), ("nf4", "qdora")):
+        cases += [(f"{prefix}_4096x14336_r{RANK}_M{m}", base_kind, m, k, (n,)) for m in rows]
+        k_g, outs = GROUPS["qkv"]
+        cases += [(f"{prefix}_qkv_r{RANK}_M{m}", base_kind, m, k_g, outs) for m in GROUP_ROWS[-1:]]
+    return cases
+
+
+def _run_dora(args, device, dtype) -> List[common.Result]:
+    results = []
+    for case, base_kind, m, k, outs in _dora_cases(args.quick):
+        gen = torch.Generator(device=device).manual_seed(0)
+        built = [_peft_layer(n, k, RANK, base_kind, device, dtype, gen, use_dora=True) for n in outs]
+        layers, dense_ws = [b[0] for b in built], [b[1] for b in built]
+        xs = [torch.randn(m, k, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(2)]
+        grads = [[torch.randn(m, n, device=device, dtype=dtype, generator=gen) for n in outs] for _ in range(2)]
+        for provider, fn in _dora_providers(layers, dense_ws).items():
+            if _selected(args, provider):
+                work = _work(m, k, outs, RANK, lora=provider != "cublas_base")
+                results.extend(_measure(case, provider, fn, xs, grads, _params(layers), work, args.quick, {}))
+        del layers, dense_ws, built, xs, grads
+        torch.cuda.empty_cache()
+    lora = {(r.case, r.mode): r.ms for r in results if r.provider == "fastsft_lora" and r.ms}
+    for r in results:
+        if lora.get((r.case, r.mode)) and r.ms:
+            r.extra["time_vs_fastsft_lora"] = r.ms / lora[(r.case, r.mode)]
+    return results
 
 
 def _params(layers):
@@ -243,6 +302,7 @@ def run(op, args):
             results.extend(_measure(case, provider, fn, xs, grads, _params(layers), work, args.quick, extra))
         del layers, dense_ws, built, xs, grads
         torch.cuda.empty_cache()
+    results.extend(_run_dora(args, device, dtype))
     _ratios_to_base(results)
     config = {"op": op, "rank": RANK, "rows": ROWS, "shapes": {k: list(v) for k, v in SHAPES.items()},
               "groups": {g: [k, list(o)] for g, (k, o) in GROUPS.items()}, "group_rows": GROUP_ROWS,
@@ -250,7 +310,9 @@ def run(op, args):
               "nf4": "bitsandbytes NF4, blocksize 64, double-quantized absmax",
               "dequant_rows": resolve_dequant_rows(), "dispatch": dispatch,
               "modes": "fwd = forward with grad enabled; bwd = backward alone (graph retained); full = fwd + bwd",
-              "rate": "TFLOP/s of fwd 2MNK+2Mr(K+N), bwd 2MNK+4Mr(K+N); cublas_base: the base products only"}
+              "rate": "TFLOP/s of fwd 2MNK+2Mr(K+N), bwd 2MNK+4Mr(K+N); cublas_base: the base products only",
+              "dora": "dora_* (bf16 base) / qdora_* (NF4) cases: fastsft = lora_linear_ex with the magnitude, "
+                      "fastsft_lora = the same adapters as plain LoRA, peft = peft's use_dora layer"}
     return config, results, "peft"
 
 
@@ -291,4 +353,36 @@ def smoke(op, args):
                     except Exception as exc:
                         results.append(common.Result(case=case, provider=provider, mode="full",
                                                      error=f"{type(exc).__name__}: {exc}"[:300]))
+    results.extend(_smoke_dora())
+    return results
+
+
+def _smoke_dora() -> List[common.Result]:
+    """Tiny CPU DoRA / QDoRA group through the DoRA providers; fastsft's outputs checked against peft's."""
+    results = []
+    for base_kind, prefix in (("fp32", "dora"), ("nf4", "qdora")):
+        gen = torch.Generator().manual_seed(0)
+        built = [_peft_layer(n, 64, 8, base_kind, "cpu", torch.float32, gen, use_dora=True) for n in (40, 24)]
+        layers, dense_ws = [b[0] for b in built], [b[1] for b in built]
+        x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1))
+        expected = [layer(x).detach() for layer in layers]
+        for provider, fn in _dora_providers(layers, dense_ws).items():
+            case = f"tiny_{prefix}_M9_group"
+            try:
+                xg = x.clone().requires_grad_()
+                start = time.perf_counter()
+                ys = fn(xg)
+                torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+                ms = (time.perf_counter() - start) * 1e3
+                extra = {"y_sum": float(sum(y.detach().double().sum() for y in ys))}
+                if provider == "fastsft":
+                    extra["max_abs_diff_vs_peft"] = max(float((y - e).abs().max()) for y, e in zip(ys, expected))
+                    if extra["max_abs_diff_vs_peft"] > 1e-4:
+                        results.append(common.Result(case=case, provider=provider, mode="full",
+                                                     error=f"differs from peft's DoRA by {extra}"))
+                        continue
+                results.append(common.Result(case=case, provider=provider, mode="full", ms=ms, extra=extra))
+            except Exception as exc:
+                results.append(common.Result(case=case, provider=provider, mode="full",
+                                             error=f"{type(exc).__name__}: {exc}"[:300]))
     return results

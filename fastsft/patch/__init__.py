@@ -87,7 +87,11 @@ def _lora_summary(lines: List[str]) -> str:
         kinds[kind] = kinds.get(kind, 0) + 1
     text = f"{len(fused)} layers on lora_linear ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" \
         if fused else "no layer on lora_linear"
-    kept = [line for line in lines if line not in fused]
+    groups = sum("-> lora_linear_fused" in line for line in lines)
+    if groups:
+        text += f", {groups} q/k/v or gate/up groups fused"
+    # group lines ("... -> lora_linear_fused", "... (packed) -> lora_linear") are not layers kept on peft
+    kept = [line for line in lines if "kept on peft's path" in line]
     if kept:
         reasons = sorted({line.split("(", 1)[-1].rstrip(")") for line in kept})
         text += f"; {len(kept)} kept on peft's path ({'; '.join(reasons)})"

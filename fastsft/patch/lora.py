@@ -7,11 +7,12 @@ class is never touched, so merge/unmerge, ``merge_and_unload`` and
 instance attribute, restoring peft's forward.
 
 Per call, the fast path runs only when it computes what peft would: one active
-adapter, not merged, adapters enabled, plain LoRA (no DoRA or other variant, no
-LoRA bias), dropout inactive (p == 0 or eval mode), no per-sample
-``adapter_names``, rank <= 128. Under torch.autocast the dense path computes in
-the autocast dtype, as ``F.linear`` would. Otherwise that call takes peft's own
-forward and the reason is logged once per layer.
+adapter, not merged, adapters enabled, plain LoRA or DoRA (no other variant), no
+per-sample ``adapter_names``, rank <= 128. Under torch.autocast the dense path
+computes in the autocast dtype, as ``F.linear`` would. Otherwise that call takes
+peft's own forward and the reason is logged once per layer. DoRA, dropout in
+training and a LoRA bias run through ``lora_linear_ex`` (peft's formulas, see
+``fastsft_kernels.lora_dora``); plain calls through ``lora_linear``.
 
 Layers that share x in Llama-family attention (q/k/v) and MLPs (gate/up) are then
 wired into groups that run as one ``lora_linear_fused`` call (``lora_fused``).
@@ -63,7 +64,8 @@ def _static_reason(module: torch.nn.Module, classes) -> Optional[str]:
             return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit"
         return None
     if type(module) is not lora_linear_cls:
-        return f"{type(module).__name__} LoRA layers are not supported (only Linear and Linear4bit bases)"
+        dora = " with DoRA" if any(getattr(module, "use_dora", {}).values()) else ""
+        return f"{type(module).__name__} LoRA layers{dora} are not supported (only Linear and Linear4bit bases)"
     if type(base) is not torch.nn.Linear:
         return f"base layer {type(base).__name__} is not a torch.nn.Linear"
     if getattr(module, "fan_in_fan_out", False):
@@ -83,17 +85,16 @@ def _call_reason(module: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> Opti
     if len(active) != 1:
         return f"{len(active)} active adapters (the fused path runs exactly one)"
     name = active[0]
-    if module.use_dora.get(name, False):
-        return "DoRA"
-    if name in getattr(module, "lora_variant", {}):
-        return f"LoRA variant {type(module.lora_variant[name]).__name__}"
-    if getattr(module, "lora_bias", {}).get(name, False):
-        return "lora_bias=True"
+    variant = getattr(module, "lora_variant", {}).get(name)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return f"LoRA variant {type(variant).__name__}"
+    if module.use_dora.get(name, False) and name not in getattr(module, "lora_magnitude_vector", {}):
+        return "DoRA without a magnitude vector"
+    if getattr(module, "lora_bias", {}).get(name, False) and module.lora_B[name].bias is None:
+        return "lora_bias=True without a lora_B bias"
     dropout = module.lora_dropout[name]
-    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
-        return f"dropout p={dropout.p} in training mode"
-    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
-        return f"dropout module {type(dropout).__name__}"
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)) and dropout.training:
+        return f"dropout module {type(dropout).__name__}"  # eval: any dropout module is the identity
     if module.lora_A[name].weight.shape[0] > 128:
         return f"rank {module.lora_A[name].weight.shape[0]} > 128"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -143,7 +144,8 @@ def _kernel_args(self, x: torch.Tensor) -> dict:
     base = self.get_base_layer()
     weight = base.weight
     args = dict(lora_a=self.lora_A[name].weight, lora_b=self.lora_B[name].weight,
-                scaling=float(self.scaling[name]), quant_state=None, out_dtype=None, x=x)
+                scaling=float(self.scaling[name]), quant_state=None, out_dtype=None, x=x,
+                extras=_extras(self, name))
     if not self.__dict__.get(_IS_4BIT):  # dense nn.Linear base
         bias = base.bias
         autocast = _autocast_dtype(x)
@@ -160,6 +162,24 @@ def _kernel_args(self, x: torch.Tensor) -> dict:
                 bias=base.bias.to(compute) if base.bias is not None else None,
                 out_dtype=x.dtype if compute != x.dtype else None)
     return args
+
+
+def _extras(self, name: str) -> dict:
+    """DoRA magnitude, active dropout p and LoRA bias of adapter ``name`` (as peft's forward reads them).
+
+    Plain LoRA drops out when its nn.Dropout is in training mode; DoRA when the layer is
+    (peft's DoraLinearVariant tests ``module.training``)."""
+    dropout = self.lora_dropout[name]
+    dora = bool(self.use_dora.get(name, False))
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    active = (self.training if dora else dropout.training) and p > 0
+    return dict(magnitude=self.lora_magnitude_vector[name].weight if dora else None,
+                dropout_p=p if active else 0.0,
+                lora_bias=self.lora_B[name].bias if getattr(self, "lora_bias", {}).get(name, False) else None)
+
+
+def has_extras(extras: dict) -> bool:
+    return extras["magnitude"] is not None or extras["dropout_p"] > 0 or extras["lora_bias"] is not None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -180,8 +200,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     k = _kernel_args(self, x)
     # the kernel computes in x's dtype: autocast has nothing left to do inside
     with torch.autocast(x.device.type, enabled=False):
-        y = fk.lora_linear(k["x"], k["weight"], k["lora_a"], k["lora_b"], k["scaling"], bias=k["bias"],
-                           quant_state=k["quant_state"])
+        if has_extras(k["extras"]):  # DoRA / dropout in training / LoRA bias
+            y = fk.lora_linear_ex(k["x"], k["weight"], k["lora_a"], k["lora_b"], k["scaling"], bias=k["bias"],
+                                  quant_state=k["quant_state"], **k["extras"])
+        else:
+            y = fk.lora_linear(k["x"], k["weight"], k["lora_a"], k["lora_b"], k["scaling"], bias=k["bias"],
+                               quant_state=k["quant_state"])
     return y if k["out_dtype"] is None else y.to(k["out_dtype"])
 
 
@@ -213,6 +237,8 @@ def apply(model: torch.nn.Module) -> List[str]:
         base = module.get_base_layer()
         is_4bit = _is_bnb_4bit(base)
         kind = f"4-bit {getattr(base.weight, 'quant_type', '?')}" if is_4bit else "dense"
+        if any(module.use_dora.values()):
+            kind += " DoRA"
         module.__dict__[_IS_4BIT] = is_4bit
         module.forward = types.MethodType(_fused_forward, module)
         module.__dict__[_PATCHED] = True

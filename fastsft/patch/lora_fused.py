@@ -13,9 +13,11 @@ projections' forwards.
 
 A member's output is handed out once, and only for the very tensor x it was made
 from (same object, same in-place version, same grad mode); anything else
-recomputes. When a member is not eligible for the call (dropout in training, two
-adapters, DoRA ...; the single-layer rules of ``fastsft.patch.lora``), or the
+recomputes. When a member is not eligible for the call (two adapters, a merged
+adapter ...; the single-layer rules of ``fastsft.patch.lora``), or the
 members disagree on dtype handling, every member takes its single-layer path.
+Members with DoRA, dropout in training or a LoRA bias make the group one
+``lora_linear_ex_fused`` call (each member's own mask, drawn in member order).
 
 Phi-3 packs q/k/v into qkv_proj and gate/up into gate_up_proj: one LoRA layer
 each, so the single-layer call is already the fused projection.
@@ -83,11 +85,18 @@ class ProjectionGroup:
         x_k = first["x"]  # cast once for the whole group
         import fastsft_kernels as fk
 
+        common = ([c["weight"] for c in calls], [c["lora_a"] for c in calls], [c["lora_b"] for c in calls],
+                  [c["scaling"] for c in calls])
         with torch.autocast(x.device.type, enabled=False):
-            ys = fk.lora_linear_fused(x_k, [c["weight"] for c in calls], [c["lora_a"] for c in calls],
-                                      [c["lora_b"] for c in calls], [c["scaling"] for c in calls],
-                                      biases=[c["bias"] for c in calls],
-                                      quant_states=[c["quant_state"] for c in calls])
+            if any(lora_patch.has_extras(c["extras"]) for c in calls):  # DoRA / dropout / LoRA bias
+                ys = fk.lora_linear_ex_fused(x_k, *common, biases=[c["bias"] for c in calls],
+                                             quant_states=[c["quant_state"] for c in calls],
+                                             magnitudes=[c["extras"]["magnitude"] for c in calls],
+                                             dropout_ps=[c["extras"]["dropout_p"] for c in calls],
+                                             lora_biases=[c["extras"]["lora_bias"] for c in calls])
+            else:
+                ys = fk.lora_linear_fused(x_k, *common, biases=[c["bias"] for c in calls],
+                                          quant_states=[c["quant_state"] for c in calls])
         if first["out_dtype"] is not None:
             ys = [y.to(first["out_dtype"]) for y in ys]
         self.fused_calls += 1

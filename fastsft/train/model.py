@@ -156,6 +156,7 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
                 target_modules=config.lora_target_modules,
                 bias=config.lora_bias,
                 use_rslora=config.use_rslora,
+                use_dora=config.use_dora,
                 modules_to_save=config.lora_modules_to_save,
                 task_type="CAUSAL_LM",
             )

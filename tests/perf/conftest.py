@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 OPS = ("linear_cross_entropy", "cross_entropy", "lora_linear", "lora_linear_fused", "varlen_attention",
-       "rms_norm", "rope", "swiglu")
+       "rms_norm", "rope", "swiglu", "lora_linear_ex", "lora_linear_ex_fused")
 
 
 class KernelCall:

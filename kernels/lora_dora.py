@@ -1,0 +1,394 @@
+"""LoRA with DoRA, dropout and a LoRA bias, around the kernels of ``fastsft_kernels.lora``.
+
+Each projection i of x (one, or several sharing x: q/k/v, gate/up) computes what
+peft 0.21's LoRA layer computes, with x_d = x * mask / (1 - p) when dropout is on
+(mask drawn once per call, from the torch RNG of x's device) and x_d = x otherwise:
+
+  plain LoRA:  y = x W^T + s (x_d A^T) B^T + bias + s * lora_bias
+  DoRA:        c = m / ||W + s B A||_row   (the norm detached, as peft does)
+               no dropout:  y = c * (x W^T + s (x A^T) B^T) + bias
+               dropout:     y = x W^T + bias + (c - 1) * (x_d W^T) + c * s (x_d A^T) B^T
+               (peft's DoraLinearVariant recomputes the base product on x_d when
+               dropout is active; lora_bias is refused with DoRA, as peft refuses it.)
+
+The row norm never builds W + s B A: ||W_j||^2 + 2 s B_j . (W A^T)_j + s^2 B_j (A A^T) B_j^T,
+from one pass over the dense W the base GEMM then reads (a 4-bit W is dequantized
+once into the shared workspace for both: a DoRA projection takes the dequantize +
+cuBLAS strategy). Without dropout or bias (the common case) c rides on the operands:
+y = x (c W)^T + s (x A^T) (c B)^T, c W formed in the workspace in place (4-bit) or as
+a transient copy (dense), and the backward reads y itself for dm = sum_t g y / m
+(z = y / c), so DoRA keeps nothing full-width beyond its outputs; dx, dA, dB are
+the LoRA backward with c W and c B (m exactly 0 would make z unrecoverable from y; peft
+initialises m to the row norms, and an in-place edit of a saved y raises autograd's
+version error, never a silent wrong gradient). With a bias or dropout, z (the product before
+c) is kept and dm = sum_t g z / ||.||, the backward running on g * c. With dropout,
+x (shared by the group) and each projection's bool mask are saved, never x_d:
+backward rebuilds it. ``DROPOUT_MASK_HOOK`` (tests) can force the masks.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import reference
+from ._triton_utils import check_float, empty, use_triton
+from .lora import (_Weight, _as_2d, _check_lora, _cublas_lora, _dense_or_4bit, _dense_w, _matmul, _rank_project,
+                   _rank_reduce, pick_strategy, resolve_dense_base, resolve_dequant_rows)
+from .quant import absmax_fp32
+
+# Test hook: callable(p, shape, device) -> bool mask of that shape, or None to draw one.
+DROPOUT_MASK_HOOK: Optional[Callable] = None
+
+_DOT_ROWS = 1 << 24  # elements per fp32 chunk of the magnitude gradient's column dots
+
+
+def draw_dropout_mask(p: float, shape, device) -> torch.Tensor:
+    """Keep-mask (bool, True = kept with probability 1 - p) from the torch RNG of ``device``."""
+    if DROPOUT_MASK_HOOK is not None:
+        mask = DROPOUT_MASK_HOOK(p, tuple(shape), device)
+        if mask is not None:
+            return mask
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
+def _dropped(x2: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """x_d = x * mask / (1 - p), in x's dtype (as torch.nn.Dropout computes it)."""
+    return x2.mul(mask).mul_(1.0 / (1.0 - p))
+
+
+def weight_row_norm(w_dense: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||W + s B A|| per output row (fp32), without forming W + s B A: one pass over W for
+    ||W_j||^2 and one for W A^T (rank r), the rest is rank-r algebra."""
+    r = lora_a.shape[0]
+    wa = _rank_project(w_dense, lora_a, (lora_a.stride(0), lora_a.stride(1)), r, 1.0)  # (out, r) fp32
+    a32, b32 = lora_a.float(), lora_b.float()
+    sq = torch.linalg.vector_norm(w_dense, dim=1, dtype=torch.float32).square()
+    cross = (b32 * wa).sum(1)
+    lora_sq = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+    return (sq + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq).clamp_min_(0.0).sqrt_()
+
+
+def _col_dot(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_t g[t, j] * z[t, j], summed in fp32.
+
+    bf16 / fp32: one product pass in the activation dtype and a column sum that accumulates
+    in fp32 (on CUDA it reads bf16 directly: 8 bytes of traffic per element); bf16 has fp32's
+    range, and a rounded product errs by 2^-9 at most, at random. fp16 (a product could pass
+    65504 under loss scaling): fp32 products, in row chunks so no full fp32 copy exists."""
+    M, n = g.shape
+    if g.dtype != torch.float16:
+        return (g * z).sum(0, dtype=torch.float32)
+    rows = max(1, _DOT_ROWS // max(1, n))
+    acc = None
+    for start in range(0, M, rows):
+        part = (g[start:start + rows].float() * z[start:start + rows].float()).sum(0)
+        acc = part if acc is None else acc.add_(part)
+    return acc if acc is not None else torch.zeros(n, dtype=torch.float32, device=g.device)
+
+
+def _scaled_w(w: _Weight, c: torch.Tensor, dtype) -> torch.Tensor:
+    """c[:, None] * W, dense: a 4-bit W is dequantized into the workspace and scaled there in
+    place; a dense W (a parameter) is scaled into a new, transient (out, in) tensor."""
+    if w.is_4bit:
+        return _dense_w(w, dtype).mul_(c[:, None])
+    return w.weight * c[:, None]
+
+
+def _product(a, w: _Weight, w_dense, strategy, lo, p_mat, scale, bias, out, *, forward, accumulate=False):
+    """out [+]= a @ W^T (forward) or a @ W + scale * lo @ p_mat (+ bias): cuBLAS on a dense
+    (or workspace-dequantized) W, or the Triton GEMM with the rank term in its epilogue."""
+    if strategy == "cublas":
+        wm = w_dense if w_dense is not None else _dense_w(w, a.dtype)
+        return _cublas_lora(a, wm.t() if forward else wm, lo, p_mat, scale, bias, out, accumulate=accumulate)
+    absmax = absmax_fp32(w.info) if w.is_4bit else None
+    return _matmul(a, w, absmax, lo, p_mat, (p_mat.stride(0), p_mat.stride(1)), scale, bias, out,
+                   forward=forward, accumulate=accumulate)
+
+
+class _LoraExFn(torch.autograd.Function):
+    """Forward/backward of projections sharing x, each plain LoRA or DoRA, with or without dropout.
+
+    metas[i] = (QuantInfo or None, scaling, strategy, dropout p, is_dora). Tensors are
+    flat runs of n: weights, lora_as, lora_bs, biases, magnitudes, masks.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, metas, *tensors):
+        n = len(metas)
+        weights, lora_as, lora_bs, biases, mags, masks = (tensors[i * n:(i + 1) * n] for i in range(6))
+        dt = x2.dtype
+        outs, xas, zs, norms, kept_ys = [], [], [], [], []
+        # x A^T of every member without dropout in one pass over x; each dropout member on its own x_d
+        plain = [i for i in range(n) if masks[i] is None]
+        xa_of = {}
+        if plain:
+            a_cat = torch.cat([lora_as[i].to(lora_as[plain[0]].dtype) for i in plain], 0) if len(plain) > 1 \
+                else lora_as[plain[0]]
+            xa_cat = _rank_project(x2, a_cat, (a_cat.stride(0), a_cat.stride(1)), a_cat.shape[0], 1.0)
+            offset = 0
+            for i in plain:
+                r = lora_as[i].shape[0]
+                xa_of[i] = xa_cat[:, offset:offset + r]
+                offset += r
+        for i in range(n):
+            info, s, strategy, p, dora = metas[i]
+            w = _Weight(weights[i], info)
+            a, b = lora_as[i], lora_bs[i]
+            x_d = None
+            if masks[i] is not None:
+                # x * mask is exact; 1 / (1 - p) rides on the rank projection's fp32 scale (one pass less),
+                # and only DoRA, whose base product reads the dropped x, scales it
+                x_m = x2.mul(masks[i])
+                xa_of[i] = _rank_project(x_m, a, (a.stride(0), a.stride(1)), a.shape[0], 1.0 / (1.0 - p))
+                x_d = x_m.mul_(1.0 / (1.0 - p)) if dora else None
+            xa = xa_of[i]
+            y = empty(x2.shape[0], w.shape[0], dtype=dt, device=x2.device)
+            if not dora:
+                _product(x2, w, None, strategy, xa, b.t(), s, biases[i], y, forward=True)  # base on x, LoRA on x_d
+                zs.append(None)
+                norms.append(None)
+                kept_ys.append(None)
+            elif x_d is None and biases[i] is None:
+                # y = x (c W)^T + s xa (c B)^T straight from the GEMM; backward reads y itself for dm
+                # (z = y / c), so nothing full-width is added to what the next op keeps anyway
+                norm = weight_row_norm(_dense_w(w, dt), a, b, s)
+                c32 = mags[i].float() / norm
+                b_c = b.float() * c32[:, None]
+                _product(x2, w, _scaled_w(w, c32.to(dt), dt), "cublas", xa, b_c.t(), s, None, y, forward=True)
+                zs.append(None)
+                norms.append(norm)
+                kept_ys.append(y)
+            else:
+                w_dense = _dense_w(w, dt)  # a 4-bit W: dequantized once, for the norm and the GEMMs
+                norm = weight_row_norm(w_dense, a, b, s)
+                c = (mags[i].float() / norm).to(dt)
+                z = empty(x2.shape[0], w.shape[0], dtype=dt, device=x2.device)
+                _product(x2 if x_d is None else x_d, w, w_dense, "cublas", xa, b.t(), s, None, z, forward=True)
+                if x_d is None:  # y = c z + bias, one pass
+                    if biases[i] is not None:
+                        torch.addcmul(biases[i].to(dt), z, c, out=y)
+                    else:
+                        torch.mul(z, c, out=y)
+                else:  # peft: x W^T + bias + (c - 1) x_d W^T + c s (x_d A^T) B^T = (x - x_d) W^T + bias + c z
+                    _product(x2 - x_d, w, w_dense, "cublas", xa[:, :0], b.t()[:0], 0.0, biases[i], y,
+                             forward=True)
+                    y.addcmul_(z, c)
+                zs.append(z)
+                norms.append(norm)
+                kept_ys.append(None)
+            xas.append(xa)
+            outs.append(y)
+        ctx.save_for_backward(x2, *xas, *weights, *lora_as, *lora_bs, *mags, *masks, *zs, *norms, *kept_ys)
+        ctx.metas = metas
+        ctx.bias_meta = [(bi is not None and bi.requires_grad, None if bi is None else bi.dtype) for bi in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        metas = ctx.metas
+        n = len(metas)
+        x2, *rest = ctx.saved_tensors
+        xas, weights, lora_as, lora_bs, mags, masks, zs, norms, kept_ys = (rest[i * n:(i + 1) * n] for i in range(9))
+        M, dt = x2.shape[0], x2.dtype
+        first = 2  # index of weights[0] among forward's inputs
+        need = ctx.needs_input_grad
+        ws = [_Weight(weights[i], metas[i][0]) for i in range(n)]
+        grads = [torch.zeros(M, ws[i].shape[0], dtype=dt, device=x2.device) if g is None else
+                 (g if g.stride(-1) == 1 else g.contiguous()) for i, g in enumerate(grads)]
+        d_a, d_b, d_m, dz_of, gbs_of = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        for i in range(n):
+            info, s, strategy, p, dora = metas[i]
+            g, b, r = grads[i], lora_bs[i], lora_as[i].shape[0]
+            if kept_ys[i] is not None:  # DoRA from y: dz = c g is never formed, c rides on W and B
+                c32 = mags[i].float() / norms[i]
+                if need[first + 4 * n + i]:  # dm = sum_t g z / ||.|| = sum_t g y / m
+                    d_m[i] = (_col_dot(g, kept_ys[i]) / mags[i].float()).to(mags[i].dtype)
+                b_c = b.float() * c32[:, None]
+                gbs_of[i] = _rank_project(g, b_c, (b_c.stride(1), b_c.stride(0)), r, s)  # s g (c B)
+                if need[first + 2 * n + i]:
+                    d_b[i] = (_rank_reduce(g, xas[i], dt) * (s * c32[:, None])).to(b.dtype)
+                if need[first + n + i]:
+                    d_a[i] = _rank_reduce(x2, gbs_of[i], dt).t().to(lora_as[i].dtype).contiguous()
+                continue
+            if dora:
+                c = (mags[i].float() / norms[i]).to(dt)
+                dz = g * c
+                if need[first + 4 * n + i]:
+                    d_m[i] = (_col_dot(g, zs[i]) / norms[i]).to(mags[i].dtype)
+            else:
+                dz = g
+            dz_of[i] = dz
+            gbs_of[i] = _rank_project(dz, b, (b.stride(1), b.stride(0)), r, s)  # s * dz B (M, r) fp32
+            if need[first + 2 * n + i]:
+                d_b[i] = (_rank_reduce(dz, xas[i], dt) * s).to(b.dtype)
+            if need[first + n + i]:  # dA = (s dz B)^T x_d, x_d = (x * mask) / (1 - p)
+                x_in, keep = (x2, 1.0) if masks[i] is None else (x2.mul(masks[i]), 1.0 / (1.0 - p))
+                d_a[i] = (_rank_reduce(x_in, gbs_of[i], dt) * keep).t().to(lora_as[i].dtype).contiguous()
+        dx = None
+        if need[0]:
+            # dx = sum_i gbase_i W_i + [no dropout] s (dz_i B_i) A_i
+            #           + [dropout] mask_i / (1 - p) * ((dz_i - g_i) W_i [DoRA] + s (dz_i B_i) A_i)
+            dx = empty(M, x2.shape[1], dtype=dt, device=x2.device)
+            for i in range(n):
+                info, s, strategy, p, dora = metas[i]
+                a = lora_as[i]
+                dropout = masks[i] is not None
+                if kept_ys[i] is not None:  # dx = g (c W) + s (g c B) A
+                    c = (mags[i].float() / norms[i]).to(dt)
+                    _product(grads[i], ws[i], _scaled_w(ws[i], c, dt), "cublas", gbs_of[i], a, 1.0, None, dx,
+                             forward=False, accumulate=i > 0)
+                    continue
+                w_dense = _dense_w(ws[i], dt) if (strategy == "cublas" or (dora and dropout)) else None
+                gbase = dz_of[i] if (dora and not dropout) else grads[i]
+                lo, pm = (gbs_of[i], a) if not dropout else (gbs_of[i][:, :0], a[:0])
+                _product(gbase, ws[i], w_dense, strategy, lo, pm, 1.0, None, dx, forward=False, accumulate=i > 0)
+                if dropout:
+                    t = empty(M, x2.shape[1], dtype=dt, device=x2.device)
+                    if dora:
+                        # (dz - g) W with dz - g = g (c - 1), c - 1 formed in fp32 (c is close to 1)
+                        c_minus_1 = (mags[i].float() / norms[i] - 1.0).to(dt)
+                        _cublas_lora(grads[i] * c_minus_1, w_dense, gbs_of[i], a, 1.0, None, t)
+                    else:
+                        torch.mm(gbs_of[i].to(dt), a.to(dt), out=t)
+                    t.mul_(masks[i])
+                    dx.add_(t, alpha=1.0 / (1.0 - p))
+        d_w = []
+        for i in range(n):
+            if metas[i][0] is None and need[first + i]:
+                info, s, strategy, p, dora = metas[i]
+                dropout = masks[i] is not None
+                if kept_ys[i] is not None:
+                    c = (mags[i].float() / norms[i]).to(dt)
+                    d_w.append(torch.mm(grads[i].t(), x2).mul_(c[:, None]).to(weights[i].dtype))
+                    continue
+                gbase = dz_of[i] if (dora and not dropout) else grads[i]
+                gw = torch.mm(gbase.t(), x2).to(weights[i].dtype)
+                if dora and dropout:
+                    gw += torch.mm((dz_of[i] - grads[i]).t(), _dropped(x2, masks[i], p)).to(gw.dtype)
+                d_w.append(gw)
+            else:
+                d_w.append(None)
+        d_bias = [grads[i].sum(0, dtype=torch.float32).to(bdt) if needs else None
+                  for i, (needs, bdt) in enumerate(ctx.bias_meta)]
+        return (dx, None, *d_w, *d_a, *d_b, *d_bias, *d_m, *([None] * n))
+
+
+def _check_extras(x, ws, magnitudes, dropout_ps, dropout_masks, lora_biases, n):
+    for name, seq in (("magnitudes", magnitudes), ("dropout_ps", dropout_ps), ("dropout_masks", dropout_masks),
+                      ("lora_biases", lora_biases)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries; expected one per weight ({n})")
+    for i in range(n):
+        tag = "" if n == 1 else f"[{i}]"
+        out_f = ws[i].shape[0]
+        p = dropout_ps[i]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_p{tag} must be a number in [0, 1), got {p!r}")
+        m = magnitudes[i]
+        if m is not None:
+            check_float(f"magnitude{tag}", m)
+            if m.shape != (out_f,):
+                raise ValueError(f"magnitude{tag} must be ({out_f},), got {tuple(m.shape)}")
+            if lora_biases[i] is not None:
+                raise ValueError(f"lora_bias{tag} with DoRA (magnitude{tag}) is not supported (peft refuses it too)")
+        lb = lora_biases[i]
+        if lb is not None:
+            check_float(f"lora_bias{tag}", lb)
+            if lb.shape != (out_f,):
+                raise ValueError(f"lora_bias{tag} must be ({out_f},), got {tuple(lb.shape)}")
+        mask = dropout_masks[i]
+        if mask is not None:
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape):
+                raise ValueError(f"dropout_mask{tag} must be a bool tensor of x's shape {tuple(x.shape)}, got "
+                                 f"{mask.dtype} {tuple(mask.shape)}")
+            if p == 0:
+                raise ValueError(f"dropout_mask{tag} given but dropout_p{tag} is 0")
+
+
+def _effective_bias(bias, lora_bias, scaling):
+    """bias + s * lora_bias (peft: lora_B's bias is scaled with the LoRA term); autograd reaches both."""
+    if lora_bias is None:
+        return bias
+    term = lora_bias * scaling
+    return term if bias is None else bias + term.to(bias.dtype)
+
+
+def _reference(x, weights, lora_as, lora_bs, scalings, biases, quant_states, magnitudes, ps, masks, lora_biases):
+    return [reference.lora_linear_ex(x, w, a, b, s, bias=bi, quant_state=q, magnitude=m, dropout_p=p,
+                                     dropout_mask=mk, lora_bias=lb)
+            for w, a, b, s, bi, q, m, p, mk, lb in zip(weights, lora_as, lora_bs, scalings, biases, quant_states,
+                                                       magnitudes, ps, masks, lora_biases)]
+
+
+def lora_linear_ex_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor],
+                         lora_bs: Sequence[torch.Tensor], scalings: Sequence[float], *,
+                         biases: Optional[Sequence[Optional[torch.Tensor]]] = None, quant_states=None,
+                         magnitudes: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                         dropout_ps: Optional[Sequence[float]] = None,
+                         dropout_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                         lora_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                         dequant_rows: Optional[int] = None, dense_base: Optional[str] = None) -> List[torch.Tensor]:
+    """Projections of one x, each LoRA or DoRA (magnitudes[i] given), with dropout on the LoRA
+    input (dropout_ps[i] > 0; a mask is drawn per projection unless dropout_masks[i] is given)
+    and a LoRA bias (lora_biases[i]); see the module docstring for the formulas (peft's)."""
+    return _run_ex(x, weights, lora_as, lora_bs, scalings, biases, quant_states, magnitudes, dropout_ps,
+                   dropout_masks, lora_biases, dequant_rows, dense_base)
+
+
+def _run_ex(x, weights, lora_as, lora_bs, scalings, biases, quant_states, magnitudes, dropout_ps, dropout_masks,
+            lora_biases, dequant_rows, dense_base):
+    n = len(weights)
+    if n == 0:
+        raise ValueError("weights is empty; lora_linear_ex_fused needs at least one projection")
+    none = [None] * n
+    biases = list(biases) if biases is not None else none
+    quant_states = list(quant_states) if quant_states is not None else none
+    magnitudes = list(magnitudes) if magnitudes is not None else none
+    dropout_ps = [float(p) if not isinstance(p, bool) else p for p in dropout_ps] if dropout_ps is not None \
+        else [0.0] * n
+    dropout_masks = list(dropout_masks) if dropout_masks is not None else none
+    lora_biases = list(lora_biases) if lora_biases is not None else none
+    for name, seq in (("lora_as", lora_as), ("lora_bs", lora_bs), ("scalings", scalings), ("biases", biases),
+                      ("quant_states", quant_states)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries; expected one per weight ({n})")
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dims (..., in), got shape {tuple(x.shape)}")
+    ws = [_dense_or_4bit(w, q) for w, q in zip(weights, quant_states)]
+    for i, w in enumerate(ws):
+        _check_lora(x, w, lora_as[i], lora_bs[i], biases[i], name="" if n == 1 else f"[{i}]")
+    for s in scalings:
+        if not isinstance(s, (int, float)) or s != s:
+            raise ValueError(f"scaling must be a finite Python number, got {s!r}")
+    _check_extras(x, ws, magnitudes, dropout_ps, dropout_masks, lora_biases, n)
+    masks = [dropout_masks[i] if dropout_masks[i] is not None or dropout_ps[i] == 0 else
+             draw_dropout_mask(dropout_ps[i], x.shape, x.device) for i in range(n)]
+    eff_biases = [_effective_bias(biases[i], lora_biases[i], float(scalings[i])) for i in range(n)]
+    if not use_triton(x) or x.numel() == 0:
+        return _reference(x, weights, lora_as, lora_bs, scalings, eff_biases, quant_states, magnitudes, dropout_ps,
+                          masks, none)
+    rows_threshold = resolve_dequant_rows(dequant_rows)
+    base = resolve_dense_base(dense_base)
+    lead = x.shape[:-1]
+    x2 = _as_2d(x)
+    masks2 = [None if m is None else m.reshape(x2.shape) for m in masks]
+    metas = [(w.info, float(s), pick_strategy(x2.shape[0], w.is_4bit, dequant_rows=rows_threshold, dense_base=base),
+              dropout_ps[i], magnitudes[i] is not None) for i, (w, s) in enumerate(zip(ws, scalings))]
+    outs = _LoraExFn.apply(x2, metas, *[w.weight if w.info is None else w.info.packed for w in ws], *lora_as,
+                           *lora_bs, *eff_biases, *magnitudes, *masks2)
+    return [y.reshape(*lead, y.shape[-1]) for y in outs]
+
+
+def lora_linear_ex(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   scaling: float, *, bias: Optional[torch.Tensor] = None, quant_state=None,
+                   magnitude: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                   dropout_mask: Optional[torch.Tensor] = None, lora_bias: Optional[torch.Tensor] = None,
+                   dequant_rows: Optional[int] = None, dense_base: Optional[str] = None) -> torch.Tensor:
+    """One LoRA projection with DoRA (``magnitude``), dropout on the LoRA input and a LoRA bias,
+    as peft computes it; ``lora_linear`` is this with none of the three."""
+    return _run_ex(x, [weight], [lora_a], [lora_b], [scaling], [bias], [quant_state], [magnitude], [dropout_p],
+                   [dropout_mask], [lora_bias], dequant_rows, dense_base)[0]
+
+
+__all__ = ["lora_linear_ex", "lora_linear_ex_fused", "weight_row_norm", "draw_dropout_mask"]
