@@ -301,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastsft {command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a training stop the loop explains (TrainingError) exits 1 without a traceback
-        from fastsft.train.loop import TrainingError
+        from fastsft.errors import TrainingError
 
         if isinstance(exc, TrainingError):
             print(f"fastsft {command}: {exc}", file=sys.stderr)

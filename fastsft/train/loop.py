@@ -50,8 +50,7 @@ def _repoint(model, tokenizer, path: str) -> None:
         tokenizer.name_or_path = path
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the message says why and what to do."""
+from fastsft.errors import TrainingError  # noqa: E402,F401 - defined there so checkpoint.py can raise it
 
 
 @dataclass
@@ -183,8 +182,15 @@ class Trainer:
         from fastsft import preflight
 
         config = self.config
-        self.output_state, self.resume_from, self.resume_changes = preflight.check_run(config, self.output_dir)
+        self.output_state, self.resume_from, self.resume_changes = preflight.check_run(
+            config, self.output_dir, lock=self.dist.is_main)
         preflight.check_model_config_keys(config)
+        if self.dist.is_main:  # this run owns output_dir from here on (the other ranks follow rank 0)
+            from fastsft import run_lock
+
+            self._made_output_dir = not os.path.isdir(self.output_dir)
+            run_lock.acquire(self.output_dir)
+            self._locked = True
         if config.resume not in (False, None, "") and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from scratch")
 
@@ -217,10 +223,23 @@ class Trainer:
         Rank 0 only (torchrun): the other ranks run after it and find the folder ready."""
         if not self.dist.is_main:
             return base
+        stale = run_dir.stale_staging(self.output_dir)
+        for path in stale:  # a checkpoint or final save cut short (disk full, a kill): never complete
+            shutil.rmtree(path, ignore_errors=True)
+        if stale:
+            self.say(f"output_dir: removed {len(stale)} unfinished write{'s' if len(stale) > 1 else ''} left by an "
+                     f"earlier run ({', '.join(os.path.relpath(p, self.output_dir) for p in stale[:3])})")
         if self.config.overwrite_output_dir and self.resume_from is None and self.output_state != "new":
-            run_dir.clear_run(self.output_dir)
-            self.say(f"overwrite: removed the earlier run in {self.output_dir}")
+            removed = run_dir.clear_run(self.output_dir)
+            kept = run_dir.foreign_files(self.output_dir)
+            self.say(f"overwrite: removed the earlier run in {self.output_dir} ({len(removed)} entries fastsft wrote"
+                     + (f"; kept {len(kept)} it did not write)" if kept else ")"))
         os.makedirs(self.output_dir, exist_ok=True)
+        from fastsft.config import reporters
+
+        run_dir.record(self.output_dir, [run_dir.CHECKPOINTS_DIR, "metrics.jsonl", LOSS_CURVE_FILE, run_dir.CONFIG_FILE]
+                       + ([BASE_MODEL_DIR] if staging is not None else [])
+                       + [run_dir.TENSORBOARD_DIR if name == "tensorboard" else name for name in reporters(self.config)])
         if staging is None:
             return base
         final = os.path.join(self.output_dir, BASE_MODEL_DIR)
@@ -258,6 +277,25 @@ class Trainer:
         return f"{source}: no training examples left after preparation: {stats.loaded} loaded, dropped {why}"
 
     def setup(self) -> None:
+        try:
+            self._setup()
+        except BaseException:
+            self.release_output_dir()
+            raise
+
+    def release_output_dir(self) -> None:
+        """Give up the lock; a folder this run created and left empty is removed again."""
+        if not getattr(self, "_locked", False):
+            return
+        from fastsft import run_lock
+
+        run_lock.release(self.output_dir)
+        self._locked = False
+        if getattr(self, "_made_output_dir", False):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output_dir)  # only when empty
+
+    def _setup(self) -> None:
         from fastsft.distributed import NullMetrics, setup_distributed
 
         config = self.config
@@ -526,6 +564,8 @@ class Trainer:
             reporter.write(record)
 
     def save_checkpoint(self) -> str:
+        if self.dist.is_main:
+            ckpt.check_free_space(self.output_dir, self.global_step, self.model, self.optimizer)
         path = self.dist.save_checkpoint(
             self.output_dir, step=self.global_step, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
@@ -541,16 +581,39 @@ class Trainer:
         return values
 
     def save_final(self) -> None:
+        """The final model, written into .tmp-final first: its names join the manifest before they land."""
         import yaml
 
-        self.dist.save_model_files(self.model, self.tokenizer, self.output_dir)
+        staging = os.path.join(self.output_dir, run_dir.STAGING_PREFIX + "final")
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.dist.save_model_files(self.model, self.tokenizer, staging)
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ckpt.write_failure(f"the final model in {self.output_dir}", exc,
+                                     ckpt.latest_checkpoint(self.output_dir)) from None
         if not self.dist.is_main:
             return
+        names = sorted(os.listdir(staging))
+        run_dir.record(self.output_dir, names)
+        for name in names:
+            target = os.path.join(self.output_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        shutil.rmtree(staging, ignore_errors=True)
         with open(os.path.join(self.output_dir, "fastsft_config.yaml"), "w", encoding="utf-8") as handle:
             yaml.safe_dump(self._config_dict(), handle, sort_keys=False)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.release_output_dir()
+
+    def _train(self) -> TrainResult:
         if not hasattr(self, "model"):
             self.setup()
         config = self.config
