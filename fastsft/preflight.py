@@ -5,8 +5,8 @@ second and leaves whatever is on disk as it was.
 """
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -146,8 +146,7 @@ def resolve_resume(resume, output_dir: str) -> Optional[str]:
             raise ConfigError(run_dir.damaged_message(latest, problem))
         if (latest, intact) not in _SAID:  # the CLI and the trainer both resolve: one line
             _SAID.add((latest, intact))
-            logging.getLogger("fastsft.resume").warning(
-                f"resume: {problem}; resuming from the newest intact checkpoint, {intact}")
+            print(f"resume: {problem}; resuming from the newest intact checkpoint, {intact}", file=sys.stderr)
         return intact
     if run_dir.is_finished(folder):
         raise ConfigError(f"resume: {folder!r} holds a finished run but no checkpoint to continue from (it ran with "

@@ -7,15 +7,14 @@ O_EXCL, so two runs started at the same moment cannot both take it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
+import sys
 import time
 from typing import Optional
 
 from fastsft.errors import ConfigError
 from fastsft.run_dir import LOCK_FILE
-logger = logging.getLogger("fastsft.run")
 
 
 def _read(path: str) -> Optional[dict]:
@@ -76,7 +75,7 @@ def acquire(output_dir: str) -> str:
             check_unlocked(output_dir)  # a live other run: refused
             stale = _read(path) or {}
             if stale.get("pid") != os.getpid():
-                logger.info(f"output_dir: took over the lock of a run that is gone ({_describe(stale)})")
+                print(f"output_dir: took over the lock of a run that is gone ({_describe(stale)})", file=sys.stderr)
             os.remove(path)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

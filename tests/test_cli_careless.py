@@ -1,0 +1,175 @@
+"""Issue 21: what a careless user loses or trains silently, each case through the CLI's main().
+
+A run owns its folder (lock, manifest, --overwrite deletes only fastsft's files); a full disk and a
+damaged checkpoint are one line; values no one means are refused; data dropped is counted with its lines.
+"""
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from fastsft import run_dir
+from fastsft.cli import main
+from fastsft.demo_data import make_records, write_jsonl
+
+TINY = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
+
+pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
+
+
+def small_config(tmp_path, extra="", steps=2):
+    if not (tmp_path / "train.jsonl").exists():
+        train, _ = make_records(24, 1, seed=2)
+        write_jsonl(str(tmp_path / "train.jsonl"), train)
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: tiny-llama\nmodel_config: {TINY}\ntokenizer_vocab_size: 300\ndataset: train.jsonl\n"
+        f"max_seq_length: 64\nbatch_tokens: 128\nmax_steps: {steps}\nprogress_bar: 'off'\nmode: lora\nlora_r: 4\n"
+        f"output_dir: {tmp_path / 'out'}\n{extra}"
+    )
+    return str(path)
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fastsft train:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- 1. a run owns its folder
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
+    config = small_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    # a live other process (this test's parent shell stands in for it) holds the lock
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / run_dir.LOCK_FILE).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        assert main(["train", config]) == 2
+        line = one_error_line(capsys)
+        assert "in use by another run" in line and f"pid {other.pid}" in line
+        assert sorted(os.listdir(out)) == [run_dir.LOCK_FILE]  # nothing written
+    finally:
+        other.kill()
+        other.wait()
+    # the other run is gone: its stale lock is taken over with one line, and released at the end
+    assert main(["train", config]) == 0
+    assert "took over the lock" in capsys.readouterr().err
+    assert not (out / run_dir.LOCK_FILE).exists()
+
+
+def test_foreign_files_are_refused_kept_and_never_replaced(tmp_path, capsys):
+    config = small_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", config]) == 2
+    line = one_error_line(capsys)
+    assert "notes.txt" in line and "did not write" in line
+    # --overwrite writes next to them and keeps them
+    assert main(["train", config, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+    # a file of fastsft's names the user put there is never replaced, even with --overwrite
+    (out / "config.json").write_text('{"mine": 1}')
+    assert main(["train", config, "--overwrite"]) == 2
+    assert "config.json" in one_error_line(capsys)
+    os.remove(out / "config.json")
+    # --overwrite removes exactly what fastsft wrote
+    written = run_dir.manifest(str(out))
+    assert "adapter_model.safetensors" in written and "notes.txt" not in written
+    capsys.readouterr()
+    assert main(["train", config, "--overwrite"]) == 0
+    assert "kept 1 it did not write" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_user_readme_is_not_replaced_by_the_model_card(tmp_path, capsys):
+    config = small_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    assert main(["train", config]) == 2
+    assert "README.md" in one_error_line(capsys)
+    assert (out / "README.md").read_text() == "my notes"
+
+
+# ---------------------------------------------------------------- 2. disk full, damaged checkpoints
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last_good(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path, "save_steps: 1\n", steps=3)
+    from fastsft.train import checkpoint as ckpt
+
+    real_save = ckpt.torch.save
+    calls = {"n": 0}
+
+    def filling_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: the disk fills up mid-write
+            with open(path, "wb") as handle:
+                handle.write(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 13824 vs 13716")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", filling_save)
+    assert main(["train", config]) == 1
+    line = one_error_line(capsys)
+    assert "disk full" in line and "step-2" in line and "last good checkpoint" in line and "step-1" in line
+    root = tmp_path / "out" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["step-1"]  # the partial .tmp-step-2 is gone
+    assert not (tmp_path / "out" / run_dir.LOCK_FILE).exists()
+
+    # ENOSPC itself names the cause
+    calls["n"] = 0
+
+    def enospc(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(ckpt.torch, "save", enospc)
+    assert main(["train", config, "--overwrite"]) == 1
+    assert "No space left on device" in one_error_line(capsys)
+
+
+def test_too_little_free_space_stops_before_writing(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path, "save_steps: 1\n")
+    from fastsft.train import checkpoint as ckpt
+
+    usage = ckpt.shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    assert main(["train", config]) == 1
+    line = one_error_line(capsys)
+    assert "not enough space" in line and "MB free" in line and "needs about" in line
+    assert not (tmp_path / "out" / "checkpoints").exists() or not os.listdir(tmp_path / "out" / "checkpoints")
+
+
+def test_stale_tmp_folders_are_removed_at_start(tmp_path, capsys):
+    config = small_config(tmp_path, "save_steps: 1\n")
+    assert main(["train", config]) == 0
+    stale = tmp_path / "out" / "checkpoints" / ".tmp-step-7"
+    stale.mkdir()
+    (stale / "big.bin").write_bytes(b"x" * 1000)
+    capsys.readouterr()
+    assert main(["train", config, "--overwrite"]) == 0
+    assert "removed 1 unfinished write" in capsys.readouterr().err
+    assert not stale.exists()
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
+    config = small_config(tmp_path, "save_steps: 1\nsave_total_limit: 0\n")
+    assert main(["train", config]) == 0
+    state = tmp_path / "out" / "checkpoints" / "step-2" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:200])  # cut short
+    capsys.readouterr()
+    # named explicitly, the damaged checkpoint is refused in one line offering the intact one
+    assert main(["train", config, "--resume", str(state.parent), "--max_steps", "3"]) == 2
+    line = one_error_line(capsys)
+    assert "training_state.pt" in line and "resume with --resume" in line and "step-1" in line
+    # --resume alone takes the newest intact one by itself, with one line
+    assert main(["train", config, "--resume", "--max_steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "step-2/training_state.pt is damaged" in err and "newest intact checkpoint" in err and "step-1" in err
