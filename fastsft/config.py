@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
+    # --- issue 21: values no one means
+    allow_zero_lr: bool = False  # accept learning_rate: 0 / lora_alpha: 0 (a run that changes nothing)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -325,6 +328,25 @@ def _resolve_relative(value: str, config_dir: Optional[str]) -> tuple:
     return os.path.abspath(value), "relative to the current directory"
 
 
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping, naming both lines (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise ConfigError(f"{self.name} lines {seen[key]} and {line} both set {key!r}; keep one")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **values: Any) -> TrainConfig:
     """Read a YAML config file, then apply CLI overrides (``--key value``), then keyword values.
 
@@ -342,7 +364,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
         config_dir = os.path.dirname(os.path.abspath(path))
         try:
             with open(path, encoding="utf-8") as handle:
-                data = yaml.safe_load(handle)
+                data = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
@@ -424,6 +446,17 @@ def validate(config: TrainConfig) -> None:
         _check_datasets(config.datasets)
     elif not config.dataset:
         raise ConfigError("config key 'dataset' is required (a .jsonl/.json/.parquet/.csv file, a directory or a dataset name)")
+    for key, f in FIELDS.items():  # NaN / inf: a typo or a computed value gone wrong, never meant
+        value = getattr(config, key)
+        if _HINTS[key] is float and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
+    if not config.allow_zero_lr:
+        if config.learning_rate == 0:
+            raise ConfigError("config key 'learning_rate' is 0: the run would change no weight; set a learning rate, "
+                              "or allow_zero_lr: true to run it anyway")
+        if config.mode in ("lora", "qlora") and config.lora_alpha == 0:
+            raise ConfigError("config key 'lora_alpha' is 0: the adapter's output is scaled to nothing and the run "
+                              "changes nothing; set lora_alpha (e.g. 2 x lora_r), or allow_zero_lr: true to run it anyway")
     positive = ("batch_tokens", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r",
                 "num_epochs", "logging_steps", "eval_batch_size", "pad_to_multiple_of", "eval_max_new_tokens",
                 "tokenizer_vocab_size")

@@ -81,6 +81,8 @@ HELP: Dict[str, str] = {
     "overwrite_output_dir": "start over in an output_dir that holds a run (deletes it); --overwrite",
     "resume": "continue a run: true (newest checkpoint in output_dir), a run folder or a checkpoint",
     "resume_changed_config": "resume although keys that shape the run changed (new values from the resumed step)",
+    # --- issue 21
+    "allow_zero_lr": "accept learning_rate: 0 or lora_alpha: 0 (a run that changes no weight); refused otherwise",
 }
 
 

@@ -173,3 +173,56 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert main(["train", config, "--resume", "--max_steps", "3"]) == 0
     err = capsys.readouterr().err
     assert "step-2/training_state.pt is damaged" in err and "newest intact checkpoint" in err and "step-1" in err
+
+
+# ---------------------------------------------------------------- 3. values no one means
+@pytest.mark.parametrize("extra, expected", [
+    ("learning_rate: .nan\n", "'learning_rate' must be a finite number"),
+    ("max_grad_norm: .inf\n", "'max_grad_norm' must be a finite number"),
+    ("learning_rate: 0\n", "allow_zero_lr"),
+    ("lora_alpha: 0\n", "'lora_alpha' is 0"),
+    ("max_steps: 3\nlora_r: 8\n", "lines 7 and 12 both set 'max_steps'"),
+])
+def test_values_no_one_means_are_refused_before_anything_is_written(tmp_path, capsys, extra, expected):
+    config = small_config(tmp_path, extra)
+    assert main(["train", config]) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_on_the_command_line_and_zero_lr_allowed(tmp_path, capsys):
+    config = small_config(tmp_path)
+    assert main(["train", config, "--learning_rate", "nan"]) == 2
+    assert "finite" in one_error_line(capsys)
+    assert main(["train", config, "--learning_rate", "0", "--allow_zero_lr", "--max_steps", "1"]) == 0
+
+
+def test_a_folder_without_a_data_file_is_refused(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello\n")
+    config = small_config(tmp_path, f"dataset: {folder}\n")
+    # the later dataset key would be a duplicate: write the config without the first one
+    text = open(config).read().replace("dataset: train.jsonl\n", "")
+    open(config, "w").write(text)
+    assert main(["train", config]) == 2
+    line = one_error_line(capsys)
+    assert "holds no data file" in line and "notes.txt" in line
+
+
+def test_dropped_and_suspicious_examples_are_counted_with_their_lines(tmp_path, capsys):
+    train, _ = make_records(24, 1, seed=2)
+    train[2]["messages"][-1]["content"] = ""  # line 3: an empty reply
+    train[4]["messages"] = [m for m in train[4]["messages"] if m["role"] != "assistant"]  # line 5: no reply
+    train[6]["messages"][0]["content"] = "word " * 400  # line 7: too long
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    with open(tmp_path / "train.jsonl", "a", encoding="utf-8") as handle:  # line 25: a 3 MB record
+        handle.write(json.dumps({"messages": [{"role": "user", "content": "x" * (3 * 2**20)},
+                                              {"role": "assistant", "content": "ok"}]}) + "\n")
+    config = small_config(tmp_path, "truncation: drop\n")
+    assert main(["train", config]) == 0
+    err = capsys.readouterr().err
+    assert "with an empty message content (kept)" in err and "line 3" in err
+    assert "dropped with no assistant turn" in err and "line 5" in err
+    assert "dropped as longer than max_seq_length 64 (" in err and "line 7" in err
+    assert "skipped before tokenising, larger than 2 MB" in err and "line 25 (3.0 MB)" in err
