@@ -40,10 +40,10 @@ HELP: Dict[str, str] = {
     "cache_dir": "cache the tokenised data here (reused while data, tokenizer and options are unchanged)",
     "packing": "pack examples into batch_tokens per micro-batch (no attention across examples)",
     "batch_tokens": "packing: tokens per micro-batch",
-    "batch_size": "no packing: examples per padded micro-batch",
+    "batch_size": "examples per micro-batch; with packing and no batch_tokens: batch_tokens = batch_size x max_seq_length",
     "pad_to_multiple_of": "pad micro-batches to a multiple of this many tokens",
     "max_steps": "optimizer steps; > 0 overrides num_epochs",
-    "num_epochs": "passes over the training data (when max_steps <= 0)",
+    "num_epochs": "passes over the training data (when max_steps <= 0); a fraction such as 1.5 is allowed",
     "gradient_accumulation_steps": "micro-batches per optimizer step (loss normalised by trained tokens)",
     "learning_rate": "peak learning rate",
     "weight_decay": "AdamW weight decay",
@@ -121,7 +121,28 @@ ALIASES: Dict[str, Alias] = {
     "resume_from_checkpoint": Alias("resume", _TA),
     "evaluation_strategy": Alias("eval_strategy", _TA),
     "overwrite": Alias("overwrite_output_dir", "fastsft (--overwrite)"),
+    # --- issue 21: more names users bring
+    "cosine_min_lr_ratio": Alias("min_lr_ratio", _AX),
+    "dataset_prepared_path": Alias("cache_dir", _AX),
 }
+
+# other names for a key's values (TrainingArguments / Axolotl spell fastsft's choices so)
+VALUE_SYNONYMS: Dict[str, Dict[str, str]] = {
+    "optimizer": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
+                  "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_32bit": "paged_adamw"},
+    "lr_scheduler": {"cosine_with_min_lr": "cosine", "constant_with_warmup": "constant"},
+}
+
+# Axolotl / TrainingArguments keys that change nothing in what fastsft trains (attention backends fastsft
+# replaces, logging targets, strictness): accepted, and listed in one line when the run starts
+NO_EFFECT = frozenset({
+    "flash_attention", "sdp_attention", "xformers_attention", "flash_attn_cross_entropy", "flash_attn_rms_norm",
+    "strict", "tf32", "debug", "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model",
+    "pad_to_sequence_len", "wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model",
+    "wandb_run_id", "hub_model_id", "push_to_hub", "special_tokens", "local_rank", "lora_fan_in_fan_out",
+    "dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns", "ddp_find_unused_parameters",
+    "logging_first_step", "report_to_wandb", "bf16_full_eval", "fp16_full_eval", "torch_compile",
+})
 
 # renames and value-mapped flags: giving both spellings of a rename is always an error; flags that
 # agree with the key (load_in_4bit: true next to mode: qlora, as Axolotl configs write) are accepted

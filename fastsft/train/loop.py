@@ -75,7 +75,8 @@ def seed_everything(seed: int) -> None:
 class DataStream:
     """Micro-batches in a deterministic per-(seed, epoch) plan; the position is (epoch, index)."""
 
-    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int], mixture=None):
+    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int], mixture=None,
+                 epochs: Optional[float] = None):
         from fastsft.data import plan_batches
 
         self._plan_batches = plan_batches
@@ -83,6 +84,8 @@ class DataStream:
         self.lengths = lengths
         self.config = config
         self.epochs_limit = epochs_limit  # None: cycle through epochs until max_steps
+        # num_epochs 1.5: the last epoch counts its first half (None: max_steps decides)
+        self.epochs = None if epochs_limit is None else float(epochs_limit if epochs is None else epochs)
         self.epoch = 0
         self.index = 0
         self._plans: Dict[int, List[List[int]]] = {}
@@ -125,7 +128,10 @@ class DataStream:
         return self.epoch + (self.index / len(plan) if plan else 0.0)
 
     def count_steps(self, window: int) -> int:
-        micro_batches = sum(len(self.plan(e)) for e in range(self.epochs_limit))
+        whole = int(self.epochs)
+        micro_batches = sum(len(self.plan(e)) for e in range(whole))
+        if self.epochs > whole:  # a fractional last epoch: its first share of micro-batches
+            micro_batches += math.ceil((self.epochs - whole) * len(self.plan(whole)))
         return max(1, math.ceil(micro_batches / window))
 
 
@@ -318,11 +324,12 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         lengths = [len(e.input_ids) for e in self.data.train]
-        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs,
-                                      mixture=self.mixture)
+        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else
+                                      math.ceil(config.num_epochs), mixture=self.mixture, epochs=config.num_epochs)
         self.dist.check_data(len(self.stream_data.plan(0)), config.dataset or "the training data")
         window = config.gradient_accumulation_steps * self.dist.world_size  # micro-batches of all ranks per step
         self.total_steps = config.max_steps if config.max_steps > 0 else self.stream_data.count_steps(window)
+        self.say(self._batch_line(window))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
         self.autocast = autocast_factory(self.device, self.precision.compute_dtype, self.precision.autocast)
@@ -387,6 +394,19 @@ class Trainer:
                 shutil.rmtree(staging, ignore_errors=True)
         for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
             self.say(note)
+    def _batch_line(self, window: int) -> str:
+        """What one optimizer step trains on, in the units users size batches in."""
+        config = self.config
+        if config.packing:
+            per_micro = f"{config.batch_tokens} tokens per packed micro-batch"
+            step = f"up to {config.batch_tokens * window:,} tokens per optimizer step"
+        else:
+            per_micro = f"{config.batch_size} examples per micro-batch (up to {config.max_seq_length} tokens each)"
+            step = f"up to {config.batch_size * config.max_seq_length * window:,} tokens per optimizer step"
+        ranks = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
+        return (f"batch: {per_micro} x {config.gradient_accumulation_steps} accumulation{ranks} = {step}, "
+                f"{self.total_steps} steps")
+
     def _note_final_eval(self) -> None:
         """A resumed finished run already evaluated its last step after the checkpoint: do not do it twice."""
         for record in self.metrics.records():
