@@ -254,7 +254,9 @@ def _canonical(key: str, value: Any, where: str) -> tuple:
     if alias.values is None:
         return alias.key, value
     lookup = value
-    if any(isinstance(k, bool) for k in alias.values):
+    if isinstance(value, str) and value.lower() in alias.values:  # bf16: auto (Axolotl)
+        lookup = value.lower()
+    elif any(isinstance(k, bool) for k in alias.values):
         lookup = _coerce(key, value, bool, where)
     elif isinstance(value, str):
         lookup = value.lower()

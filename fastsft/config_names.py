@@ -108,7 +108,7 @@ ALIASES: Dict[str, Alias] = {
     "optim": Alias("optimizer", _TA, {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw": "adamw",
                                       "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit",
                                       "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw"}),
-    "bf16": Alias("precision", _TA, {True: "bf16", False: _NO_CHANGE}),
+    "bf16": Alias("precision", _TA, {True: "bf16", False: _NO_CHANGE, "auto": "auto"}),
     "fp16": Alias("precision", _TA, {True: "fp16", False: _NO_CHANGE}),
     "load_in_4bit": Alias("mode", _AX, {True: "qlora", False: _NO_CHANGE}),
     "adapter": Alias("mode", _AX, {"lora": "lora", "qlora": "qlora"}),
@@ -124,6 +124,7 @@ ALIASES: Dict[str, Alias] = {
     # --- issue 21: more names users bring
     "cosine_min_lr_ratio": Alias("min_lr_ratio", _AX),
     "dataset_prepared_path": Alias("cache_dir", _AX),
+    "load_in_8bit": Alias("mode", _AX, {False: _NO_CHANGE}),  # 8-bit LoRA is not supported: only false passes
 }
 
 # other names for a key's values (TrainingArguments / Axolotl spell fastsft's choices so)

@@ -226,3 +226,132 @@ def test_dropped_and_suspicious_examples_are_counted_with_their_lines(tmp_path, 
     assert "dropped with no assistant turn" in err and "line 5" in err
     assert "dropped as longer than max_seq_length 64 (" in err and "line 7" in err
     assert "skipped before tokenising, larger than 2 MB" in err and "line 25 (3.0 MB)" in err
+
+
+# ---------------------------------------------------------------- 4. batch size and names as users mean them
+AXOLOTL_QLORA = """\
+base_model: tiny-llama
+model_config: {tiny}
+tokenizer_vocab_size: 300
+is_llama_derived_model: true
+strict: false
+load_in_8bit: false
+load_in_4bit: true
+adapter: qlora
+lora_r: 4
+lora_alpha: 8
+lora_dropout: 0.05
+lora_target_modules: [q_proj, k_proj, v_proj, o_proj]
+lora_fan_in_fan_out: false
+datasets:
+  - path: train.jsonl
+    type: chat_template
+dataset_prepared_path: {cache}
+val_set_size: 0.1
+sequence_len: 64
+sample_packing: true
+pad_to_sequence_len: true
+micro_batch_size: 2
+gradient_accumulation_steps: 2
+num_epochs: 1
+max_steps: 2
+optimizer: paged_adamw_8bit
+lr_scheduler: cosine
+cosine_min_lr_ratio: 0.1
+learning_rate: 0.0002
+train_on_inputs: false
+bf16: auto
+tf32: false
+gradient_checkpointing: true
+logging_steps: 1
+flash_attention: true
+warmup_steps: 1
+evals_per_epoch: 0
+saves_per_epoch: 0
+deepspeed: deepspeed_configs/zero2.json
+weight_decay: 0.0
+wandb_project:
+special_tokens:
+output_dir: {out}
+"""
+
+TRL_SFT = """\
+model_name_or_path: tiny-llama
+model_config: {tiny}
+tokenizer_vocab_size: 300
+dataset: train.jsonl
+output_dir: {out}
+num_train_epochs: 1.5
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 1
+learning_rate: 2.0e-4
+lr_scheduler_type: cosine_with_min_lr
+optim: adamw_torch_fused
+max_length: 64
+packing: true
+assistant_only_loss: true
+logging_steps: 1
+save_strategy: "no"
+bf16: false
+report_to: none
+seed: 0
+progress_bar: "off"
+"""
+
+
+def test_an_axolotl_qlora_config_lists_every_unsupported_key_at_once(tmp_path, capsys):
+    small_config(tmp_path)  # writes train.jsonl
+    path = tmp_path / "axolotl.yaml"
+    path.write_text(AXOLOTL_QLORA.format(tiny=TINY, cache=tmp_path / "cache", out=tmp_path / "out"))
+    assert main(["train", str(path)]) == 2
+    line = one_error_line(capsys)
+    # one line for all of them: the keys that change the run and that fastsft cannot honour
+    for key in ("evals_per_epoch", "saves_per_epoch", "deepspeed"):
+        assert repr(key) in line, key
+    assert "flash_attention" not in line  # no effect in fastsft: accepted
+
+
+def test_an_axolotl_qlora_config_trains_end_to_end(tmp_path, capsys):
+    small_config(tmp_path)
+    text = AXOLOTL_QLORA.format(tiny=TINY, cache=tmp_path / "cache", out=tmp_path / "out")
+    for unsupported in ("evals_per_epoch: 0\n", "saves_per_epoch: 0\n", "deepspeed: deepspeed_configs/zero2.json\n"):
+        text = text.replace(unsupported, "")
+    path = tmp_path / "axolotl.yaml"
+    path.write_text(text + "progress_bar: 'off'\n")
+    # no GPU here: QLoRA's 4-bit base needs CUDA, so the same config runs as LoRA from the command line
+    code = main(["train", str(path), "--mode", "lora", "--optimizer", "adamw_torch"])
+    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "micro_batch_size 2 x max_seq_length 64 = batch_tokens 128" in err
+    assert "x 2 accumulation = up to 256 tokens per optimizer step" in err
+    assert "ignored, with no effect in fastsft:" in err and "flash_attention" in err
+    from fastsft.config import load_config
+
+    config = load_config(str(path))
+    assert (config.mode, config.optimizer, config.min_lr_ratio, config.cache_dir, config.eval_fraction) == (
+        "qlora", "paged_adamw_8bit", 0.1, str(tmp_path / "cache"), 0.1)
+
+
+def test_a_trl_sftconfig_yaml_trains_end_to_end(tmp_path, capsys):
+    small_config(tmp_path)
+    path = tmp_path / "trl.yaml"
+    path.write_text(TRL_SFT.format(tiny=TINY, out=tmp_path / "out"))
+    assert main(["train", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "per_device_train_batch_size 2 x max_seq_length 64 = batch_tokens 128" in err
+    from fastsft.config import load_config
+
+    config = load_config(str(path))
+    assert (config.num_epochs, config.optimizer, config.lr_scheduler, config.batch_tokens) == (
+        1.5, "adamw", "cosine", 128)
+    steps = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl") if '"train"' in line]
+    assert 1.0 < steps[-1]["epoch"] <= 1.6  # one and a half epochs, not two
+
+
+def test_errors_name_the_key_as_written_and_batch_tokens_wins_with_a_line(tmp_path, capsys):
+    config = small_config(tmp_path, "val_set_size: 1.5\n")
+    assert main(["train", config]) == 2
+    assert "'val_set_size' (eval_fraction) must be in [0, 1)" in one_error_line(capsys)
+    config = small_config(tmp_path, "per_device_train_batch_size: 8\n")  # batch_tokens: 128 is in the file too
+    assert main(["train", config, "--max_steps", "1"]) == 0
+    assert "batch_tokens 128 wins over per_device_train_batch_size 8" in capsys.readouterr().err
