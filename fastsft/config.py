@@ -554,6 +554,12 @@ def validate(config: TrainConfig) -> None:
     if config.overwrite_output_dir and config.resume not in (False, None, ""):
         raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
                           "overwrite deletes it; give one")
+    template = config.chat_template
+    if isinstance(template, str) and template.endswith(".jinja") and os.path.isfile(template):
+        from fastsft.data.templates import check_template_syntax  # light: jinja2 only
+
+        with open(template, encoding="utf-8") as handle:
+            check_template_syntax(handle.read(), template)
     if not config.dataset_text_field:
         raise ConfigError("config key 'dataset_text_field' must name a field")
     reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)

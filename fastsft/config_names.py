@@ -34,7 +34,8 @@ HELP: Dict[str, str] = {
     "dataset_text_field": "text format: the field that holds the text",
     "max_seq_length": "longest example in tokens (see truncation)",
     "truncation": "over-long examples: truncate | drop",
-    "chat_template": "Jinja chat template overriding the tokenizer's; default = fastsft's ChatML",
+    "chat_template": "Jinja template (text or a .jinja file) overriding the tokenizer's; default: the tokenizer's own "
+                     "(tiny-llama's is fastsft's ChatML)",
     "eval_dataset": "held-out data (same kinds as dataset)",
     "eval_fraction": "share of the training data held out for evaluation, in [0, 1)",
     "cache_dir": "cache the tokenised data here (reused while data, tokenizer and options are unchanged)",
@@ -63,7 +64,7 @@ HELP: Dict[str, str] = {
     "seed": "seed of the weights of tiny-llama, the data order and dropout",
     "device": "auto | cpu | cuda",
     "distributed": "auto | ddp | fsdp: the engine under torchrun / --nproc N (auto: DDP for lora/qlora, FSDP2 for full)",
-    "cpu_threads": "> 0: torch threads on CPU",
+    "cpu_threads": "torch threads on CPU; 0 (default): the cores other work leaves free, at most the physical cores",
     "eval_steps": "evaluate every N steps (0: at the end only)",
     "eval_strategy": "steps (every eval_steps) | epoch (end of every epoch) | no (at the end of the run only)",
     "eval_at_start": "evaluate the untrained model first (a baseline)",

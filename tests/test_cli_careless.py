@@ -355,3 +355,72 @@ def test_errors_name_the_key_as_written_and_batch_tokens_wins_with_a_line(tmp_pa
     config = small_config(tmp_path, "per_device_train_batch_size: 8\n")  # batch_tokens: 128 is in the file too
     assert main(["train", config, "--max_steps", "1"]) == 0
     assert "batch_tokens 128 wins over per_device_train_batch_size 8" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 5. threads and processes
+def test_nproc_above_the_cores_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path, "device: cpu\n")
+    from fastsft.distributed import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    assert main(["train", config, "--nproc", "64"]) == 2
+    line = one_error_line(capsys)
+    assert "--nproc 64" in line and "2 usable CPU cores" in line and "at most --nproc 2" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_processes_than_records_is_refused_before_workers_start(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path, "device: cpu\n")
+    from fastsft.distributed import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: 64)
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("workers started"))
+    assert main(["train", config, "--nproc", "32"]) == 2
+    line = one_error_line(capsys)
+    assert "32 processes" in line and "24 records" in line
+
+
+def test_cpu_threads_default_is_printed_and_resume_command_keeps_nproc(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert main(["train", config, "--max_steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "cpu threads: 1 (" in err and "load 5.0" in err
+    from fastsft.train.loop import Trainer
+
+    class Ranks:  # what a rank of an --nproc 2 run sees: torchrun's argv has no --nproc
+        world_size = 2
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.command, trainer.dist, trainer.output_dir = ["train", config, "--max_steps", "9"], Ranks(), "x"
+    assert trainer.resume_command().endswith(f"train {config} --max_steps 9 --nproc 2 --resume")
+
+
+# ---------------------------------------------------------------- 6. true logs and help
+def test_jinja_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}\n")
+    config = small_config(tmp_path, "chat_template: chat.jinja\n")
+    assert main(["train", config]) == 2
+    line = one_error_line(capsys)
+    assert "chat.jinja, line 2" in line and "example 0" not in line
+
+
+def test_help_states_the_real_chat_template_default(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    entry = out[out.index("--chat_template"):].splitlines()[1]
+    assert "the tokenizer's own" in entry and "default = fastsft's ChatML" not in entry
+
+
+def test_attention_line_says_which_path_runs_and_slow_rates_keep_decimals(tmp_path, capsys, caplog):
+    import logging
+
+    from fastsft.train.metrics import rate, summary_lines
+
+    config = small_config(tmp_path, "patch_kernels: true\n")
+    with caplog.at_level(logging.INFO, logger="fastsft"):
+        assert main(["train", config, "--max_steps", "1"]) == 0
+    attention = [r.getMessage() for r in caplog.records if "fastsft_varlen" in r.getMessage()]
+    assert attention and "PyTorch reference on CPU" in attention[0], attention
+    assert rate(0.35) == "0.35" and rate(1234.4) == "1,234"
+    assert "0.35" in "\n".join(summary_lines({"tokens_per_s": 0.35}))

@@ -365,8 +365,8 @@ class Trainer:
         self.preflight()
         seed_everything(config.seed)
         self.device = self.dist.device_for(resolve_device(config))
-        if self.device.type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
+        if self.device.type == "cpu":
+            self._set_cpu_threads()
         self.precision = resolve_precision(config, self.device)
         base, staging = self._stage_base()
         try:
@@ -394,6 +394,24 @@ class Trainer:
                 shutil.rmtree(staging, ignore_errors=True)
         for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
             self.say(note)
+    def _set_cpu_threads(self) -> None:
+        """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
+        the physical cores): on a busy machine extra threads only spin against the other work."""
+        from fastsft.distributed.launch import usable_cores
+
+        if self.config.cpu_threads > 0:
+            torch.set_num_threads(self.config.cpu_threads)
+            return
+        cores = usable_cores()
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - Windows
+            load = 0.0
+        free = max(1, int(cores - load + 0.5) // max(1, self.dist.world_size))
+        threads = max(1, min(torch.get_num_threads(), free))
+        torch.set_num_threads(threads)
+        self.say(f"cpu threads: {threads} ({cores} cores, load {load:.1f}; cpu_threads: N chooses)")
+
     def _batch_line(self, window: int) -> str:
         """What one optimizer step trains on, in the units users size batches in."""
         config = self.config
@@ -696,6 +714,9 @@ class Trainer:
         else the run folder alone (its checkpoint holds the config)."""
         if self.command is not None:
             words = [w for w in self.command if w not in ("--resume", "--overwrite", "--overwrite_output_dir")]
+            world = getattr(getattr(self, "dist", None), "world_size", 1)
+            if world > 1 and not any(w == "--nproc" or w.startswith("--nproc=") for w in words):
+                words += ["--nproc", str(world)]  # a rank's argv lacks the launch flag: the run needs it back
             return shlex.join(["fastsft", *words, "--resume"])
         return shlex.join(["fastsft", "train", "--resume", self.output_dir])
 
