@@ -424,3 +424,14 @@ def test_attention_line_says_which_path_runs_and_slow_rates_keep_decimals(tmp_pa
     assert attention and "PyTorch reference on CPU" in attention[0], attention
     assert rate(0.35) == "0.35" and rate(1234.4) == "1,234"
     assert "0.35" in "\n".join(summary_lines({"tokens_per_s": 0.35}))
+
+
+def test_lora_summary_is_one_short_line_of_counts(tmp_path, caplog):
+    import logging
+
+    config = small_config(tmp_path, "patch_kernels: true\n")
+    with caplog.at_level(logging.INFO, logger="fastsft"):
+        assert main(["train", config, "--max_steps", "1"]) == 0
+    lora = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.getMessage().startswith("lora:")]
+    assert len(lora) == 1 and len(lora[0]) < 200, lora
+    assert "groups fused" in lora[0] and "kept on peft's path" not in lora[0] and "base_model." not in lora[0]
