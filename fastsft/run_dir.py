@@ -127,7 +127,7 @@ def holds_adapter(output_dir: str) -> bool:
 
 def _own(name: str) -> bool:
     """fastsft's bookkeeping files and staging folders, never the user's."""
-    return name in (MANIFEST_FILE, LOCK_FILE) or name.startswith(STAGING_PREFIX)
+    return name.startswith((MANIFEST_FILE, LOCK_FILE, STAGING_PREFIX))
 
 
 def manifest(output_dir: str) -> Set[str]:

@@ -246,6 +246,9 @@ class Trainer:
         run_dir.record(self.output_dir, [run_dir.CHECKPOINTS_DIR, "metrics.jsonl", LOSS_CURVE_FILE, run_dir.CONFIG_FILE]
                        + ([BASE_MODEL_DIR] if staging is not None else [])
                        + [run_dir.TENSORBOARD_DIR if name == "tensorboard" else name for name in reporters(self.config)])
+        cache = self.config.cache_dir
+        if cache and os.path.dirname(os.path.abspath(cache)) == os.path.abspath(self.output_dir):
+            run_dir.record(self.output_dir, [cache])  # a tokenised-data cache kept inside the run folder
         if staging is None:
             return base
         final = os.path.join(self.output_dir, BASE_MODEL_DIR)
