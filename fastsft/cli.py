@@ -135,8 +135,15 @@ def cmd_train(args: Sequence[str]) -> int:
     # before torch / transformers load and before anything is written: the folder, the resume point, the
     # model path, every record of the data
     preflight.check_run(config, os.path.abspath(config.output_dir))
-    check_config_data(config)
+    if nproc is not None and nproc > 1:
+        from fastsft.distributed.launch import check_nproc
+
+        check_nproc(nproc, config.device)
+    records = check_config_data(config)
     if nproc is not None and nproc > 1:  # torchrun, one process per rank, each running this command
+        from fastsft.distributed.launch import check_enough_records
+
+        check_enough_records(nproc, records, config.dataset or "the training data")
         return launch(nproc, ["train", *([path] if path else []), *overrides])
     _quiet_library_bars()
     from fastsft.train import train
@@ -301,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastsft {command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a training stop the loop explains (TrainingError) exits 1 without a traceback
-        from fastsft.train.loop import TrainingError
+        from fastsft.errors import TrainingError
 
         if isinstance(exc, TrainingError):
             print(f"fastsft {command}: {exc}", file=sys.stderr)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from fastsft.config_names import ALIASES, HELP, NO_CHANGE
+from fastsft.config_names import ALIASES, HELP, NO_CHANGE, NO_EFFECT, VALUE_SYNONYMS
 from fastsft.errors import ConfigError
 
 # keys whose value must be one of a fixed set
@@ -76,7 +77,7 @@ class TrainConfig:
     pad_to_multiple_of: int = 1
     # --- optimisation
     max_steps: int = -1  # > 0 overrides num_epochs
-    num_epochs: int = 1
+    num_epochs: float = 1.0  # a fraction trains on the first part of the last epoch (TRL's num_train_epochs: 1.5)
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -118,6 +119,8 @@ class TrainConfig:
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
     # --- issue 24: DoRA
     use_dora: bool = False  # peft LoraConfig(use_dora=True): a trained magnitude per output row (fused by fastsft)
+    # --- issue 21: values no one means
+    allow_zero_lr: bool = False  # accept learning_rate: 0 / lora_alpha: 0 (a run that changes nothing)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -233,6 +236,8 @@ def _set(values: Dict[str, Any], key: str, value: Any, where: str) -> None:
     if key == "progress_bar" and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     value = _coerce(key, value, _HINTS[key], where)
+    if isinstance(value, str) and value.lower() in VALUE_SYNONYMS.get(key, {}):
+        value = VALUE_SYNONYMS[key][value.lower()]  # adamw_torch -> adamw: the same optimizer, another name
     if key in CHOICES and value is not None and value not in CHOICES[key]:
         allowed = ", ".join(CHOICES[key])
         close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.5)
@@ -251,7 +256,9 @@ def _canonical(key: str, value: Any, where: str) -> tuple:
     if alias.values is None:
         return alias.key, value
     lookup = value
-    if any(isinstance(k, bool) for k in alias.values):
+    if isinstance(value, str) and value.lower() in alias.values:  # bf16: auto (Axolotl)
+        lookup = value.lower()
+    elif any(isinstance(k, bool) for k in alias.values):
         lookup = _coerce(key, value, bool, where)
     elif isinstance(value, str):
         lookup = value.lower()
@@ -261,9 +268,40 @@ def _canonical(key: str, value: Any, where: str) -> tuple:
     return alias.key, alias.values[lookup]
 
 
-def _apply_layer(merged: Dict[str, Any], items, where_of) -> None:
+def _unknown_keys(keys: List[str], where: str) -> ConfigError:
+    """Every unknown key of one source in one line (an Axolotl config brings several at once)."""
+    if len(keys) == 1:
+        return _unknown_key(keys[0], where)
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1, cutoff=0.8)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"unknown config keys{where}: {', '.join(parts)}; remove them (fastsft train --help lists "
+                       f"the keys)")
+
+
+def as_written(message: str, written: Dict[str, str]) -> str:
+    """Name each key in a message the way the user wrote it ('val_set_size', not 'eval_fraction')."""
+    for canonical, name in written.items():
+        if name != canonical:
+            message = message.replace(f"'{canonical}'", f"'{name}' ({canonical})")
+    return message
+
+
+def _apply_layer(merged: Dict[str, Any], items, where_of, written: Optional[Dict[str, str]] = None,
+                 notes: Optional[List[str]] = None) -> None:
     """One source of values (the file, the flags or keyword values); two spellings of a key in one
-    source are an error, except a value-mapped flag that agrees (load_in_4bit: true with mode: qlora)."""
+    source are an error, except a value-mapped flag that agrees (load_in_4bit: true with mode: qlora).
+    `written` collects each key's name as the user wrote it; `notes` the keys ignored as without effect."""
+    items = list(items)
+    unknown = [k for k, _ in items if k not in FIELDS and k not in ALIASES and k not in NO_EFFECT]
+    if unknown:
+        raise _unknown_keys(unknown, where_of(unknown[0]))
+    ignored = [k for k, _ in items if k in NO_EFFECT and k not in FIELDS]
+    if ignored and notes is not None:
+        notes.append(f"ignored, with no effect in fastsft: {', '.join(ignored)}")
+    items = [(k, v) for k, v in items if k not in ignored]
+    written = {} if written is None else written
     spelled: Dict[str, tuple] = {}  # fastsft key -> (name as written, value)
     layer: Dict[str, Any] = {}
     for key, value in items:
@@ -278,7 +316,11 @@ def _apply_layer(merged: Dict[str, Any], items, where_of) -> None:
             if plain or other_value != mapped:
                 raise ConfigError(f"config keys {other!r} and {key!r}{where} both set {canonical!r}; keep one")
         spelled[canonical] = (key, mapped)
-        _set(layer, canonical, mapped, where)
+        try:
+            _set(layer, canonical, mapped, where)
+        except ConfigError as exc:
+            raise ConfigError(as_written(str(exc), {canonical: key})) from None
+        written[canonical] = key
     merged.update(layer)
 
 
@@ -327,6 +369,25 @@ def _resolve_relative(value: str, config_dir: Optional[str]) -> tuple:
     return os.path.abspath(value), "relative to the current directory"
 
 
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping, naming both lines (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise ConfigError(f"{self.name} lines {seen[key]} and {line} both set {key!r}; keep one")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **values: Any) -> TrainConfig:
     """Read a YAML config file, then apply CLI overrides (``--key value``), then keyword values.
 
@@ -337,6 +398,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
     import yaml
 
     merged: Dict[str, Any] = {}
+    written: Dict[str, str] = {}  # fastsft key -> the name the user wrote
+    notes: List[str] = []
     config_dir = None
     if path is not None:
         if not os.path.isfile(path):
@@ -344,7 +407,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
         config_dir = os.path.dirname(os.path.abspath(path))
         try:
             with open(path, encoding="utf-8") as handle:
-                data = yaml.safe_load(handle)
+                data = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
@@ -355,11 +418,13 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__}")
-        _apply_layer(merged, [(str(k), v) for k, v in data.items()], lambda key: f" in {path}")
-    _apply_layer(merged, parse_overrides(overrides), lambda key: f" (command-line flag --{key})")
-    _apply_layer(merged, list(values.items()), lambda key: "")
+        _apply_layer(merged, [(str(k), v) for k, v in data.items()], lambda key: f" in {path}", written, notes)
+    _apply_layer(merged, parse_overrides(overrides), lambda key: f" (command-line flag --{key})", written, notes)
+    _apply_layer(merged, list(values.items()), lambda key: "", written, notes)
+    _batch_budget(merged, written, notes)
     config = TrainConfig(**merged)
-    config._notes = []  # lines the trainer prints (where relative paths were found)
+    config._notes = notes  # lines the trainer prints (where relative paths were found, keys ignored)
+    config._written = written
     for key in ("dataset", "eval_dataset", "output_dir"):
         value = getattr(config, key)
         if value:
@@ -381,8 +446,29 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
             resolved, base = _resolve_relative(entry["path"], config_dir)
             if base is None or os.path.exists(resolved):
                 entry["path"] = resolved
-    validate(config)
+    try:
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(as_written(str(exc), written)) from None
     return config
+
+
+def _batch_budget(merged: Dict[str, Any], written: Dict[str, str], notes: List[str]) -> None:
+    """Under packing a batch size counts sequences of max_seq_length tokens, as in Axolotl and TRL:
+    batch_tokens = batch size x max_seq_length, unless batch_tokens is given (then it wins, said once)."""
+    if not merged.get("packing", FIELDS["packing"].default) or "batch_size" not in written:
+        return
+    size = merged["batch_size"]
+    name = written["batch_size"]
+    length = merged.get("max_seq_length", FIELDS["max_seq_length"].default)
+    if "batch_tokens" in written:
+        if merged.get("batch_tokens") != size * length:
+            notes.append(f"packing: batch_tokens {merged.get('batch_tokens')} wins over {name} {size} "
+                         f"(= {size * length} tokens)")
+        return
+    if isinstance(size, int) and isinstance(length, int) and size > 0 and length > 0:
+        merged["batch_tokens"] = size * length
+        notes.append(f"packing: {name} {size} x max_seq_length {length} = batch_tokens {size * length} per micro-batch")
 
 
 def _check_datasets(entries: List[Dict[str, Any]]) -> None:
@@ -426,6 +512,17 @@ def validate(config: TrainConfig) -> None:
         _check_datasets(config.datasets)
     elif not config.dataset:
         raise ConfigError("config key 'dataset' is required (a .jsonl/.json/.parquet/.csv file, a directory or a dataset name)")
+    for key, f in FIELDS.items():  # NaN / inf: a typo or a computed value gone wrong, never meant
+        value = getattr(config, key)
+        if _HINTS[key] is float and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
+    if not config.allow_zero_lr:
+        if config.learning_rate == 0:
+            raise ConfigError("config key 'learning_rate' is 0: the run would change no weight; set a learning rate, "
+                              "or allow_zero_lr: true to run it anyway")
+        if config.mode in ("lora", "qlora") and config.lora_alpha == 0:
+            raise ConfigError("config key 'lora_alpha' is 0: the adapter's output is scaled to nothing and the run "
+                              "changes nothing; set lora_alpha (e.g. 2 x lora_r), or allow_zero_lr: true to run it anyway")
     positive = ("batch_tokens", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r",
                 "num_epochs", "logging_steps", "eval_batch_size", "pad_to_multiple_of", "eval_max_new_tokens",
                 "tokenizer_vocab_size")
@@ -451,6 +548,9 @@ def validate(config: TrainConfig) -> None:
         )
     if config.use_dora and config.mode == "full":  # issue 24
         raise ConfigError("config key 'use_dora' applies to mode lora or qlora, not full")
+    if config.model == "tiny-llama" and config.tokenizer is None and config.tokenizer_vocab_size < 260:
+        raise ConfigError(f"config key 'tokenizer_vocab_size' must be >= 260 for tiny-llama (256 bytes + 4 special "
+                          f"tokens), got {config.tokenizer_vocab_size}")
     if config.model_config and config.model != "tiny-llama":
         raise ConfigError("config key 'model_config' applies only to model: tiny-llama")
     if config.offload_activations and not config.gradient_checkpointing:
@@ -458,6 +558,12 @@ def validate(config: TrainConfig) -> None:
     if config.overwrite_output_dir and config.resume not in (False, None, ""):
         raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
                           "overwrite deletes it; give one")
+    template = config.chat_template
+    if isinstance(template, str) and template.endswith(".jinja") and os.path.isfile(template):
+        from fastsft.data.templates import check_template_syntax  # light: jinja2 only
+
+        with open(template, encoding="utf-8") as handle:
+            check_template_syntax(handle.read(), template)
     if not config.dataset_text_field:
         raise ConfigError("config key 'dataset_text_field' must name a field")
     reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)

@@ -34,16 +34,17 @@ HELP: Dict[str, str] = {
     "dataset_text_field": "text format: the field that holds the text",
     "max_seq_length": "longest example in tokens (see truncation)",
     "truncation": "over-long examples: truncate | drop",
-    "chat_template": "Jinja chat template overriding the tokenizer's; default = fastsft's ChatML",
+    "chat_template": "Jinja template (text or a .jinja file) overriding the tokenizer's; default: the tokenizer's own "
+                     "(tiny-llama's is fastsft's ChatML)",
     "eval_dataset": "held-out data (same kinds as dataset)",
     "eval_fraction": "share of the training data held out for evaluation, in [0, 1)",
     "cache_dir": "cache the tokenised data here (reused while data, tokenizer and options are unchanged)",
     "packing": "pack examples into batch_tokens per micro-batch (no attention across examples)",
     "batch_tokens": "packing: tokens per micro-batch",
-    "batch_size": "no packing: examples per padded micro-batch",
+    "batch_size": "examples per micro-batch; with packing and no batch_tokens: batch_tokens = batch_size x max_seq_length",
     "pad_to_multiple_of": "pad micro-batches to a multiple of this many tokens",
     "max_steps": "optimizer steps; > 0 overrides num_epochs",
-    "num_epochs": "passes over the training data (when max_steps <= 0)",
+    "num_epochs": "passes over the training data (when max_steps <= 0); a fraction such as 1.5 is allowed",
     "gradient_accumulation_steps": "micro-batches per optimizer step (loss normalised by trained tokens)",
     "learning_rate": "peak learning rate",
     "weight_decay": "AdamW weight decay",
@@ -63,7 +64,7 @@ HELP: Dict[str, str] = {
     "seed": "seed of the weights of tiny-llama, the data order and dropout",
     "device": "auto | cpu | cuda",
     "distributed": "auto | ddp | fsdp: the engine under torchrun / --nproc N (auto: DDP for lora/qlora, FSDP2 for full)",
-    "cpu_threads": "> 0: torch threads on CPU",
+    "cpu_threads": "torch threads on CPU; 0 (default): the cores other work leaves free, at most the physical cores",
     "eval_steps": "evaluate every N steps (0: at the end only)",
     "eval_strategy": "steps (every eval_steps) | epoch (end of every epoch) | no (at the end of the run only)",
     "eval_at_start": "evaluate the untrained model first (a baseline)",
@@ -83,6 +84,8 @@ HELP: Dict[str, str] = {
     "resume_changed_config": "resume although keys that shape the run changed (new values from the resumed step)",
     # --- issue 24: DoRA
     "use_dora": "DoRA (weight-decomposed LoRA, peft's use_dora): a magnitude per output row; lora/qlora (QDoRA)",
+    # --- issue 21
+    "allow_zero_lr": "accept learning_rate: 0 or lora_alpha: 0 (a run that changes no weight); refused otherwise",
 }
 
 
@@ -108,7 +111,7 @@ ALIASES: Dict[str, Alias] = {
     "optim": Alias("optimizer", _TA, {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw": "adamw",
                                       "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit",
                                       "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw"}),
-    "bf16": Alias("precision", _TA, {True: "bf16", False: _NO_CHANGE}),
+    "bf16": Alias("precision", _TA, {True: "bf16", False: _NO_CHANGE, "auto": "auto"}),
     "fp16": Alias("precision", _TA, {True: "fp16", False: _NO_CHANGE}),
     "load_in_4bit": Alias("mode", _AX, {True: "qlora", False: _NO_CHANGE}),
     "adapter": Alias("mode", _AX, {"lora": "lora", "qlora": "qlora"}),
@@ -121,7 +124,29 @@ ALIASES: Dict[str, Alias] = {
     "resume_from_checkpoint": Alias("resume", _TA),
     "evaluation_strategy": Alias("eval_strategy", _TA),
     "overwrite": Alias("overwrite_output_dir", "fastsft (--overwrite)"),
+    # --- issue 21: more names users bring
+    "cosine_min_lr_ratio": Alias("min_lr_ratio", _AX),
+    "dataset_prepared_path": Alias("cache_dir", _AX),
+    "load_in_8bit": Alias("mode", _AX, {False: _NO_CHANGE}),  # 8-bit LoRA is not supported: only false passes
 }
+
+# other names for a key's values (TrainingArguments / Axolotl spell fastsft's choices so)
+VALUE_SYNONYMS: Dict[str, Dict[str, str]] = {
+    "optimizer": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
+                  "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_32bit": "paged_adamw"},
+    "lr_scheduler": {"cosine_with_min_lr": "cosine", "constant_with_warmup": "constant"},
+}
+
+# Axolotl / TrainingArguments keys that change nothing in what fastsft trains (attention backends fastsft
+# replaces, logging targets, strictness): accepted, and listed in one line when the run starts
+NO_EFFECT = frozenset({
+    "flash_attention", "sdp_attention", "xformers_attention", "flash_attn_cross_entropy", "flash_attn_rms_norm",
+    "strict", "tf32", "debug", "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model",
+    "pad_to_sequence_len", "wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model",
+    "wandb_run_id", "hub_model_id", "push_to_hub", "special_tokens", "local_rank", "lora_fan_in_fan_out",
+    "dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns", "ddp_find_unused_parameters",
+    "logging_first_step", "report_to_wandb", "bf16_full_eval", "fp16_full_eval", "torch_compile",
+})
 
 # renames and value-mapped flags: giving both spellings of a rename is always an error; flags that
 # agree with the key (load_in_4bit: true next to mode: qlora, as Axolotl configs write) are accepted

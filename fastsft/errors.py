@@ -12,3 +12,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad training data: names the file and line, or the example index and field."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a checkpoint that cannot be written); the message says
+    why and what to do. The CLI prints it in one line and exits 1."""

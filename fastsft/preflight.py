@@ -6,10 +6,11 @@ second and leaves whatever is on disk as it was.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
-from fastsft import run_dir
+from fastsft import run_dir, run_lock
 from fastsft.errors import ConfigError
 
 # keys that may change between a run and its resumption: they do not shape the steps already taken
@@ -27,14 +28,14 @@ RESUME_FIXED_KEYS = {
 }
 
 
-def check_run(config, output_dir: str) -> tuple:
+def check_run(config, output_dir: str, *, lock: bool = True) -> tuple:
     """(output_dir state, checkpoint to resume or None, config changes to honour): the folder can be written,
     a finished run is not overwritten by accident, the resumed config matches (or may change), the model
     and tokenizer exist locally or on a reachable hub, report_to's tools are installed."""
     from fastsft.sources import check_model_source
 
     resuming = config.resume not in (False, None, "")
-    state = check_output_dir(output_dir, overwrite=config.overwrite_output_dir, resume=resuming)
+    state = check_output_dir(output_dir, overwrite=config.overwrite_output_dir, resume=resuming, lock=lock)
     resume_from = resolve_resume(config.resume, output_dir)
     changes = []
     if resume_from is not None:
@@ -67,10 +68,13 @@ def check_writable(path: str, what: str = "output_dir") -> None:
         raise ConfigError(f"{what} {path!r}: cannot write in {probe!r} ({exc.strerror or exc})") from None
 
 
-def check_output_dir(output_dir: str, *, overwrite: bool, resume: bool) -> str:
+def check_output_dir(output_dir: str, *, overwrite: bool, resume: bool, lock: bool = True) -> str:
     """What output_dir holds: 'new', 'finished' or 'checkpoints'; refuses to write into a run without
     --overwrite or --resume."""
     check_writable(output_dir)
+    if lock:  # torchrun's other ranks find rank 0's lock: theirs is the same run
+        run_lock.check_unlocked(output_dir)
+    check_foreign_files(output_dir, overwrite=overwrite, resume=resume)
     finished = run_dir.is_finished(output_dir)
     checkpoints = run_dir.list_checkpoints(output_dir)
     state = "finished" if finished else "checkpoints" if checkpoints else "new"
@@ -86,6 +90,24 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resume: bool) -> str:
         f"pass --resume to continue that run, --overwrite to start over, or choose another output_dir")
 
 
+def _few(names: List[str]) -> str:
+    shown = ", ".join(names[:4])
+    return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def check_foreign_files(output_dir: str, *, overwrite: bool, resume: bool) -> None:
+    """fastsft writes only into a folder of its own: files it did not write are refused (unless --overwrite
+    or --resume, which keep them), and never replaced by a file of the same name."""
+    foreign = run_dir.foreign_files(output_dir)
+    clash = [n for n in foreign if n in run_dir.RUN_FILES or n in run_dir.RUN_DIRS]
+    if clash:
+        raise ConfigError(f"output_dir {output_dir!r} holds {_few(clash)}, which fastsft did not write and "
+                          f"would replace: move them away, or choose another output_dir")
+    if foreign and not (overwrite or resume):
+        raise ConfigError(f"output_dir {output_dir!r} holds files fastsft did not write ({_few(foreign)}): choose "
+                          f"an empty or new output_dir, or pass --overwrite to write next to them (they are kept)")
+
+
 def _finished_steps(output_dir: str) -> str:
     path = os.path.join(output_dir, "metrics.jsonl")
     try:
@@ -94,6 +116,9 @@ def _finished_steps(output_dir: str) -> str:
         return f" ({steps} steps)"
     except OSError:
         return ""
+
+
+_SAID: set = set()
 
 
 def resolve_resume(resume, output_dir: str) -> Optional[str]:
@@ -106,12 +131,24 @@ def resolve_resume(resume, output_dir: str) -> Optional[str]:
     else:
         folder = os.path.abspath(os.path.expanduser(resume))
         if run_dir.is_checkpoint(folder):
+            problem = run_dir.checkpoint_problem(folder)
+            if problem:  # named explicitly: the user chooses the other one
+                raise ConfigError(run_dir.damaged_message(folder, problem))
             return folder
         if not os.path.isdir(folder):
             raise ConfigError(f"config key 'resume': {resume!r} does not exist (expected a run folder or a checkpoint)")
     latest = run_dir.latest_checkpoint(folder)
     if latest is not None:
-        return latest
+        problem = run_dir.checkpoint_problem(latest)
+        if problem is None:
+            return latest
+        intact = run_dir.newest_intact(folder)
+        if intact is None:
+            raise ConfigError(run_dir.damaged_message(latest, problem))
+        if (latest, intact) not in _SAID:  # the CLI and the trainer both resolve: one line
+            _SAID.add((latest, intact))
+            print(f"resume: {problem}; resuming from the newest intact checkpoint, {intact}", file=sys.stderr)
+        return intact
     if run_dir.is_finished(folder):
         raise ConfigError(f"resume: {folder!r} holds a finished run but no checkpoint to continue from (it ran with "
                           f"save_steps: 0); pass --overwrite to start over, or choose another output_dir")

@@ -42,6 +42,11 @@ def check_source(source: Source) -> Optional[int]:
     return len(records)
 
 
-def check_config_data(config) -> None:
+def check_config_data(config) -> Optional[int]:
+    """Check every source; the number of training records (None when a hub source cannot tell)."""
+    total: Optional[int] = 0
     for source in config_sources(config):
-        check_source(source)
+        count = check_source(source)
+        if source.key != "eval_dataset":
+            total = None if count is None or total is None else total + count
+    return total

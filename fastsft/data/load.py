@@ -18,6 +18,11 @@ DATASETS_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
 JSON_SUFFIXES = (".jsonl", ".json")
 _FILE_SUFFIXES = JSON_SUFFIXES + tuple(DATASETS_FILE_BUILDERS)
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# the data files `datasets` reads from a plain folder (a folder of other files would be read as text)
+_DIRECTORY_DATA_SUFFIXES = _FILE_SUFFIXES + (".arrow", ".jsonl.gz", ".json.gz", ".csv.gz")
+# a record larger than this is skipped before tokenising: tokenising 20 MB took 6.9 GB and 71 s, for a
+# sample that max_seq_length cuts to a few KB anyway
+MAX_RECORD_BYTES = 2 * 2**20
 
 
 class Records(list):
@@ -27,6 +32,13 @@ class Records(list):
         super().__init__(items)
         self.source = source
         self.lines = lines
+        self.oversized: list = []  # (where, bytes) of records skipped as larger than MAX_RECORD_BYTES
+
+    def place(self, index: int) -> str:
+        """'line N' (JSON lines) or 'record N' (1-based), without the source."""
+        if self.lines is not None and index < len(self.lines):
+            return f"line {self.lines[index]}"
+        return f"record {index + 1}"
 
     def where(self, index: int) -> str:
         """'file, line N' (JSON lines) or 'source, record N' (1-based) for the record at `index`."""
@@ -54,7 +66,7 @@ def load_records(source: str, split: str = "train") -> Records:
             _recent[key] = records
         return _recent[key]
     if os.path.isdir(source):
-        return _nonempty(Records(_to_records(_load_directory(source, split), source), source), source)
+        return _drop_oversized(_nonempty(Records(_to_records(_load_directory(source, split), source), source), source))
     if source.lower().endswith(_FILE_SUFFIXES) or source.startswith(("/", "./", "../", "~")):
         raise DataError(f"{source}: no such file or directory")
     from fastsft.sources import check_data_source
@@ -80,8 +92,8 @@ def _load_file(source: str, split: str) -> Records:
         if lower.endswith(suffix):
             if builder == "csv":
                 _check_text_file(source)  # datasets' own message for these says only "an error occurred"
-            return Records(_to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(
-                builder, data_files=source, split="train")), source), source)
+            return _drop_oversized(Records(_to_records(_load_with_datasets(source, lambda: _datasets().load_dataset(
+                builder, data_files=source, split="train")), source), source))
     raise DataError(f"{source}: unsupported file type (expected .jsonl, .json, .parquet or .csv)")
 
 
@@ -140,6 +152,9 @@ def _read_jsonl(path: str) -> Records:
             offset += len(raw)
             if not line.strip():
                 continue
+            if len(raw) > MAX_RECORD_BYTES:  # skipped unparsed: memory stays bounded
+                records.oversized.append((f"line {line_number}", len(raw)))
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -181,10 +196,56 @@ def _read_json(path: str, split: str = "train") -> Records:
     for index, record in enumerate(data):
         if not isinstance(record, dict):
             raise DataError(f"{path}, record {index + 1}: expected a JSON object, got {type(record).__name__}")
-    return Records(data, path)
+    return _drop_oversized(Records(data, path))
+
+
+def _size(value) -> int:
+    """Roughly the bytes a record's text takes (its strings' lengths)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_size(v) for v in value)
+    return 8
+
+
+def _drop_oversized(records: Records) -> Records:
+    """Records loaded whole (JSON, parquet, csv, datasets) over MAX_RECORD_BYTES are skipped before tokenising."""
+    sizes = [_size(r) for r in records]
+    if all(size <= MAX_RECORD_BYTES for size in sizes):
+        return records
+    kept = Records(source=records.source, lines=[] if records.lines is not None else None)
+    kept.oversized = list(records.oversized)
+    for index, (record, size) in enumerate(zip(records, sizes)):
+        if size > MAX_RECORD_BYTES:
+            kept.oversized.append((records.place(index), size))
+            continue
+        kept.append(record)
+        if kept.lines is not None:
+            kept.lines.append(records.lines[index])
+    if not kept:
+        raise DataError(f"{records.source}: every record is larger than {MAX_RECORD_BYTES // 2**20} MB "
+                        f"(first: {kept.oversized[0][0]}); no examples left")
+    return kept
+
+
+def _check_directory_has_data(path: str) -> None:
+    """A folder of notes or images would be read by `datasets` as plain text lines: refuse it."""
+    found = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.relpath(os.path.join(root, n), path) for n in names if not n.startswith(".")]
+    if any(name.lower().endswith(_DIRECTORY_DATA_SUFFIXES) for name in found):
+        return
+    listed = ", ".join(sorted(found)[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    raise DataError(f"{path}: the folder holds no data file (.jsonl, .json, .parquet, .csv or .arrow)"
+                    + (f"; found {listed}" if found else "; it is empty"))
 
 
 def _load_directory(path: str, split: str):
+    if not any(os.path.exists(os.path.join(path, marker)) for marker in _SAVED_DATASET_MARKERS):
+        _check_directory_has_data(path)
     datasets = _datasets()
     if any(os.path.exists(os.path.join(path, marker)) for marker in _SAVED_DATASET_MARKERS):
         loaded = _load_with_datasets(path, lambda: datasets.load_from_disk(path))

@@ -64,7 +64,9 @@ def source_options(config) -> List[DataOptions]:
 def _merged_stats(parts: List[DataStats], examples, split: str) -> DataStats:
     counts = {key: sum(getattr(p, key) for p in parts) for key in _COUNTS}
     formats = ",".join(dict.fromkeys(p.format for p in parts))
-    return DataStats.from_examples(examples, split=split, format=formats, **counts)
+    merged = DataStats.from_examples(examples, split=split, format=formats, **counts)
+    merged.flagged = [entry for p in parts for entry in p.flagged]  # per source, with its lines
+    return merged
 
 
 def prepare_mixture(config, tokenizer) -> tuple:

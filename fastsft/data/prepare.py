@@ -8,8 +8,8 @@ import numpy as np
 
 from fastsft.data import cache
 from fastsft.data.example import IGNORE_INDEX, Example
-from fastsft.data.formats import records_to_samples
-from fastsft.data.load import load_records, records_fingerprint, source_fingerprint
+from fastsft.data.formats import Chat, records_to_samples
+from fastsft.data.load import MAX_RECORD_BYTES, load_records, records_fingerprint, source_fingerprint
 from fastsft.data.options import DataOptions
 from fastsft.data.parallel import encode_in_workers
 from fastsft.data.render import report_notes
@@ -107,11 +107,30 @@ def _build(records: list[dict], indices: list[int], options: DataOptions, tokeni
     report_notes(notes, f"{source} ({split})")
     counts = dict(split=split, format=fmt, loaded=len(indices), truncated=0, truncated_no_trained_tokens=0,
                   dropped_too_long=0, dropped_no_trained_tokens=0)
+    place = getattr(records, "place", lambda i: f"record {i + 1}")
+    flagged: dict = {}  # reason -> [count, first places]: every dropped or suspicious example, with its line
+
+    def flag(reason: str, index: int) -> None:
+        entry = flagged.setdefault(reason, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < FIRST_PLACES:
+            entry[1].append(place(index))
+
+    if split == "train":  # skipped while loading (the eval split of the same file shares them)
+        for where, size in getattr(records, "oversized", []):
+            entry = flagged.setdefault(f"skipped before tokenising, larger than {MAX_RECORD_BYTES // 2**20} MB", [0, []])
+            entry[0] += 1
+            if len(entry[1]) < FIRST_PLACES:
+                entry[1].append(f"{where} ({size / 2**20:.1f} MB)")
+    for index, sample in zip(indices, samples):
+        if _has_empty_content(sample):
+            flag("with an empty message content (kept)", index)
     examples = []
-    for index, (input_ids, labels) in zip(indices, encoded):
+    for index, sample, (input_ids, labels) in zip(indices, samples, encoded):
         too_long = len(input_ids) > options.max_seq_length
         if too_long and options.truncation == "drop":
             counts["dropped_too_long"] += 1
+            flag(f"dropped as longer than max_seq_length {options.max_seq_length}", index)
             continue
         if too_long:
             # The first max_seq_length tokens are kept, and nothing is appended: an EOS after the cut
@@ -121,6 +140,21 @@ def _build(records: list[dict], indices: list[int], options: DataOptions, tokeni
         if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never trained (shift)
             counts["dropped_no_trained_tokens"] += 1
             counts["truncated_no_trained_tokens"] += too_long
+            no_reply = isinstance(sample, Chat) and not any(m.get("role") == "assistant" for m in sample.messages)
+            flag("dropped with no assistant turn" if no_reply else
+                 f"dropped with no trained token (mask {options.mask!r})", index)
             continue
         examples.append(Example(input_ids, labels, index))
-    return examples, DataStats.from_examples(examples, **counts)
+    stats = DataStats.from_examples(examples, **counts)
+    stats.flagged = [{"reason": reason, "count": n, "where": where, "source": source}
+                     for reason, (n, where) in flagged.items()]
+    return examples, stats
+
+
+FIRST_PLACES = 3  # lines named per reason
+
+
+def _has_empty_content(sample) -> bool:
+    if isinstance(sample, Chat):
+        return any(not str(m.get("content", "")).strip() for m in sample.messages)
+    return not sample.completion.strip()

@@ -26,6 +26,8 @@ class DataStats:
     trained_tokens: int = 0
     lengths: dict = field(default_factory=dict)  # min, p50, p90, p99, max, mean of kept lengths
     cache_hit: bool = False
+    # dropped or suspicious examples: [{"reason", "count", "where": the first lines, "source"}]
+    flagged: list = field(default_factory=list)
 
     @classmethod
     def from_examples(cls, examples: list[Example], **counts) -> "DataStats":
@@ -63,6 +65,10 @@ class DataStats:
                 f"{name} {value:.0f}" if name != "mean" else f"mean {value:.1f}" for name, value in self.lengths.items()
             )
             lines.append(f"  lengths: {parts}")
+        for entry in self.flagged:
+            more = ", ..." if entry["count"] > len(entry["where"]) else ""
+            lines.append(f"  {entry['count']} example{'s' if entry['count'] != 1 else ''} {entry['reason']} "
+                         f"({entry['source']}: {', '.join(entry['where'])}{more})")
         if self.cache_hit:
             lines.append("  (tokenised data reused from the cache)")
         return lines

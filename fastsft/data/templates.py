@@ -88,16 +88,52 @@ def _template_text(option: str | None) -> str | None:
     if option in NAMED_TEMPLATES:
         return named_template(option)
     if is_template_text(option):
+        check_template_syntax(option, "(the Jinja text)")
         return option
     if option.endswith(".jinja"):
         if not os.path.isfile(option):
             raise ConfigError(f"config key 'chat_template': no such template file: {option}")
         with open(option, encoding="utf-8") as handle:
-            return handle.read()
+            text = handle.read()
+        check_template_syntax(text, option)
+        return text
     raise ConfigError(
         f"config key 'chat_template': unknown template {option!r}; use one of {', '.join(template_names())}, "
         "a path to a .jinja file, or the Jinja text of a template"
     )
+
+
+def check_template_syntax(text: str, where: str) -> None:
+    """A template that does not compile is a config error naming its file and line (not 'example 0')."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.add_extension(_generation_tag())
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"config key 'chat_template': {where}, line {exc.lineno}: {exc.message}") from None
+
+
+def _generation_tag():
+    """transformers' {% generation %} ... {% endgeneration %} block, so templates that use it parse."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    return GenerationTag
 
 
 def _check_tokens(name: str, tokenizer) -> None:

@@ -33,6 +33,39 @@ def parse_nproc(value: Optional[str]) -> Optional[int]:
     return n
 
 
+def usable_cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """--nproc above the devices (GPUs, else CPU cores) this machine has is refused before anything starts:
+    64 ranks on 2 cores never reach the first step."""
+    cores = usable_cores()
+    gpus = 0
+    if device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    limit, what = (gpus, f"{gpus} GPU{'s' if gpus != 1 else ''}") if gpus else (cores, f"{cores} usable CPU cores")
+    if nproc > limit:
+        raise ConfigError(f"--nproc {nproc}: this machine has {what}; use at most --nproc {limit} "
+                          f"(one process per {'GPU' if gpus else 'core'})")
+
+
+def check_enough_records(nproc: int, records: Optional[int], dataset: str) -> None:
+    """Fewer training records than processes can never give each rank a micro-batch: refused before the
+    workers start (the ranks check the packed micro-batches again once the data is tokenised)."""
+    if records is not None and records < nproc:
+        raise ConfigError(f"{dataset}: {nproc} processes need at least {nproc} micro-batches per epoch, but the data "
+                          f"holds {records} record{'s' if records != 1 else ''}: use at most --nproc {max(1, records)}, "
+                          f"or more data")
+
+
 def launch(nproc: int, fastsft_args: Sequence[str], *, entry: Sequence[str] = ("--module", "fastsft")) -> int:
     """Run ``python -m fastsft <fastsft_args>`` on `nproc` local processes; returns the exit code.
 

@@ -79,22 +79,31 @@ class _PerModuleLinesToDebug(logging.Filter):
 
 
 def _lora_summary(lines: List[str]) -> str:
-    """'14 layers -> lora_linear (14 4-bit nf4); 2 kept on peft's path (...)' from the per-layer lines."""
-    fused = [line for line in lines if ": lora_linear (" in line]
+    """One short line of counts from the per-layer lines (those go to DEBUG):
+    '14 layers on lora_linear (14 dense), 4 groups fused, 2 on peft's path (dora: 2)'."""
+    single = [line for line in lines if ": lora_linear (" in line]
     kinds: Dict[str, int] = {}
-    for line in fused:
+    for line in single:
         kind = line.split(": lora_linear (", 1)[1].split(" base", 1)[0]
         kinds[kind] = kinds.get(kind, 0) + 1
-    text = f"{len(fused)} layers on lora_linear ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" \
-        if fused else "no layer on lora_linear"
-    groups = sum("-> lora_linear_fused" in line for line in lines)
-    if groups:
-        text += f", {groups} q/k/v or gate/up groups fused"
-    # group lines ("... -> lora_linear_fused", "... (packed) -> lora_linear") are not layers kept on peft
-    kept = [line for line in lines if "kept on peft's path" in line]
+    text = f"{len(single)} layers on lora_linear ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" \
+        if single else "no layer on lora_linear"
+    fused = sum(line.endswith("-> lora_linear_fused") for line in lines)
+    packed = sum("(packed) -> lora_linear" in line for line in lines)
+    if fused:
+        text += f", {fused} q/k/v or gate/up groups fused"
+    if packed:
+        text += f", {packed} packed projections"
+    unfused = sum(" not fused (" in line for line in lines)
+    if unfused:
+        text += f", {unfused} groups not fused (a member on peft's path)"
+    kept = [line for line in lines if "kept on peft's path (" in line]
     if kept:
-        reasons = sorted({line.split("(", 1)[-1].rstrip(")") for line in kept})
-        text += f"; {len(kept)} kept on peft's path ({'; '.join(reasons)})"
+        reasons: Dict[str, int] = {}
+        for line in kept:
+            reason = line.rsplit("(", 1)[-1].rstrip(")")
+            reasons[reason] = reasons.get(reason, 0) + 1
+        text += f"; {len(kept)} on peft's path (" + "; ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) + ")"
     return text
 
 

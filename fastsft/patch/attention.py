@@ -465,7 +465,22 @@ def apply(model, backend: str = "triton") -> List[str]:
         previous = current
     _set_implementation(base, name)
     object.__setattr__(base, _PREVIOUS_ATTR, previous)
-    return [f"{current} -> {name} (packed varlen, {backend} kernel)"]
+    return [f"{current} -> {name} (packed varlen, {_path_that_runs(base, backend)})"]
+
+
+def _path_that_runs(model, backend: str) -> str:
+    """Which code computes attention on the model's device: the log line must not claim a kernel that a
+    CPU run never calls."""
+    if backend == "flash_attn":
+        return "flash-attn kernel"
+    param = next(model.parameters(), None)
+    if param is not None and param.is_cuda:
+        return "Triton kernel"
+    from fastsft_kernels._triton_utils import triton_on_cpu
+
+    if triton_on_cpu():
+        return "Triton kernel through the interpreter (FASTSFT_TRITON_ON_CPU=1)"
+    return "PyTorch reference on CPU; the Triton kernel runs on CUDA"
 
 
 def revert(model) -> None:

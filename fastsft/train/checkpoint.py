@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import torch
 
-from fastsft.errors import ConfigError
+from fastsft.errors import ConfigError, TrainingError
 
 from fastsft.run_dir import CHECKPOINTS_DIR, STATE_FILE, latest_checkpoint, list_checkpoints  # noqa: F401
 
@@ -86,14 +86,72 @@ def apply_umask(directory: str) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+def estimate_checkpoint_bytes(output_dir: str, model, optimizer) -> int:
+    """The newest checkpoint's size, else the saved weights (trainable ones for an adapter) plus the
+    optimizer's state, plus 1 MB for the tokenizer and config."""
+    newest = latest_checkpoint(output_dir)
+    if newest is not None:
+        return _tree_bytes(newest)
+    params = [p for p in model.parameters() if p.requires_grad or not is_peft_model(model)]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    if not optimizer.state:  # before the first step: Adam's two moments, in fp32
+        state = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return weights + state + 2**20
+
+
+def check_free_space(output_dir: str, step: int, model, optimizer) -> None:
+    """Stop with one line before writing a checkpoint the disk cannot hold."""
+    needed = estimate_checkpoint_bytes(output_dir, model, optimizer)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        newest = latest_checkpoint(output_dir)
+        keep = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written"
+        raise TrainingError(f"checkpoint step-{step}: not enough space in {output_dir}: it needs about {_mb(needed)}, "
+                            f"{_mb(free)} free; stopping ({keep}). Free some space, then continue with --resume")
+
+
+def write_failure(what: str, exc: BaseException, newest) -> TrainingError:
+    """One line for a failed write: torch's zip writer reports a full disk as 'unexpected pos'."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OSError):
+        text = exc.strerror or text
+    elif "unexpected pos" in text or "inline_container" in text or "file write failed" in text:
+        text = "the write stopped short (is the disk full?)"
+    keep = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written"
+    return TrainingError(f"could not write {what}: {text}; the partial files were removed; stopping ({keep})")
+
+
 def save_checkpoint(output_dir: str, *, step: int, model, tokenizer, optimizer, scheduler, scaler,
                     train_state: dict, config_dict: dict, keep: int) -> str:
-    """Write checkpoints/step-N atomically; keep the newest `keep` (0 = all)."""
+    """Write checkpoints/step-N atomically; keep the newest `keep` (0 = all). A failed write (a full disk)
+    removes the partial .tmp-step-N and raises TrainingError, the earlier checkpoints untouched."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    tmp = os.path.join(root, f".tmp-step-{step}")
+    try:
+        return _write_checkpoint(output_dir, root, tmp, step=step, model=model, tokenizer=tokenizer,
+                                 optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_state=train_state,
+                                 config_dict=config_dict, keep=keep)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(f"checkpoint {os.path.join(root, f'step-{step}')}", exc,
+                            latest_checkpoint(output_dir)) from None
+
+
+def _write_checkpoint(output_dir: str, root: str, tmp: str, *, step: int, model, tokenizer, optimizer, scheduler,
+                      scaler, train_state: dict, config_dict: dict, keep: int) -> str:
     import yaml
 
-    root = os.path.join(output_dir, CHECKPOINTS_DIR)
     os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-step-{step}")
     final = os.path.join(root, f"step-{step}")
     shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash mid-write
     os.makedirs(tmp)
@@ -158,8 +216,16 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler) -> dict:
     if not os.path.isfile(state_path):
         raise ConfigError(f"resume: {path} is not a fastsft checkpoint (no {STATE_FILE})")
     # our own file, holding numpy RNG arrays and python tuples: not weights-only
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    _load_model_weights(model, path)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        _load_model_weights(model, path)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        from fastsft.run_dir import damaged_message
+
+        raise ConfigError(damaged_message(path, f"cannot be read ({str(exc).strip().splitlines()[0][:120]})")) \
+            from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:

@@ -50,8 +50,7 @@ def _repoint(model, tokenizer, path: str) -> None:
         tokenizer.name_or_path = path
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the message says why and what to do."""
+from fastsft.errors import TrainingError  # noqa: E402,F401 - defined there so checkpoint.py can raise it
 
 
 @dataclass
@@ -76,7 +75,8 @@ def seed_everything(seed: int) -> None:
 class DataStream:
     """Micro-batches in a deterministic per-(seed, epoch) plan; the position is (epoch, index)."""
 
-    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int], mixture=None):
+    def __init__(self, lengths: List[int], config, *, epochs_limit: Optional[int], mixture=None,
+                 epochs: Optional[float] = None):
         from fastsft.data import plan_batches
 
         self._plan_batches = plan_batches
@@ -84,6 +84,8 @@ class DataStream:
         self.lengths = lengths
         self.config = config
         self.epochs_limit = epochs_limit  # None: cycle through epochs until max_steps
+        # num_epochs 1.5: the last epoch counts its first half (None: max_steps decides)
+        self.epochs = None if epochs_limit is None else float(epochs_limit if epochs is None else epochs)
         self.epoch = 0
         self.index = 0
         self._plans: Dict[int, List[List[int]]] = {}
@@ -126,7 +128,10 @@ class DataStream:
         return self.epoch + (self.index / len(plan) if plan else 0.0)
 
     def count_steps(self, window: int) -> int:
-        micro_batches = sum(len(self.plan(e)) for e in range(self.epochs_limit))
+        whole = int(self.epochs)
+        micro_batches = sum(len(self.plan(e)) for e in range(whole))
+        if self.epochs > whole:  # a fractional last epoch: its first share of micro-batches
+            micro_batches += math.ceil((self.epochs - whole) * len(self.plan(whole)))
         return max(1, math.ceil(micro_batches / window))
 
 
@@ -183,8 +188,15 @@ class Trainer:
         from fastsft import preflight
 
         config = self.config
-        self.output_state, self.resume_from, self.resume_changes = preflight.check_run(config, self.output_dir)
+        self.output_state, self.resume_from, self.resume_changes = preflight.check_run(
+            config, self.output_dir, lock=self.dist.is_main)
         preflight.check_model_config_keys(config)
+        if self.dist.is_main:  # this run owns output_dir from here on (the other ranks follow rank 0)
+            from fastsft import run_lock
+
+            self._made_output_dir = not os.path.isdir(self.output_dir)
+            run_lock.acquire(self.output_dir)
+            self._locked = True
         if config.resume not in (False, None, "") and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from scratch")
 
@@ -217,10 +229,26 @@ class Trainer:
         Rank 0 only (torchrun): the other ranks run after it and find the folder ready."""
         if not self.dist.is_main:
             return base
+        stale = run_dir.stale_staging(self.output_dir)
+        for path in stale:  # a checkpoint or final save cut short (disk full, a kill): never complete
+            shutil.rmtree(path, ignore_errors=True)
+        if stale:
+            self.say(f"output_dir: removed {len(stale)} unfinished write{'s' if len(stale) > 1 else ''} left by an "
+                     f"earlier run ({', '.join(os.path.relpath(p, self.output_dir) for p in stale[:3])})")
         if self.config.overwrite_output_dir and self.resume_from is None and self.output_state != "new":
-            run_dir.clear_run(self.output_dir)
-            self.say(f"overwrite: removed the earlier run in {self.output_dir}")
+            removed = run_dir.clear_run(self.output_dir)
+            kept = run_dir.foreign_files(self.output_dir)
+            self.say(f"overwrite: removed the earlier run in {self.output_dir} ({len(removed)} entries fastsft wrote"
+                     + (f"; kept {len(kept)} it did not write)" if kept else ")"))
         os.makedirs(self.output_dir, exist_ok=True)
+        from fastsft.config import reporters
+
+        run_dir.record(self.output_dir, [run_dir.CHECKPOINTS_DIR, "metrics.jsonl", LOSS_CURVE_FILE, run_dir.CONFIG_FILE]
+                       + ([BASE_MODEL_DIR] if staging is not None else [])
+                       + [run_dir.TENSORBOARD_DIR if name == "tensorboard" else name for name in reporters(self.config)])
+        cache = self.config.cache_dir
+        if cache and os.path.dirname(os.path.abspath(cache)) == os.path.abspath(self.output_dir):
+            run_dir.record(self.output_dir, [cache])  # a tokenised-data cache kept inside the run folder
         if staging is None:
             return base
         final = os.path.join(self.output_dir, BASE_MODEL_DIR)
@@ -258,6 +286,25 @@ class Trainer:
         return f"{source}: no training examples left after preparation: {stats.loaded} loaded, dropped {why}"
 
     def setup(self) -> None:
+        try:
+            self._setup()
+        except BaseException:
+            self.release_output_dir()
+            raise
+
+    def release_output_dir(self) -> None:
+        """Give up the lock; a folder this run created and left empty is removed again."""
+        if not getattr(self, "_locked", False):
+            return
+        from fastsft import run_lock
+
+        run_lock.release(self.output_dir)
+        self._locked = False
+        if getattr(self, "_made_output_dir", False):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output_dir)  # only when empty
+
+    def _setup(self) -> None:
         from fastsft.distributed import NullMetrics, setup_distributed
 
         config = self.config
@@ -280,11 +327,12 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         lengths = [len(e.input_ids) for e in self.data.train]
-        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else config.num_epochs,
-                                      mixture=self.mixture)
+        self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else
+                                      math.ceil(config.num_epochs), mixture=self.mixture, epochs=config.num_epochs)
         self.dist.check_data(len(self.stream_data.plan(0)), config.dataset or "the training data")
         window = config.gradient_accumulation_steps * self.dist.world_size  # micro-batches of all ranks per step
         self.total_steps = config.max_steps if config.max_steps > 0 else self.stream_data.count_steps(window)
+        self.say(self._batch_line(window))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
         self.autocast = autocast_factory(self.device, self.precision.compute_dtype, self.precision.autocast)
@@ -320,8 +368,8 @@ class Trainer:
         self.preflight()
         seed_everything(config.seed)
         self.device = self.dist.device_for(resolve_device(config))
-        if self.device.type == "cpu" and config.cpu_threads > 0:
-            torch.set_num_threads(config.cpu_threads)
+        if self.device.type == "cpu":
+            self._set_cpu_threads()
         self.precision = resolve_precision(config, self.device)
         base, staging = self._stage_base()
         try:
@@ -349,6 +397,37 @@ class Trainer:
                 shutil.rmtree(staging, ignore_errors=True)
         for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
             self.say(note)
+    def _set_cpu_threads(self) -> None:
+        """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
+        the physical cores): on a busy machine extra threads only spin against the other work."""
+        from fastsft.distributed.launch import usable_cores
+
+        if self.config.cpu_threads > 0:
+            torch.set_num_threads(self.config.cpu_threads)
+            return
+        cores = usable_cores()
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - Windows
+            load = 0.0
+        free = max(1, int(cores - load + 0.5) // max(1, self.dist.world_size))
+        threads = max(1, min(torch.get_num_threads(), free))
+        torch.set_num_threads(threads)
+        self.say(f"cpu threads: {threads} ({cores} cores, load {load:.1f}; cpu_threads: N chooses)")
+
+    def _batch_line(self, window: int) -> str:
+        """What one optimizer step trains on, in the units users size batches in."""
+        config = self.config
+        if config.packing:
+            per_micro = f"{config.batch_tokens} tokens per packed micro-batch"
+            step = f"up to {config.batch_tokens * window:,} tokens per optimizer step"
+        else:
+            per_micro = f"{config.batch_size} examples per micro-batch (up to {config.max_seq_length} tokens each)"
+            step = f"up to {config.batch_size * config.max_seq_length * window:,} tokens per optimizer step"
+        ranks = f" x {self.dist.world_size} processes" if self.dist.world_size > 1 else ""
+        return (f"batch: {per_micro} x {config.gradient_accumulation_steps} accumulation{ranks} = {step}, "
+                f"{self.total_steps} steps")
+
     def _note_final_eval(self) -> None:
         """A resumed finished run already evaluated its last step after the checkpoint: do not do it twice."""
         for record in self.metrics.records():
@@ -526,6 +605,8 @@ class Trainer:
             reporter.write(record)
 
     def save_checkpoint(self) -> str:
+        if self.dist.is_main:
+            ckpt.check_free_space(self.output_dir, self.global_step, self.model, self.optimizer)
         path = self.dist.save_checkpoint(
             self.output_dir, step=self.global_step, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
@@ -541,16 +622,39 @@ class Trainer:
         return values
 
     def save_final(self) -> None:
+        """The final model, written into .tmp-final first: its names join the manifest before they land."""
         import yaml
 
-        self.dist.save_model_files(self.model, self.tokenizer, self.output_dir)
+        staging = os.path.join(self.output_dir, run_dir.STAGING_PREFIX + "final")
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.dist.save_model_files(self.model, self.tokenizer, staging)
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ckpt.write_failure(f"the final model in {self.output_dir}", exc,
+                                     ckpt.latest_checkpoint(self.output_dir)) from None
         if not self.dist.is_main:
             return
+        names = sorted(os.listdir(staging))
+        run_dir.record(self.output_dir, names)
+        for name in names:
+            target = os.path.join(self.output_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        shutil.rmtree(staging, ignore_errors=True)
         with open(os.path.join(self.output_dir, "fastsft_config.yaml"), "w", encoding="utf-8") as handle:
             yaml.safe_dump(self._config_dict(), handle, sort_keys=False)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.release_output_dir()
+
+    def _train(self) -> TrainResult:
         if not hasattr(self, "model"):
             self.setup()
         config = self.config
@@ -613,6 +717,9 @@ class Trainer:
         else the run folder alone (its checkpoint holds the config)."""
         if self.command is not None:
             words = [w for w in self.command if w not in ("--resume", "--overwrite", "--overwrite_output_dir")]
+            world = getattr(getattr(self, "dist", None), "world_size", 1)
+            if world > 1 and not any(w == "--nproc" or w.startswith("--nproc=") for w in words):
+                words += ["--nproc", str(world)]  # a rank's argv lacks the launch flag: the run needs it back
             return shlex.join(["fastsft", *words, "--resume"])
         return shlex.join(["fastsft", "train", "--resume", self.output_dir])
 

@@ -115,7 +115,7 @@ class Progress:
 
     def update(self, step: int, record: Dict) -> None:
         text = (
-            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {rate(record['tokens_per_s'])} tok/s  "
             f"peak {record['peak_memory_mb']:,.0f} MB"
         )
         if self.bar is not None:
@@ -141,6 +141,11 @@ class Progress:
             self.bar = None
 
 
+def rate(value: float) -> str:
+    """A per-second rate: whole numbers, but a rate below 1 keeps its decimals (0.35, not 0)."""
+    return f"{value:.2g}" if 0 < value < 1 else f"{value:,.0f}"
+
+
 def summary_lines(summary: Dict) -> List[str]:
     """The end-of-run summary, one fact per line."""
     lines = ["", "=== fastsft run summary ==="]
@@ -161,7 +166,7 @@ def summary_lines(summary: Dict) -> List[str]:
         elif key == "elapsed":
             value = _fmt_duration(value)
         elif isinstance(value, float):
-            value = f"{value:,.4f}" if value < 100 else f"{value:,.0f}"
+            value = rate(value) if key == "tokens_per_s" else f"{value:,.4f}" if value < 100 else f"{value:,.0f}"
         elif isinstance(value, int):
             value = f"{value:,}"
         lines.append(f"  {label:<20} {value}")
