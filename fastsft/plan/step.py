@@ -106,10 +106,14 @@ def _fake_inputs(host: dict, mode) -> dict:
     for key, value in host.items():
         if key == "cu_seq_lens_k":
             continue
-        inputs[key] = mode.from_tensor(value) if torch.is_tensor(value) else value
+        fake = mode is not None and torch.is_tensor(value)
+        inputs[key] = mode.from_tensor(value) if fake else value
     if "cu_seq_lens_q" in inputs:
         inputs["cu_seq_lens_k"] = inputs["cu_seq_lens_q"]  # one device copy, as batch_to_device sends
-        remember_packed_positions(inputs["position_ids"], host["position_ids"])
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # host values, computed on the host as batch_to_device does
+            remember_packed_positions(inputs["position_ids"], host["position_ids"])
     return inputs
 
 
@@ -123,7 +127,7 @@ def plan_step(config, seq_len: int, *, recipe: str = "fastsft", batch: int = 1, 
 class PreparedModel:
     """The fake model, its optimizer (state allocated) and fake mode, reusable across traces."""
 
-    def __init__(self, config, recipe: str):
+    def __init__(self, config, recipe: str, *, fake: bool = True):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from fastsft.plan.build import RECIPES, build_model
@@ -136,7 +140,9 @@ class PreparedModel:
                               f"cannot see)")
         self.config, self.recipe = config, recipe
         self.compute = compute_dtype(config.precision)
-        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # fake=False: the same model and step on real CPU tensors (the validation test measures it)
+        self.fake = fake
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         started = time.perf_counter()
         with self.mode, torch.device("cpu"), _quiet_logs():
             self.model, self.arch = build_model(config, recipe, self.compute)
@@ -155,6 +161,46 @@ class PreparedModel:
             self.optimizer.zero_grad(set_to_none=True)
         self.build_seconds = time.perf_counter() - started
         self.vocab = int(getattr(self.arch, "vocab_size", 0) or 0)
+
+    def _step(self, inputs: dict, num_items: int, autocast, offload, tracker) -> None:
+        """Trainer.compute_loss + accumulate + train_step for one micro-batch (the hf recipe: the e2e
+        benchmark's train_step)."""
+        tracker.phase = "forward"
+        with autocast, offload:
+            if self.recipe == "hf":
+                loss = self.model(**inputs).loss
+            else:
+                loss = self.model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
+        tracker.phase = "backward"
+        loss.backward()
+        del loss
+        tracker.phase = "optimizer_step"
+        if self.recipe == "fastsft" and self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run_real(self, seq_len: int, batch: int = 1, around=contextlib.nullcontext) -> None:
+        """The step on real tensors (fake=False), inside `around()` (e.g. a profiler)."""
+        if self.fake:
+            raise ValueError("run_real needs PreparedModel(..., fake=False)")
+        host = make_batch(self.recipe, seq_len, batch, self.vocab)
+        inputs = _fake_inputs(host, None)
+        autocast = (torch.autocast("cpu", dtype=self.compute) if self.compute != torch.float32
+                    else contextlib.nullcontext())
+
+        class _Phase:
+            phase = ""
+
+        with real_run_paths(self.recipe), _quiet_logs(), around():
+            self._step(inputs, seq_len * batch, autocast, contextlib.nullcontext(), _Phase())
+
+    def _untraceable(self, exc) -> str:
+        if self.recipe == "fastsft" and self.config.patch_kernels and not kernels_traceable():
+            return ("the fastsft recipe cannot be traced yet: fastsft_kernels' ops are not torch.library operators "
+                    "with fake implementations (issue 29, items 1-2), and their launchers read host values; "
+                    "trace --recipe hf, or patch_kernels: false for fastsft's builder without its kernels")
+        return f"the step reads a tensor's value on the host ({exc.func}), which a fake tensor has not: untraceable"
 
     def _register_existing(self, tracker) -> None:
         from fastsft.plan.build import quant_state_tensors
@@ -195,22 +241,13 @@ class PreparedModel:
             handles = tracker.grad_hooks(self.params)
             num_items = seq_len * batch * accumulation
             offload = offload_to_host(tracker) if config.offload_activations else contextlib.nullcontext()
+            from torch._subclasses.fake_tensor import DataDependentOutputException
+
             try:
                 with mod_tracker, tracker, tracker.module_depth():
-                    tracker.phase = "forward"
-                    with autocast, offload:
-                        if recipe == "hf":
-                            loss = self.model(**inputs).loss
-                        else:
-                            loss = self.model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
-                    tracker.phase = "backward"
-                    loss.backward()
-                    del loss
-                    tracker.phase = "optimizer_step"
-                    if recipe == "fastsft" and config.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._step(inputs, num_items, autocast, offload, tracker)
+            except DataDependentOutputException as exc:
+                raise ConfigError(self._untraceable(exc)) from None
             finally:
                 for h in handles:
                     h.remove()
@@ -234,6 +271,19 @@ class PreparedModel:
             trace_seconds=time.perf_counter() - started,
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
         )
+
+
+def kernels_traceable() -> bool:
+    """Are fastsft_kernels' ops torch.library operators with fake implementations (namespace `fastsft`)?
+    Then FakeTensorMode allocates what the Triton kernels allocate; otherwise the CPU path of the public
+    functions runs kernels/reference.py, whose memory is not the kernels'."""
+    import fastsft_kernels  # noqa: F401  (registers the operators, when it has them)
+
+    namespace = getattr(torch.ops, "fastsft", None)
+    try:
+        return namespace is not None and hasattr(namespace, "varlen_attention") and hasattr(namespace, "lora_linear")
+    except Exception:  # torch.ops raises for an unknown namespace on some versions
+        return False
 
 
 def prepare(config, recipe: str = "fastsft") -> PreparedModel:
