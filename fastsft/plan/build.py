@@ -20,7 +20,10 @@ import torch
 
 from fastsft.errors import ConfigError
 
-RECIPES = ("fastsft", "hf")
+RECIPES = ("fastsft", "hf", "hf2024")
+# hf2024: the hf recipe with the loss of transformers <= 4.44 (LlamaForCausalLM.forward upcast all logits
+# to fp32, the loss took a shifted .contiguous() copy, and the training loop held the outputs until the
+# backward returned): the 2024 setup published HF figures (e.g. Unsloth's HF + FA2 baselines) measured.
 
 
 def architecture(config):
@@ -240,7 +243,7 @@ def build_model(config, recipe: str, compute: torch.dtype):
 
 
 def _build(arch, config, recipe, compute):
-    if recipe == "hf":
+    if recipe in ("hf", "hf2024"):
         # the benchmark's choice: SDPA, eager for Gemma-2 (its logit soft-capping)
         attention = "eager" if arch.model_type == "gemma2" else "sdpa"
         model = build_base(arch, config, compute, attn_implementation=attention)

@@ -20,7 +20,9 @@ The model's architecture comes from `model_config:` (with model_type), a local f
 cached hub config.json.
 
   --recipe R            fastsft (default), hf (transformers + peft + bitsandbytes, SDPA, padded batches,
-                        prepare_model_for_kbit_training), or fastsft,hf for both side by side
+                        prepare_model_for_kbit_training), hf2024 (hf with the 2024 loss: fp32 logits
+                        upcast in forward, a shifted copy, outputs held through backward), or a comma list
+                        (fastsft,hf) for a side-by-side ratio
   --seq-len N           tokens per document (default: max_seq_length, capped by batch_tokens when packing)
   --batch N             documents per micro-batch (default: batch_tokens / seq-len packed, batch_size padded)
   --gpu-memory SIZE     does the step fit a GPU of SIZE? (80GB, 24GiB, 40960MB; GB = GiB = 2^30 bytes)
@@ -63,7 +65,7 @@ def _positive_int(value: Optional[str], name: str) -> Optional[int]:
 
 def default_shape(config, recipe: str) -> tuple:
     """(tokens per document, documents per micro-batch) of the config's micro-batch."""
-    if recipe == "hf" or not config.packing:
+    if recipe != "fastsft" or not config.packing:
         return config.max_seq_length, config.batch_size
     seq = min(config.max_seq_length, config.batch_tokens)
     return seq, max(1, config.batch_tokens // seq)

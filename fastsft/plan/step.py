@@ -14,6 +14,7 @@ save_on_cpu sees CPU tensors already (it would neither copy them out nor back).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
@@ -75,7 +76,7 @@ def real_run_paths(recipe: str):
 
     stock = import_utils.is_fake_tensor, masking_utils.find_packed_sequence_indices
     import_utils.is_fake_tensor = lambda x: False
-    if recipe == "hf":
+    if recipe != "fastsft":
         masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
@@ -87,7 +88,7 @@ def make_batch(recipe: str, seq_len: int, batch: int, vocab: int) -> dict:
     """A micro-batch of `batch` documents of `seq_len` tokens, as the recipe's collator lays it out.
     fastsft: one packed row (position ids, cu_seqlens; fastsft.data.collate); hf: a padded batch whose rows
     are all full (the worst case: no padding, so transformers drops the all-ones mask, as a real run does)."""
-    if recipe == "hf":
+    if recipe != "fastsft":
         ids = torch.zeros((batch, seq_len), dtype=torch.long)
         return {"input_ids": ids, "labels": torch.zeros_like(ids)}
     from fastsft.data.collate import collate
@@ -151,7 +152,7 @@ class PreparedModel:
                 raise ConfigError("the model has no trainable parameters (check 'mode' and 'lora_target_modules')")
             from fastsft.train.optim import build_optimizer
 
-            if recipe == "hf":  # the benchmark's train step: torch AdamW, foreach
+            if recipe != "fastsft":  # the benchmark's train step: torch AdamW, foreach
                 self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, foreach=True)
             else:
                 self.optimizer = build_optimizer(self.model, config)
@@ -166,14 +167,17 @@ class PreparedModel:
         """Trainer.compute_loss + accumulate + train_step for one micro-batch (the hf recipe: the e2e
         benchmark's train_step)."""
         tracker.phase = "forward"
+        held = None
         with autocast, offload:
             if self.recipe == "hf":
                 loss = self.model(**inputs).loss
+            elif self.recipe == "hf2024":
+                loss, held = _loss_2024(self.model, inputs)
             else:
                 loss = self.model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
         tracker.phase = "backward"
         loss.backward()
-        del loss
+        del loss, held
         tracker.phase = "optimizer_step"
         if self.recipe == "fastsft" and self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -247,7 +251,7 @@ class PreparedModel:
                 with mod_tracker, tracker, tracker.module_depth():
                     self._step(inputs, num_items, autocast, offload, tracker)
             except DataDependentOutputException as exc:
-                raise ConfigError(self._untraceable(exc)) from None
+                raise ConfigError(self._untraceable(exc)) from (exc if os.environ.get("FASTSFT_PLAN_DEBUG") else None)
             finally:
                 for h in handles:
                     h.remove()
@@ -271,6 +275,17 @@ class PreparedModel:
             trace_seconds=time.perf_counter() - started,
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
         )
+
+
+def _loss_2024(model, inputs: dict):
+    """transformers <= 4.44's causal-LM loss: `logits = logits.float()` in the forward, then the shifted
+    `.contiguous()` copies and CrossEntropyLoss; the outputs (fp32 logits) live until backward returns."""
+    outputs = model(input_ids=inputs["input_ids"])
+    logits = outputs.logits.float()
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = inputs["labels"][..., 1:].contiguous()
+    loss = torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1))
+    return loss, (outputs, logits)
 
 
 def kernels_traceable() -> bool:

@@ -1,6 +1,9 @@
 """fastsft plan: the traced step against a real one, the paths a real run takes, the search, the CLI."""
+import importlib.util
 import json
-import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from fastsft.plan import Margin, load_plan_config, max_context, parse_size, prep
 from fastsft.plan.search import search_max
 from fastsft.plan.step import PreparedModel
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {
     "model_type": "llama", "vocab_size": 3001, "hidden_size": 256, "intermediate_size": 688,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -144,3 +148,52 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, keys, args, needle):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_hf2024_loss_holds_more_than_todays(tmp_path):
+    config = load_plan_config(write_config(tmp_path))
+    today = prepare(config, "hf").trace(256)
+    old = prepare(config, "hf2024").trace(256)
+    assert old.peak_bytes > today.peak_bytes  # fp32 logits held, plus the shifted copy
+
+
+def test_plan_check_plans_every_measured_e2e_row(tmp_path, monkeypatch):
+    """The GPU suite's stage p: a planned peak next to each measured one (here a made-up measurement)."""
+    payload = {"benchmark": "e2e_x", "config": {"lora_rank": 8, "lora_alpha": 16}, "results": [
+        {"case": "tiny-llama/lora/seq128", "provider": "hf", "peak_mb": 10.0, "precision": "bf16",
+         "grad_ckpt": True, "tokens_per_step": 100, "docs_per_step": 2, "padded_fraction_if_padded": 0.2},
+        {"case": "tiny-llama/lora/seq128", "provider": "hf+liger", "peak_mb": 9.0},
+        {"case": "tiny-llama/lora/seq128", "provider": "fastsft", "error": "x"},
+    ]}
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "e2e_x.json").write_text(json.dumps(payload))
+    out = tmp_path / "plan_check.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_check", "--e2e-dir", str(tmp_path / "e2e"),
+                           "--out", str(out), "--budget", "300"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["provider"] == "hf"
+    assert rows[0]["planned_shape"] == [2, 62] and rows[0]["plan_peak_mb"] > 0
+    assert rows[0]["plan_over_measured"] == pytest.approx(rows[0]["plan_peak_mb"] / 10.0)
+
+
+def test_plan_table_plumbing(tmp_path):
+    spec = importlib.util.spec_from_file_location("_plan_table", os.path.join(REPO, "benchmarks", "plan_table.py"))
+    plan_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_table)
+    margin = Margin(reserve_bytes=0, slack=0.0)
+    row = plan_table.run_case(write_config(tmp_path), "hf", margin)
+    assert set(row["max_context"]) == set(plan_table.GPUS)
+    assert row["max_context"]["80GB"] > row["max_context"]["24GB"] > 0
+    row["label"] = "hf"
+    report = {"label": plan_table.LABEL, "margin": margin.describe(), "fastsft_note": "kernels off",
+              "cases": [{"name": "tiny", "config": "x", "rows": [row]}], "calibration": [dict(row, label="hf")]}
+    table = plan_table.markdown(report)
+    assert "traced on CPU, not measured on a GPU" in table and "| tiny | hf |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{plan_table.BEGIN}\nold\n{plan_table.END}\nrest\n")
+    assert plan_table.update_readme(str(readme), table)
+    assert "old" not in readme.read_text() and "| tiny | hf |" in readme.read_text()
+    plan_table.plot(report, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 1000
