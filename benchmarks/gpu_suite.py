@@ -149,7 +149,7 @@ def max_context_commands(suite, budget):
 
 def plan_check_commands(suite, budget):
     """The planner's traced peak for every e2e run of stages d and e, next to the measured one (CPU work)."""
-    return [Command("plan vs measured", _py("-P", "-m", "benchmarks.plan_check", "--e2e-dir",
+    return [Command("plan vs measured", _py("-m", "benchmarks.plan_check", "--e2e-dir",
                                             os.path.join(suite.work, "e2e"), "--out",
                                             os.path.join(suite.work, "plan_check.json"),
                                             "--budget", f"{max(5.0, budget - GRACE_S - 10):.0f}"))]

@@ -155,7 +155,10 @@ def cmd_plan(args: Sequence[str]) -> int:
         seq, rows = seq_len or seq, batch or rows
         step = state.trace(seq, rows)
         entry = {"step": step.to_dict(), "build_seconds": round(state.build_seconds, 2)}
-        print(f"recipe {recipe}:")
+        kernels_off = recipe == "fastsft" and not config.patch_kernels
+        entry["kernels"] = None if recipe != "fastsft" else ("off" if kernels_off else "traced as operators")
+        print(f"recipe {recipe}" + (" (patch_kernels: false: fastsft's builder without its kernels)"
+                                    if kernels_off else "") + ":")
         for line in step_lines(step):
             print(line)
         if gpu is not None:

@@ -289,16 +289,12 @@ def _loss_2024(model, inputs: dict):
 
 
 def kernels_traceable() -> bool:
-    """Are fastsft_kernels' ops torch.library operators with fake implementations (namespace `fastsft`)?
-    Then FakeTensorMode allocates what the Triton kernels allocate; otherwise the CPU path of the public
-    functions runs kernels/reference.py, whose memory is not the kernels'."""
+    """Are fastsft_kernels' ops torch.library operators (namespace `fastsft`, with fake implementations)?
+    Then FakeTensorMode allocates what the kernels allocate; otherwise the CPU path of the public
+    functions runs kernels/reference.py (and reads host values), whose memory is not the kernels'."""
     import fastsft_kernels  # noqa: F401  (registers the operators, when it has them)
 
-    namespace = getattr(torch.ops, "fastsft", None)
-    try:
-        return namespace is not None and hasattr(namespace, "varlen_attention") and hasattr(namespace, "lora_linear")
-    except Exception:  # torch.ops raises for an unknown namespace on some versions
-        return False
+    return any(name.startswith("fastsft::") for name in torch._C._dispatch_get_all_op_names())
 
 
 def prepare(config, recipe: str = "fastsft") -> PreparedModel:

@@ -197,3 +197,18 @@ def test_plan_table_plumbing(tmp_path):
     assert "old" not in readme.read_text() and "| tiny | hf |" in readme.read_text()
     plan_table.plot(report, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_offloaded_activations_move_to_host(tmp_path):
+    plain = prepare(load_plan_config(write_config(tmp_path, patch_kernels=False)), "fastsft").trace(512)
+    config = load_plan_config(write_config(tmp_path, patch_kernels=False, offload_activations=True))
+    offloaded = prepare(config, "fastsft").trace(512)
+    assert plain.host_bytes == 0 and offloaded.host_bytes > 0
+    assert offloaded.activations_bytes < plain.activations_bytes
+
+
+def test_accumulation_keeps_the_window_gradients_alive(tmp_path):
+    config = load_plan_config(write_config(tmp_path, patch_kernels=False, gradient_accumulation_steps=3))
+    step = prepare(config, "fastsft").trace(256)
+    assert step.tokens_per_step == 3 * 256 and step.accumulation == 3
+    assert step.grads_bytes == step.trainable_params_bytes > 0  # fp32 LoRA gradients from the earlier micro-batches
