@@ -157,6 +157,14 @@ def cmd_plan(args: Sequence[str]) -> int:
         entry = {"step": step.to_dict(), "build_seconds": round(state.build_seconds, 2)}
         kernels_off = recipe == "fastsft" and not config.patch_kernels
         entry["kernels"] = None if recipe != "fastsft" else ("off" if kernels_off else "traced as operators")
+        if recipe == "fastsft" and not kernels_off:
+            from fastsft.plan.step import missing_operators
+
+            missing = missing_operators()
+            if missing:  # they traced through kernels/reference.py: not the kernels' own allocations
+                entry["kernels"] = f"reference path for {', '.join(missing)} (not torch.library operators yet)"
+                print(f"note: {', '.join(missing)} traced through kernels/reference.py, not as the kernels "
+                      f"allocate (they are not torch.library operators yet)")
         print(f"recipe {recipe}" + (" (patch_kernels: false: fastsft's builder without its kernels)"
                                     if kernels_off else "") + ":")
         for line in step_lines(step):

@@ -201,8 +201,9 @@ class PreparedModel:
 
     def _untraceable(self, exc) -> str:
         if self.recipe == "fastsft" and self.config.patch_kernels and not kernels_traceable():
-            return ("the fastsft recipe cannot be traced yet: fastsft_kernels' ops are not torch.library operators "
-                    "with fake implementations (issue 29, items 1-2), and their launchers read host values; "
+            return ("the fastsft recipe cannot be traced yet: fastsft_kernels' ops "
+                    f"{', '.join(missing_operators())} are not torch.library operators with fake implementations "
+                    "(issue 29, items 1-2), and their launchers read host values; "
                     "trace --recipe hf, or patch_kernels: false for fastsft's builder without its kernels")
         return f"the step reads a tensor's value on the host ({exc.func}), which a fake tensor has not: untraceable"
 
@@ -288,13 +289,22 @@ def _loss_2024(model, inputs: dict):
     return loss, (outputs, logits)
 
 
-def kernels_traceable() -> bool:
-    """Are fastsft_kernels' ops torch.library operators (namespace `fastsft`, with fake implementations)?
-    Then FakeTensorMode allocates what the kernels allocate; otherwise the CPU path of the public
-    functions runs kernels/reference.py (and reads host values), whose memory is not the kernels'."""
+KERNEL_OPS = ("varlen_attention", "lora_linear", "rms_norm", "rope", "swiglu", "cross_entropy")
+
+
+def missing_operators() -> list:
+    """The public kernels not (yet) registered as torch.library operators in the `fastsft` namespace.
+    A registered operator has a fake implementation: FakeTensorMode then allocates what the kernel
+    allocates; an unregistered one runs kernels/reference.py on CPU tensors (and its launcher reads host
+    values), whose memory is not the kernel's."""
     import fastsft_kernels  # noqa: F401  (registers the operators, when it has them)
 
-    return any(name.startswith("fastsft::") for name in torch._C._dispatch_get_all_op_names())
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastsft::")]
+    return [op for op in KERNEL_OPS if not any(op in n for n in names)]
+
+
+def kernels_traceable() -> bool:
+    return not missing_operators()
 
 
 def prepare(config, recipe: str = "fastsft") -> PreparedModel:
