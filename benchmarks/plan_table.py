@@ -121,6 +121,11 @@ def plot(report: dict, path: str) -> None:
             xs = [i + k * width for i in range(len(GPUS))]
             ax.bar(xs, [row["max_context"][g] / 1000 for g in GPUS], width, label=row["label"])
         ax.set_xticks([i + width * (len(case["rows"]) - 1) / 2 for i in range(len(GPUS))], list(GPUS))
+        if not any(row["max_context"][g] for row in case["rows"] for g in GPUS):
+            peaks = ", ".join(f"{row['label']} {row['step']['peak_bytes'] / 2 ** 30:.0f} GiB" for row in case["rows"])
+            ax.text(0.5, 0.5, f"does not fit 80 GB\n(peak at {PEAK_AT} tokens:\n{peaks})", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_yticks([])
         ax.set_title(case["name"], fontsize=9)
         ax.set_ylabel("max context (k tokens)")
         ax.legend(fontsize=7)
