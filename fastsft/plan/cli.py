@@ -91,6 +91,8 @@ def step_lines(step) -> List[str]:
         f"  FLOPs per step       {step.flops_model / 1e12:,.1f} TFLOP model (forward + backward), "
         f"{step.flops_recompute / 1e12:,.1f} TFLOP recompute (the optimizer's element-wise ops not counted)",
     ]
+    if step.flops_uncounted_ops:
+        lines.append(f"  FLOPs not counted (no formula): {', '.join(step.flops_uncounted_ops)}")
     return lines
 
 

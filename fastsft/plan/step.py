@@ -51,6 +51,7 @@ class StepPlan:
     flops_recompute: int
     flops_optimizer: int
     trace_seconds: float
+    flops_uncounted_ops: list = field(default_factory=list)  # custom operators without a FLOP formula
     largest_2d: Dict[str, list] = field(default_factory=dict)  # op -> largest output shape (tests)
 
     def to_dict(self) -> dict:
@@ -274,6 +275,7 @@ class PreparedModel:
             host_bytes=tracker.host_peak, flops_model=micro * accumulation,
             flops_recompute=flops["recompute"] * accumulation, flops_optimizer=flops["optimizer_step"],
             trace_seconds=time.perf_counter() - started,
+            flops_uncounted_ops=sorted(tracker.uncounted_ops),
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
         )
 
