@@ -212,3 +212,19 @@ def test_accumulation_keeps_the_window_gradients_alive(tmp_path):
     step = prepare(config, "fastsft").trace(256)
     assert step.tokens_per_step == 3 * 256 and step.accumulation == 3
     assert step.grads_bytes == step.trainable_params_bytes > 0  # fp32 LoRA gradients from the earlier micro-batches
+
+
+def test_max_batch_and_other_families(tmp_path):
+    from fastsft.plan import max_batch
+
+    config = load_plan_config(write_config(tmp_path, patch_kernels=False))
+    prepared = prepare(config, "fastsft")
+    one, two = prepared.trace(128, 1).peak_bytes, prepared.trace(128, 2).peak_bytes
+    found = max_batch(config, one + int(3.5 * (two - one)), 128, margin=Margin(0, 0.0), model_state=prepared)
+    assert found.best == 4
+    gemma = dict(TINY, model_type="gemma2", head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                 tie_word_embeddings=True)
+    qwen3 = dict(TINY, model_type="qwen3", head_dim=64)
+    for arch in (gemma, qwen3):
+        step = prepare(load_plan_config(write_config(tmp_path, model_config=arch)), "hf").trace(128)
+        assert step.peak_bytes > step.weights_bytes > 0
