@@ -15,6 +15,7 @@ priority order, each with its own time slice (seconds on an H100/H200):
                            then python -m benchmarks.compile_report when it exists
     d  e2e_qlora_8b   150  Llama-3.1-8B shape, QLoRA r16, packed 4096: fastsft, hf, hf+liger (+ hf-packed)
     e  e2e_full_1b     60  Llama-3.2-1B shape, full fine-tuning: fastsft, hf, hf+liger
+    p  plan_check      60  `fastsft plan` (traced on the CPU) next to every e2e run's max_memory_allocated
     f  max_context   rest  the max-context search (8B QLoRA, fastsft and hf), if time is left
     u  unsloth       rest  the unsloth provider on stage d's model (last: its import patches the stacks)
 
@@ -146,6 +147,14 @@ def max_context_commands(suite, budget):
                                             "--max-context-offload", "off", "--max-context-budget", f"{per:.0f}"))]
 
 
+def plan_check_commands(suite, budget):
+    """The planner's traced peak for every e2e run of stages d and e, next to the measured one (CPU work)."""
+    return [Command("plan vs measured", _py("-m", "benchmarks.plan_check", "--e2e-dir",
+                                            os.path.join(suite.work, "e2e"), "--out",
+                                            os.path.join(suite.work, "plan_check.json"),
+                                            "--budget", f"{max(5.0, budget - GRACE_S - 10):.0f}"))]
+
+
 def unsloth_commands(suite, budget):
     return [Command("e2e unsloth", _e2e(suite, budget, "e2e_unsloth", "--model", "llama-3.1-8b", "--mode", "qlora",
                                         "--task", "throughput", "--providers", "unsloth"))]
@@ -158,6 +167,8 @@ STAGES = (
     Stage("c", "kernels", 100, 30, "every op against its providers at the DESIGN.md target shapes", kernel_commands),
     Stage("d", "e2e_qlora_8b", 150, 90, "Llama-3.1-8B shape, QLoRA r16, packed 4096", e2e_qlora_commands),
     Stage("e", "e2e_full_1b", 60, 40, "Llama-3.2-1B shape, full fine-tuning", e2e_full_commands),
+    Stage("p", "plan_check", 60, 20, "fastsft plan's traced peak vs each e2e run's max_memory_allocated",
+          plan_check_commands),
     Stage("f", "max_context", None, 60, "longest trainable sequence, 8B QLoRA", max_context_commands),
     Stage("u", "unsloth", None, 60, "Unsloth on the 8B QLoRA run", unsloth_commands),
 )
@@ -304,6 +315,9 @@ class Suite:
             payloads.append(_read_json(path))
         extra = [_read_json(p) for p in sorted(glob.glob(os.path.join(self.work, "e2e_unsloth", "e2e_*.json")))]
         self.report["e2e"] = merge_e2e([p for p in payloads if p], [p for p in extra if p])
+        checked = _read_json(os.path.join(self.work, "plan_check.json"))
+        if checked:
+            self.report["plan_vs_measured"] = checked.get("rows", [])
 
     def flush(self) -> None:
         """Rewrite the five files in DIR (atomically each)."""
@@ -399,7 +413,7 @@ def summary_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['key']} {s['name']} | {s['slice_s']} | {s['status']} | {_f(s.get('seconds'), '{:.0f}')} "
                      f"| {s['what']} |")
-    lines += _kernel_lines(report, peaks) + _e2e_lines(report)
+    lines += _kernel_lines(report, peaks) + _e2e_lines(report) + _plan_lines(report)
     failures = [(s["name"], c) for s in report["stages"] for c in s.get("commands", []) if c["status"] != "ok"]
     failures = [("setup", c) for c in report["setup"] if c["status"] not in ("ok",)
                 and not c["status"].startswith("skipped")] + failures
@@ -461,6 +475,21 @@ def _e2e_lines(report: dict) -> List[str]:
                 lines.append(f"| {r['provider']} | {r.get('mode')} | {_f(r.get('max_seq'), '{:,}')} | "
                              f"{_f(r.get('first_oom'), '{:,}')} | {_f(r.get('context_vs_hf'), '{:.2f}x')} | "
                              f"{str(note).splitlines()[0][:100] if note else ''} |")
+    return lines
+
+
+def _plan_lines(report: dict) -> List[str]:
+    rows = report.get("plan_vs_measured") or []
+    if not rows:
+        return []
+    lines = ["", "## Planned (traced on the CPU) vs measured peak memory", "",
+             "| case | provider | measured GB | planned GB | planned / measured | note |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        note = r.get("skipped") or r.get("error") or ""
+        plan = r.get("plan_peak_mb")
+        lines.append(f"| {r['case']} | {r['provider']} | {r['measured_peak_mb'] / 1024:.2f} | "
+                     f"{_f(plan / 1024 if plan is not None else None, '{:.2f}')} | "
+                     f"{_f(r.get('plan_over_measured'), '{:.3f}')} | {str(note)[:100]} |")
     return lines
 
 

@@ -44,8 +44,8 @@ def test_dry_run_runs_every_stage_and_writes_five_files(tmp_path):
     assert {p.name for p in out.iterdir()} == OUT_FILES  # no folders: all of it comes back from a device
     report = json.loads((out / "suite.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["correctness", "sync_step", "kernels", "e2e_qlora_8b", "e2e_full_1b", "max_context",
-                            "unsloth"]
+    assert list(stages) == ["correctness", "sync_step", "kernels", "e2e_qlora_8b", "e2e_full_1b", "plan_check",
+                            "max_context", "unsloth"]
     for name, s in stages.items():
         assert s["status"] == "ok", (name, s)
     assert report["setup"][0]["status"] == "skipped (dry run)"

@@ -1,0 +1,208 @@
+"""Peak memory and max context of 8B fine-tuning recipes, traced on the CPU by `fastsft plan`:
+
+    python -m benchmarks.plan_table [--out benchmarks/results/plan] [--readme README.md] [--quick]
+
+Llama-3.1-8B (QLoRA r=32, LoRA r=16 in bf16, full bf16 fine-tuning) and Qwen3-8B (QLoRA r=32), fastsft vs
+hf, at 24 / 40 / 80 GB, from the configs in examples/plan/. Writes plan_table.json, plan_table.png and
+README.md (the table) under --out, and the same table between the plan-table markers of --readme. Every
+figure is traced on the CPU (FakeTensorMode), not measured on a GPU. The calibration rows put the hf
+recipe (today's transformers) and hf2024 (its 2024 loss) next to Unsloth's published HF + FA2 figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABEL = "traced on CPU, not measured on a GPU"
+GPUS = ("24GB", "40GB", "80GB")
+PEAK_AT = 4096  # the peak-memory column: one 4096-token document
+CASES = (  # (name, config file)
+    ("Llama-3.1-8B QLoRA r=32", "examples/plan/llama-3.1-8b-qlora.yaml"),
+    ("Llama-3.1-8B LoRA r=16 bf16", "examples/plan/llama-3.1-8b-lora.yaml"),
+    ("Llama-3.1-8B full bf16", "examples/plan/llama-3.1-8b-full.yaml"),
+    ("Qwen3-8B QLoRA r=32", "examples/plan/qwen3-8b-qlora.yaml"),
+)
+# Unsloth's published HF + FA2 max context for Llama-3.1-8B QLoRA (r=32, all linear, batch 1), in tokens
+PUBLISHED_HF_FA2 = {"80GB": 28454, "24GB": 5789}
+PUBLISHED_SOURCE = ("unsloth.ai/blog/llama3-3 (Dec 2024): Llama 3.1 8B max context, HF + FA2 column; 4-bit QLoRA "
+                    "r=32 on all linear layers, batch 1, sequences padded to the length")
+BEGIN, END = "<!-- plan-table: begin (python -m benchmarks.plan_table) -->", "<!-- plan-table: end -->"
+
+
+def fastsft_recipe_note() -> Optional[str]:
+    """None when the kernels trace as themselves; else why the fastsft column runs without them."""
+    from fastsft.plan.step import kernels_traceable
+
+    if kernels_traceable():
+        return None
+    return ("fastsft_kernels' ops are not yet torch.library operators with fake implementations: the fastsft "
+            "column is fastsft's builder and packed batches with patch_kernels: false (the kernels' own memory "
+            "is not in it)")
+
+
+class Cached:
+    """One prepared model; each length traced once across the searches."""
+
+    def __init__(self, config, recipe):
+        from fastsft.plan import prepare
+
+        self.state = prepare(config, recipe)
+        self.peaks: Dict[int, int] = {}
+        self.steps = {}
+
+    def peak(self, n: int) -> int:
+        if n not in self.peaks:
+            step = self.state.trace(n, 1)
+            self.peaks[n], self.steps[n] = step.peak_bytes, step
+        return self.peaks[n]
+
+
+def run_case(path: str, recipe: str, margin, overrides=()) -> dict:
+    from fastsft.plan import load_plan_config, parse_size
+    from fastsft.plan.search import search_max
+
+    config = load_plan_config(os.path.join(REPO, path), list(overrides))
+    started = time.perf_counter()
+    cached = Cached(config, recipe)
+    cached.peak(PEAK_AT)
+    step = cached.steps[PEAK_AT]
+    out = {"recipe": recipe, "overrides": list(overrides), "peak_at": PEAK_AT, "step": step.to_dict(),
+           "max_context": {}}
+    for gpu in GPUS:
+        found = search_max(cached.peak, margin.budget(parse_size(gpu)), start=(1024, 2048), low=2)
+        out["max_context"][gpu] = found.best
+    out["traces"] = sorted(cached.peaks.items())
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def markdown(report: dict) -> str:
+    gib = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
+    lines = [f"Peak memory at one {PEAK_AT}-token document (GiB) and the longest document that fits (tokens, "
+             f"batch 1), per GPU memory. **{LABEL}** (`python -m benchmarks.plan_table`, "
+             f"{report['margin']}).", "",
+             "| model / method | recipe | peak GiB @4096 | " + " | ".join(f"max context {g}" for g in GPUS) + " |",
+             "|---|---|---:|" + "---:|" * len(GPUS)]
+    for case in report["cases"]:
+        for row in case["rows"]:
+            ctx = " | ".join(f"{row['max_context'][g]:,}" if row["max_context"][g] else "does not fit" for g in GPUS)
+            lines.append(f"| {case['name']} | {row['label']} | {gib(row['step']['peak_bytes'])} | {ctx} |")
+    if report.get("fastsft_note"):
+        lines += ["", f"fastsft column: {report['fastsft_note']}."]
+    cal = report.get("calibration")
+    if cal:
+        lines += ["", f"Calibration, Llama-3.1-8B QLoRA r=32 all linear, batch 1, padded (tokens; {LABEL}; "
+                      f"published: {PUBLISHED_SOURCE}):", "",
+                  "| | " + " | ".join(PUBLISHED_HF_FA2) + " |", "|---|" + "---:|" * len(PUBLISHED_HF_FA2),
+                  "| published HF + FA2 | " + " | ".join(f"{v:,}" for v in PUBLISHED_HF_FA2.values()) + " |"]
+        for row in cal:
+            lines.append(f"| {row['label']} | " + " | ".join(
+                f"{row['max_context'][g]:,} ({row['max_context'][g] / PUBLISHED_HF_FA2[g]:.2f}x)"
+                for g in PUBLISHED_HF_FA2) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = report["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        width = 0.8 / max(1, len(case["rows"]))
+        for k, row in enumerate(case["rows"]):
+            xs = [i + k * width for i in range(len(GPUS))]
+            ax.bar(xs, [row["max_context"][g] / 1000 for g in GPUS], width, label=row["label"])
+        ax.set_xticks([i + width * (len(case["rows"]) - 1) / 2 for i in range(len(GPUS))], list(GPUS))
+        if not any(row["max_context"][g] for row in case["rows"] for g in GPUS):
+            peaks = ", ".join(f"{row['label']} {row['step']['peak_bytes'] / 2 ** 30:.0f} GiB" for row in case["rows"])
+            ax.text(0.5, 0.5, f"does not fit 80 GB\n(peak at {PEAK_AT} tokens:\n{peaks})", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_yticks([])
+        ax.set_title(case["name"], fontsize=9)
+        ax.set_ylabel("max context (k tokens)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fastsft plan: {LABEL}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_readme(path: str, table: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(head + BEGIN + "\n" + table + END + tail)
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plan_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "plan"))
+    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"),
+                        help="README whose plan-table markers receive the table ('' to leave it)")
+    parser.add_argument("--cases", default="all", help="comma list of case numbers (1-based) or 'all'")
+    parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-write the table, PNG and README from --out's plan_table.json (no tracing)")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        with open(os.path.join(args.out, "plan_table.json")) as handle:
+            return write_outputs(json.load(handle), args)
+    from fastsft.plan import Margin
+
+    margin = Margin()
+    picked = CASES if args.cases == "all" else [CASES[int(i) - 1] for i in args.cases.split(",")]
+    note = fastsft_recipe_note()
+    report = {"label": LABEL, "margin": margin.describe(), "fastsft_note": note, "cases": [],
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    for name, path in picked:
+        rows = []
+        for recipe in ("fastsft", "hf"):
+            overrides = ["--patch_kernels", "false"] if recipe == "fastsft" and note else []
+            row = run_case(path, recipe, margin, overrides)
+            row["label"] = recipe + (" (kernels off)" if overrides else "")
+            rows.append(row)
+            print(f"{name} / {row['label']}: peak@{PEAK_AT} {row['step']['peak_bytes'] / 2 ** 30:.2f} GiB, "
+                  f"max context {row['max_context']} ({row['seconds']} s)", flush=True)
+        report["cases"].append({"name": name, "config": path, "rows": rows})
+    if not args.no_calibration:
+        report["calibration"] = []
+        for recipe in ("hf", "hf2024"):
+            row = run_case(CASES[0][1], recipe, margin)
+            row["label"] = {"hf": "hf (transformers 5 loss, prepare_model_for_kbit_training fp32 casts, AdamW)",
+                            "hf2024": "hf2024 (+ fp32 logits in forward, shifted copy, outputs held)"}[recipe]
+            report["calibration"].append(row)
+            print(f"calibration {recipe}: {row['max_context']}", flush=True)
+    return write_outputs(report, args)
+
+
+def write_outputs(report: dict, args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "plan_table.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    table = markdown(report)
+    with open(os.path.join(args.out, "README.md"), "w") as handle:
+        handle.write("# fastsft plan: memory and max context of 8B recipes\n\n" + table)
+    plot(report, os.path.join(args.out, "plan_table.png"))
+    if args.readme and update_readme(args.readme, table):
+        print(f"table written into {args.readme}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
