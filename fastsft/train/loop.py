@@ -395,8 +395,11 @@ class Trainer:
         """Loss of one micro-batch = its trained-token loss sum / trained tokens of the whole window."""
         # host label check, then one device copy per batch (cu_seqlens pre-validated, max lengths as ints)
         inputs = batch_to_device(batch, self.device, vocab_size=self.vocab_size)
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-                   if self.config.offload_activations else contextlib.nullcontext())
+        offload = contextlib.nullcontext()
+        if self.config.offload_activations:  # to pinned host memory on a side stream, prefetched a layer ahead
+            from fastsft.train.offload import OverlappedOffload, decoder_layers
+
+            offload = OverlappedOffload(self.device, decoder_layers(self.model))
         with self.autocast(), offload:
             out = self.model(**inputs, num_items_in_batch=num_items, use_cache=False)
         return out.loss
