@@ -34,6 +34,7 @@ CHOICES: Dict[str, tuple] = {
     "distributed": ("auto", "ddp", "fsdp"),
     "save_strategy": ("steps", "epoch", "no"),
     "eval_strategy": ("steps", "epoch", "no"),
+    "long_context": ("auto", "on", "off"),  # issue 22
 }
 
 
@@ -116,6 +117,10 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
+    # --- issue 22: long context on one GPU
+    long_context: str = "auto"  # auto: MLP tiles / loss chunk from the memory figures; on: always; off: neither
+    mlp_tile_tokens: Optional[int] = None  # the MLP runs over tiles of N tokens above N tokens (None: from memory)
+    loss_chunk_tokens: Optional[int] = None  # token rows per logits chunk of the loss (None: from memory)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -451,6 +456,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("config key 'model_config' applies only to model: tiny-llama")
     if config.offload_activations and not config.gradient_checkpointing:
         raise ConfigError("config key 'offload_activations' needs 'gradient_checkpointing: true'")
+    for key in ("mlp_tile_tokens", "loss_chunk_tokens"):  # issue 22
+        if getattr(config, key) is not None and getattr(config, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be a positive integer, got {getattr(config, key)}")
     if config.overwrite_output_dir and config.resume not in (False, None, ""):
         raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
                           "overwrite deletes it; give one")

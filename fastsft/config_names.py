@@ -81,6 +81,10 @@ HELP: Dict[str, str] = {
     "overwrite_output_dir": "start over in an output_dir that holds a run (deletes it); --overwrite",
     "resume": "continue a run: true (newest checkpoint in output_dir), a run folder or a checkpoint",
     "resume_changed_config": "resume although keys that shape the run changed (new values from the resumed step)",
+    # issue 22: long context
+    "long_context": "auto | on | off: tiled MLP and loss chunk sized from memory (auto: only where needed)",
+    "mlp_tile_tokens": "the MLP runs over tiles of N tokens when a batch has more (default: from free memory)",
+    "loss_chunk_tokens": "token rows per logits chunk of the fused loss (default: from free memory)",
 }
 
 

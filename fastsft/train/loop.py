@@ -341,14 +341,20 @@ class Trainer:
                     "evaluation (eval_steps / eval_exact_match) needs a held-out split: set 'eval_dataset' or "
                     "'eval_fraction'"
                 )
+            from fastsft.train import long_context
+
+            long_context.check_positions(config, _model_config(base, config))  # before any weight is loaded
             self.model = load_model(base, config, self.device, self.precision)
             self.vocab_size = output_vocab_size(self.model)
+            long_line = long_context.apply(config, self.model, self.device, self.precision.compute_dtype.itemsize)
             base = self._commit_output(base, staging)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
             self.say(note)
+        if long_line:
+            self.say(long_line)
     def _note_final_eval(self) -> None:
         """A resumed finished run already evaluated its last step after the checkpoint: do not do it twice."""
         for record in self.metrics.records():
@@ -638,3 +644,10 @@ def train(config, *, callbacks: Sequence[Callable] = (), stream=None,
           command: Optional[Sequence[str]] = None) -> TrainResult:
     """Run a whole training job described by a TrainConfig (`command`: the CLI's argv, for messages)."""
     return Trainer(config, callbacks=callbacks, stream=stream, command=command).train()
+
+
+def _model_config(base: str, config):
+    """The model's config.json alone (issue 22: the context check runs before the weights load)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base, trust_remote_code=config.trust_remote_code)
