@@ -22,6 +22,8 @@ commands:
           print rendered examples (trained tokens highlighted) and dataset statistics
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
           merge a LoRA / QLoRA adapter into its base model
+  plan    CONFIG.yaml [--gpu-memory 80GB] [--max-context | --max-batch] [--recipe fastsft,hf]
+          trace one training step on the CPU (no GPU, no weights): peak memory, FLOPs, max context
   bench   how to run the benchmarks
 
 fastsft --version prints the version.
@@ -239,7 +241,13 @@ def cmd_bench(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "bench": cmd_bench}
+def cmd_plan(args: Sequence[str]) -> int:
+    from fastsft.plan.cli import cmd_plan as plan
+
+    return plan(args)
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "bench": cmd_bench, "plan": cmd_plan}
 
 
 def _version() -> str:
@@ -260,6 +268,10 @@ def _command_help(command: str) -> str:
         return TRAIN_USAGE + "\n" + help_text()
     if command == "inspect":
         return INSPECT_USAGE
+    if command == "plan":
+        from fastsft.plan.cli import PLAN_USAGE
+
+        return PLAN_USAGE
     return USAGE
 
 

@@ -138,6 +138,12 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.mode != "qlora":
         model.to(device)
+    return finish_model(model, config)
+
+
+def finish_model(model: torch.nn.Module, config) -> torch.nn.Module:
+    """The loaded base -> the model `fastsft train` trains: checkpointing, LoRA, kernels (`fastsft plan`
+    calls this on a base built under FakeTensorMode, so both trace the same steps)."""
     model.config.use_cache = False
 
     if config.mode == "qlora":

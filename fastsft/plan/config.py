@@ -1,0 +1,43 @@
+"""The TrainConfig a plan traces: the same file and flags as `fastsft train`. The data is never read,
+so a plan config may leave out `dataset`; `model_config:` may describe any architecture (with its
+`model_type`), not only tiny-llama's, so a plan needs no download."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from fastsft.errors import ConfigError
+
+NO_DATA = "(fastsft plan reads no data)"
+
+
+def _file_model_config(path: Optional[str]) -> dict:
+    if path is None or not os.path.isfile(path):
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}  # load_config reports it, with the line
+    value = data.get("model_config") if isinstance(data, dict) else None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"config key 'model_config' in {path}: expected a mapping, got {value!r}")
+    return dict(value or {})
+
+
+def load_plan_config(path: Optional[str], overrides: Sequence[str] = ()):
+    from fastsft.config import load_config
+
+    model_config = _file_model_config(path)
+    values = {"model_config": {}} if model_config.get("model_type") else {}
+    try:
+        config = load_config(path, overrides, **values)
+    except ConfigError as exc:
+        if "'dataset' is required" not in str(exc):
+            raise
+        config = load_config(path, overrides, dataset=NO_DATA, **values)
+    if values:
+        config.model_config = model_config
+    return config
