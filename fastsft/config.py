@@ -233,7 +233,7 @@ def _coerce(key: str, value: Any, tp, where: str) -> Any:
 def _set(values: Dict[str, Any], key: str, value: Any, where: str) -> None:
     if key not in FIELDS:
         raise _unknown_key(key, where)
-    if key == "progress_bar" and isinstance(value, bool):
+    if key in ("progress_bar", "long_context") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     value = _coerce(key, value, _HINTS[key], where)
     if key in CHOICES and value is not None and value not in CHOICES[key]:

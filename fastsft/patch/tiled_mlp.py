@@ -100,7 +100,9 @@ class _TiledMLP(torch.autograd.Function):
         ctx.body, ctx.tile, ctx.params = body, tile, params
         ctx.autocast = _autocast_state(x2d.device.type)
         ctx.rng = _rng_state(x2d.device)
-        out = _forward_tiles(body, x2d, tile)  # autograd is off inside Function.forward
+        # autograd is off inside Function.forward; detached, the tiles are plain tensors (a view made
+        # under no_grad would still claim requires_grad, which module hooks such as ModTracker trip on)
+        out = _forward_tiles(body, x2d.detach(), tile)
         ctx.save_for_backward(x2d)
         return out
 

@@ -2,8 +2,8 @@
 
 Two sources of figures:
 
-- the memory planner's (``MemoryFigures``: bytes that do not depend on the token count, and peak
-  bytes per token by component, for this config's step). With them, ``choose`` picks the cheapest
+- the memory planner's (``PlannerPeaks``: ``fastsft plan``'s traced peaks of this config's step, or a
+  ``MemoryFigures`` linear breakdown). With them, ``choose`` picks the cheapest
   setting that fits -- nothing, then MLP tiles, then tiles + offloaded checkpoints (only with
   gradient checkpointing) -- and a context that cannot fit gets the verdict (the most tokens that
   fit, the memory the asked context would take) before any weight is loaded;
@@ -26,6 +26,10 @@ import torch
 from fastsft.errors import ConfigError
 
 GIB = 2**30
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 # per-token components of the planner's breakdown that the settings act on; the others stay
 MLP = "mlp_intermediate"  # gate/up/product and their gradients: per tile once tiled
 CHECKPOINTS = "checkpoints"  # the layers' saved inputs: on the host once offloaded
@@ -33,20 +37,11 @@ LOGITS = "logits"  # the loss's logits rows: per chunk
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryFigures:
-    """The planner's figures for one config's training step (bytes)."""
-
-    capacity_bytes: int  # device memory the step may use
-    fixed_bytes: int  # weights, adapters, optimizer state, workspaces: independent of the tokens
-    per_token_bytes: Dict[str, float]  # peak bytes per token, by component (MLP, CHECKPOINTS, LOGITS, others)
-
-
-@dataclasses.dataclass(frozen=True)
 class LongContextChoice:
     tile_tokens: Optional[int]  # None: the MLP is not tiled
     offload: bool
     loss_chunk_tokens: Optional[int]  # None: the kernel's own chunk
-    peak_bytes: Optional[int] = None  # planner figures only
+    peak_bytes: Optional[int] = None  # from the figures (planner traces or a breakdown) only
     source: str = "free memory"
 
     def line(self, mode: str, tokens: int, free_bytes: Optional[int] = None) -> str:
@@ -56,61 +51,104 @@ class LongContextChoice:
         text = f"long_context {mode}: {tokens:,} tokens per micro-batch; {tile}; {chunk}; " \
                f"offload {'on' if self.offload else 'off'}"
         if self.peak_bytes is not None:
-            text += f" (planner: peak {self.peak_bytes / GIB:.1f} GiB)"
+            text += f" ({self.source}: peak {_size(self.peak_bytes)})"
         elif free_bytes is not None:
-            text += f" (from {free_bytes / GIB:.1f} GiB free after loading the weights)"
+            text += f" (from {_size(free_bytes)} free after loading the weights)"
         return text
 
 
-def _split(figures: MemoryFigures):
-    per = figures.per_token_bytes
-    rest = sum(v for k, v in per.items() if k not in (MLP, CHECKPOINTS, LOGITS))
-    return per.get(MLP, 0.0), per.get(CHECKPOINTS, 0.0), per.get(LOGITS, 0.0), rest
+@dataclasses.dataclass(frozen=True)
+class MemoryFigures:
+    """A step's memory as a linear breakdown (bytes): what does not depend on the token count, and
+    the peak bytes per token by component. ``PlannerPeaks`` is the traced counterpart."""
+
+    capacity_bytes: int  # device memory the step may use
+    fixed_bytes: int  # weights, adapters, optimizer state, workspaces: independent of the tokens
+    per_token_bytes: Dict[str, float]  # peak bytes per token, by component (MLP, CHECKPOINTS, LOGITS, others)
+    source: str = "breakdown"
+
+    def _split(self):
+        per = self.per_token_bytes
+        rest = sum(v for k, v in per.items() if k not in (MLP, CHECKPOINTS, LOGITS))
+        return per.get(MLP, 0.0), per.get(CHECKPOINTS, 0.0), per.get(LOGITS, 0.0), rest
+
+    def peak(self, tokens: int, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
+        """The step's peak for ``tokens`` under a setting."""
+        mlp, ckpt, logits, rest = self._split()
+        mlp_rows = min(tokens, tile) if tile else tokens
+        loss_rows = min(tokens, chunk) if chunk else tokens
+        return int(self.fixed_bytes + tokens * rest + (0 if offload else tokens * ckpt)
+                   + mlp_rows * mlp + loss_rows * logits)
+
+    def max_tokens(self, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
+        """The most tokens that fit under a setting (tiles and chunks capped: linear above them)."""
+        mlp, ckpt, logits, rest = self._split()
+        slope = rest + (0 if offload else ckpt) + (0 if tile else mlp) + (0 if chunk else logits)
+        room = self.capacity_bytes - self.fixed_bytes - (tile or 0) * mlp - (chunk or 0) * logits
+        if room <= 0:
+            return 0
+        return int(room // slope) if slope > 0 else 2**62
 
 
-def peak_bytes(figures: MemoryFigures, tokens: int, tile: Optional[int], offload: bool,
-               chunk: Optional[int]) -> int:
-    """The step's peak for ``tokens`` under a setting, from the planner's linear breakdown."""
-    mlp, ckpt, logits, rest = _split(figures)
-    mlp_rows = min(tokens, tile) if tile else tokens
-    loss_rows = min(tokens, chunk) if chunk else tokens
-    return int(figures.fixed_bytes + tokens * rest + (0 if offload else tokens * ckpt)
-               + mlp_rows * mlp + loss_rows * logits)
+class PlannerPeaks:
+    """Peaks traced by ``fastsft plan`` (FakeTensorMode, CPU): one fake model of the config, each setting
+    switched on it between traces (MLP tiles, loss chunk) or in the traced config (offload)."""
+
+    source = "planner"
+
+    def __init__(self, config, capacity_bytes: int):
+        from fastsft.plan import Margin, prepare
+
+        self.config = dataclasses.replace(config)  # the traces switch offload on this copy
+        self.state = prepare(self.config, "fastsft")
+        self.capacity_bytes = Margin().budget(capacity_bytes)  # the planner's allocator margin, stated there
+
+    def _set(self, tile, offload, chunk) -> None:
+        from fastsft.patch import loss_chunk, tiled_mlp
+
+        if tile:
+            tiled_mlp.apply(self.state.model, tile)
+        else:
+            tiled_mlp.revert(self.state.model)
+        loss_chunk.set_chunk_tokens(self.state.model, chunk)
+        self.config.offload_activations = offload
+
+    def peak(self, tokens: int, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
+        self._set(tile, offload, chunk)
+        return self.state.trace(tokens, 1).peak_bytes  # one document of `tokens` (the longest case)
+
+    def max_tokens(self, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
+        from fastsft.plan.search import search_max
+
+        self._set(tile, offload, chunk)
+        return search_max(lambda n: self.state.trace(n, 1).peak_bytes, self.capacity_bytes, start=(1024, 2048),
+                          low=2).best
 
 
-def max_tokens(figures: MemoryFigures, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
-    """The most tokens that fit under a setting (tiles and chunks capped, so the cost is linear above them)."""
-    mlp, ckpt, logits, rest = _split(figures)
-    slope = rest + (0 if offload else ckpt) + (0 if tile else mlp) + (0 if chunk else logits)
-    room = figures.capacity_bytes - figures.fixed_bytes - (tile or 0) * mlp - (chunk or 0) * logits
-    if room <= 0:
-        return 0
-    return int(room // slope) if slope > 0 else 2**62
-
-
-def choose(figures: MemoryFigures, tokens: int, *, mode: str, checkpointing: bool, tile: int,
-           chunk: int, offload_asked: bool) -> LongContextChoice:
-    """The cheapest setting that fits ``tokens`` (``tile``/``chunk``: the sizes to use when on).
-
-    Raises ConfigError with the verdict when none does."""
-    settings = [(None, False), (tile, False)] if mode == "auto" else [(tile, False)]
+def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chunk: int,
+           offload_asked: bool, tile_asked: bool = False) -> LongContextChoice:
+    """The cheapest setting that fits ``tokens`` under ``peaks`` (a MemoryFigures or PlannerPeaks):
+    nothing, then MLP tiles, then tiles + offload (with gradient checkpointing). ``tile``/``chunk``: the
+    sizes to use when on; ``tile_asked``/``offload_asked``: the config names them, so they stay on.
+    Raises ConfigError with the verdict when none fits."""
+    settings = [(None, False), (tile, False)] if mode == "auto" and not tile_asked else [(tile, False)]
     if checkpointing:
         settings.append((tile, True))
     if offload_asked:  # the user asked for offload: keep it on
         settings = [(t, True) for t, _ in settings]
     for tile_tokens, offload in settings:
-        peak = peak_bytes(figures, tokens, tile_tokens, offload, chunk)
-        if peak <= figures.capacity_bytes:
+        peak = peaks.peak(tokens, tile_tokens, offload, chunk)
+        if peak <= peaks.capacity_bytes:
             return LongContextChoice(tile_tokens if tile_tokens and tokens > tile_tokens else None, offload, chunk,
-                                     peak, source="planner")
+                                     peak, source=peaks.source)
     best_tile, best_offload = settings[-1]
-    fits = max_tokens(figures, best_tile, best_offload, chunk)
-    need = peak_bytes(figures, tokens, best_tile, best_offload, chunk)
+    need = peaks.peak(tokens, best_tile, best_offload, chunk)
+    fits = peaks.max_tokens(best_tile, best_offload, chunk)
     hint = "" if checkpointing else "; gradient_checkpointing: true would let checkpoints go to the host"
     raise ConfigError(
         f"config key 'max_seq_length': {tokens:,} tokens per micro-batch do not fit in "
-        f"{figures.capacity_bytes / GIB:.1f} GiB (the planner's peak with MLP tiles and "
-        f"{'offload' if best_offload else 'no offload'}: {need / GIB:.1f} GiB); at most {fits:,} tokens fit{hint}")
+        f"{_size(peaks.capacity_bytes)} ({peaks.source} peak with MLP tiles and "
+        f"{'offload' if best_offload else 'no offload'}: {_size(need)}); at most {fits:,} tokens fit{hint}")
 
 
 def micro_batch_tokens(config) -> int:
@@ -153,22 +191,48 @@ def free_sizes(config, model_config, device: torch.device, element_size: int):
     return tile, chunk, free
 
 
-def verdict(config, figures: Optional[MemoryFigures], tile: int, chunk: int) -> Optional[LongContextChoice]:
-    """Before any weight is loaded: the planner's choice for this config, or ConfigError when nothing fits.
+def plan_before_load(config, model_config, device: torch.device, element_size: int, *,
+                     use_planner: Optional[bool] = None) -> Optional[LongContextChoice]:
+    """Before any weight is loaded: the planner's choice for a context longer than the free-memory tile,
+    or ConfigError with its verdict when nothing fits. ``use_planner``: default on CUDA devices only
+    (the planner plans a GPU's memory). None when not consulted (short context, off, untraceable)."""
+    import logging
 
-    ``tile``/``chunk``: the sizes to use when on (``free_sizes`` with the model's config)."""
-    if figures is None or config.long_context == "off":
+    if config.long_context == "off":
         return None
-    return choose(figures, micro_batch_tokens(config), mode=config.long_context,
-                  checkpointing=config.gradient_checkpointing, tile=tile, chunk=chunk,
-                  offload_asked=config.offload_activations)
+    if use_planner is None:
+        use_planner = device.type == "cuda"
+    tokens = micro_batch_tokens(config)
+    tile, chunk, free = free_sizes(config, model_config, device, element_size)
+    if not use_planner or (config.long_context == "auto" and tile and tokens <= tile):
+        return None
+    capacity = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else free
+    try:
+        peaks = PlannerPeaks(config, capacity)
+    except (ConfigError, ImportError) as exc:  # e.g. kernels not yet traceable: sizes from free memory
+        logging.getLogger("fastsft").warning("long_context: the planner cannot trace this config (%s); "
+                                             "sizes from free memory", exc)
+        return None
+    return choose(peaks, tokens, mode=config.long_context, checkpointing=config.gradient_checkpointing,
+                  tile=tile, chunk=chunk, offload_asked=config.offload_activations,
+                  tile_asked=bool(config.mlp_tile_tokens))
+
+
+def apply_explicit(model: torch.nn.Module, config) -> None:
+    """The sizes the config names (the trainer's model and fastsft plan's fake one alike)."""
+    from fastsft.patch import loss_chunk, tiled_mlp
+
+    if config.mlp_tile_tokens:
+        tiled_mlp.apply(model, config.mlp_tile_tokens)
+    if config.loss_chunk_tokens:
+        loss_chunk.set_chunk_tokens(model, config.loss_chunk_tokens)
 
 
 def apply(config, model: torch.nn.Module, device: torch.device, element_size: int,
           planned: Optional[LongContextChoice] = None) -> Optional[str]:
     """Set the tiles and the loss chunk on the loaded model; returns the one line to log (None: nothing set).
 
-    ``planned``: the planner's choice (``verdict``); without it the sizes come from the free memory."""
+    ``planned``: the planner's choice (``plan_before_load``); without it the sizes come from the free memory."""
     from fastsft.patch import loss_chunk, tiled_mlp
 
     if config.long_context == "off" and not config.mlp_tile_tokens and not config.loss_chunk_tokens:
@@ -185,5 +249,5 @@ def apply(config, model: torch.nn.Module, device: torch.device, element_size: in
     return choice.line(config.long_context, micro_batch_tokens(config), None if planned else free)
 
 
-__all__ = ["MemoryFigures", "LongContextChoice", "choose", "peak_bytes", "max_tokens", "check_positions", "verdict",
-           "apply"]
+__all__ = ["MemoryFigures", "PlannerPeaks", "LongContextChoice", "choose", "check_positions", "plan_before_load",
+           "apply", "apply_explicit"]

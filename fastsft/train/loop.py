@@ -343,10 +343,13 @@ class Trainer:
                 )
             from fastsft.train import long_context
 
-            long_context.check_positions(config, _model_config(base, config))  # before any weight is loaded
+            element_size = self.precision.compute_dtype.itemsize
+            model_config = _model_config(base, config)
+            long_context.check_positions(config, model_config)  # both before any weight is loaded
+            planned = long_context.plan_before_load(config, model_config, self.device, element_size)
             self.model = load_model(base, config, self.device, self.precision)
             self.vocab_size = output_vocab_size(self.model)
-            long_line = long_context.apply(config, self.model, self.device, self.precision.compute_dtype.itemsize)
+            long_line = long_context.apply(config, self.model, self.device, element_size, planned)
             base = self._commit_output(base, staging)
         finally:
             if staging is not None:

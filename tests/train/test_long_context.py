@@ -32,15 +32,15 @@ def _choose(tokens, **kwargs):
 
 def test_auto_takes_the_cheapest_setting_that_fits():
     short = _choose(4096)
-    assert short.tile_tokens is None and not short.offload and short.source == "planner"
+    assert short.tile_tokens is None and not short.offload and short.source == "breakdown"
     mid = _choose(30_000)  # untiled at most 27,457 tokens fit; tiled 42,243; tiled and offloaded 222,481
     assert mid.tile_tokens == 4096 and not mid.offload
     long = _choose(100_000)  # needs the checkpoints on the host too
     assert long.tile_tokens == 4096 and long.offload
     for choice, tokens in ((short, 4096), (mid, 30_000), (long, 100_000)):
         assert choice.peak_bytes <= FIGURES.capacity_bytes
-        assert choice.peak_bytes == long_context.peak_bytes(FIGURES, tokens, choice.tile_tokens, choice.offload, 2048)
-    assert "planner: peak" in long.line("auto", 100_000)
+        assert choice.peak_bytes == FIGURES.peak(tokens, choice.tile_tokens, choice.offload, 2048)
+    assert "breakdown: peak" in long.line("auto", 100_000)
 
 
 def test_on_always_tiles_and_user_offload_stays():
@@ -49,14 +49,14 @@ def test_on_always_tiles_and_user_offload_stays():
 
 
 def test_a_context_that_cannot_fit_gets_the_verdict():
-    fits = long_context.max_tokens(FIGURES, 4096, True, 2048)
-    assert long_context.peak_bytes(FIGURES, fits, 4096, True, 2048) <= FIGURES.capacity_bytes
-    assert long_context.peak_bytes(FIGURES, fits + 1, 4096, True, 2048) > FIGURES.capacity_bytes
+    fits = FIGURES.max_tokens(4096, True, 2048)
+    assert FIGURES.peak(fits, 4096, True, 2048) <= FIGURES.capacity_bytes
+    assert FIGURES.peak(fits + 1, 4096, True, 2048) > FIGURES.capacity_bytes
     assert fits == 222_481
     with pytest.raises(ConfigError, match=rf"config key 'max_seq_length': 300,000 tokens .* at most {fits:,} tokens fit"):
         _choose(300_000)
     # without gradient checkpointing the checkpoints cannot go to the host: fewer tokens fit, and it says why
-    fewer = long_context.max_tokens(FIGURES, 4096, False, 2048)
+    fewer = FIGURES.max_tokens(4096, False, 2048)
     assert fewer < fits
     with pytest.raises(ConfigError, match=rf"at most {fewer:,} tokens fit; gradient_checkpointing: true"):
         _choose(60_000, checkpointing=False)
@@ -138,3 +138,55 @@ def test_off_sets_nothing(tmp_path, reference_ops):
     assert "long_context" not in stream.getvalue()
     assert not any(tiled_mlp.tile_tokens_of(m) for m in trainer.model.modules())
     assert loss_chunk.chunk_tokens_of(tiled_mlp.base_model_of(trainer.model)) is None
+
+
+# ---------------------------------------------------------------- with fastsft plan's traces
+ARCH = ("{model_type: llama, vocab_size: 512, hidden_size: 128, intermediate_size: 1024, num_hidden_layers: 2, "
+        "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 65536}")
+
+
+def _plan_config(*flags):
+    from fastsft.plan import load_plan_config
+
+    # patch_kernels: false until the kernels are torch.library operators the planner can trace (issue 29)
+    return load_plan_config(None, ["--model", "tiny-llama", "--model_config", ARCH, "--mode", "lora",
+                                   "--patch_kernels", "false", "--gradient_checkpointing", "true",
+                                   "--precision", "bf16", "--max_seq_length", "2048", "--batch_tokens", "2048",
+                                   *flags])
+
+
+def test_planner_traces_pick_tiles_and_give_the_verdict():
+    from fastsft.plan import Margin
+
+    config = _plan_config()
+    # a GPU whose budget (after the planner's stated margin) is 38 MiB: the untiled step (traced: about
+    # 42 MiB at 2,048 tokens) does not fit, the tiled one does
+    peaks = long_context.PlannerPeaks(config, GIB + 40 * 2**20)
+    assert peaks.capacity_bytes == Margin().budget(GIB + 40 * 2**20)
+    untiled, tiled = peaks.peak(2048, None, False, None), peaks.peak(2048, 256, False, None)
+    assert tiled < peaks.capacity_bytes < untiled
+    choice = long_context.choose(peaks, 2048, mode="auto", checkpointing=True, tile=256, chunk=None,
+                                 offload_asked=False)
+    assert choice.tile_tokens == 256 and not choice.offload and choice.peak_bytes == tiled
+    assert choice.line("auto", 2048).endswith(f"(planner: peak {tiled / 2**20:.0f} MiB)")
+    with pytest.raises(ConfigError, match=r"8,192 tokens per micro-batch do not fit in 38 MiB \(planner peak with "
+                                          r"MLP tiles and offload: [0-9]+ MiB\); at most [0-9,]+ tokens fit"):
+        long_context.choose(peaks, 8192, mode="auto", checkpointing=True, tile=256, chunk=None,
+                            offload_asked=False)
+    assert not config.offload_activations, "the traces switch offload on the planner's own copy"
+
+
+def test_plan_before_load_consults_the_planner_for_long_context():
+    config = _plan_config("--long_context", "on")
+    arch = transformers_config()
+    choice = long_context.plan_before_load(config, arch, torch.device("cpu"), 2, use_planner=True)
+    assert choice.source == "planner" and choice.tile_tokens == 1024  # "on": tiles of half the batch at most
+    short = _plan_config()  # auto: 2,048 tokens are far below this host's free-memory tile: no trace at all
+    assert long_context.plan_before_load(short, arch, torch.device("cpu"), 2, use_planner=True) is None
+
+
+def transformers_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=1024, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
