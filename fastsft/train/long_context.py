@@ -115,7 +115,8 @@ class PlannerPeaks:
 
     def peak(self, tokens: int, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         self._set(tile, offload, chunk)
-        return self.state.trace(tokens, 1).peak_bytes  # one document of `tokens` (the longest case)
+        self.last = self.state.trace(tokens, 1)  # one document of `tokens` (the longest case)
+        return self.last.peak_bytes
 
     def max_tokens(self, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         from fastsft.plan.search import search_max
