@@ -66,9 +66,9 @@ def test_rows_per_chunk_reach_the_kernel(monkeypatch):
 
 
 def test_default_rows_from_free_memory():
-    # 128,256-row vocabulary in bf16: 512 MiB (the cap) holds 2,093 rows -> 2,048 (a multiple of 128);
-    # 1/8 of 2 GiB free holds 1,046 -> 1,024
-    assert loss_chunk.default_chunk_tokens(128256, 2, 20 * 2**30) == 2048
+    # 128,256-row vocabulary in bf16: with 20 GiB free the kernel's own chunk (<= 512 MiB) stands;
+    # 1/8 of 2 GiB free holds 1,046 rows -> 1,024 (a multiple of 128)
+    assert loss_chunk.default_chunk_tokens(128256, 2, 20 * 2**30) is None
     assert loss_chunk.default_chunk_tokens(128256, 2, 2 * 2**30) == 1024
     assert loss_chunk.default_chunk_tokens(128256, 2, 2**20) == 128
 

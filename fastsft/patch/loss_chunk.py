@@ -15,7 +15,7 @@ from . import base_model_of
 
 _ATTR = "_fastsft_loss_chunk_tokens"
 _FRACTION = 8  # one logits chunk takes at most 1/8 of the free memory ...
-_MAX_BYTES = 512 * 2**20  # ... and no more than the kernel's own budget: larger chunks gain little
+_MAX_BYTES = 512 * 2**20  # the kernel's own budget: above it, its own choice stands
 _MULTIPLE = 128  # GEMM-friendly row counts
 _MIN_ROWS = 128
 
@@ -35,10 +35,12 @@ def chunk_tokens_of(model: torch.nn.Module) -> Optional[int]:
     return model.__dict__.get(_ATTR)
 
 
-def default_chunk_tokens(vocab_size: int, element_size: int, free_bytes: int) -> int:
-    """Rows whose logits chunk (rows x vocab in the compute dtype) fits in 1/8 of the free memory
-    (at most 512 MiB: where memory is plentiful this is the kernel's own chunk, where short a smaller one)."""
-    rows = min(free_bytes // _FRACTION, _MAX_BYTES) // max(1, vocab_size * element_size)
+def default_chunk_tokens(vocab_size: int, element_size: int, free_bytes: int) -> Optional[int]:
+    """Rows whose logits chunk (rows x vocab in the compute dtype) fits in 1/8 of the free memory, when
+    that is under the kernel's own 512 MiB budget; None (the kernel's own choice) when memory is plentiful."""
+    if free_bytes // _FRACTION >= _MAX_BYTES:
+        return None
+    rows = free_bytes // _FRACTION // max(1, vocab_size * element_size)
     return max(_MIN_ROWS, rows // _MULTIPLE * _MULTIPLE)
 
 
