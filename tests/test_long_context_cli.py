@@ -29,14 +29,17 @@ def project(tmp_path_factory):
     return root
 
 
+FLAG = "(command-line flag --"
 CASES = [
     ("tile zero", ["--mlp_tile_tokens", "0"], "config key 'mlp_tile_tokens' must be a positive integer, got 0"),
     ("tile negative", ["--mlp_tile_tokens", "-4"], "config key 'mlp_tile_tokens' must be a positive integer"),
-    ("tile not an int", ["--mlp_tile_tokens", "2.5"], "config key 'mlp_tile_tokens' (command-line flag --mlp_tile_tokens): expected int"),
-    ("tile a word", ["--mlp_tile_tokens", "many"], "config key 'mlp_tile_tokens' (command-line flag --mlp_tile_tokens): expected int"),
+    ("tile not an int", ["--mlp_tile_tokens", "2.5"], f"config key 'mlp_tile_tokens' {FLAG}mlp_tile_tokens): expected int"),
+    ("tile a word", ["--mlp_tile_tokens", "many"], f"config key 'mlp_tile_tokens' {FLAG}mlp_tile_tokens): expected int"),
     ("chunk zero", ["--loss_chunk_tokens", "0"], "config key 'loss_chunk_tokens' must be a positive integer, got 0"),
-    ("chunk not an int", ["--loss_chunk_tokens", "1.5"], "config key 'loss_chunk_tokens' (command-line flag --loss_chunk_tokens): expected int"),
-    ("long_context value", ["--long_context", "maybe"], "config key 'long_context' (command-line flag --long_context): 'maybe' is not one of auto, on, off"),
+    ("chunk not an int", ["--loss_chunk_tokens", "1.5"],
+     f"config key 'loss_chunk_tokens' {FLAG}loss_chunk_tokens): expected int"),
+    ("long_context value", ["--long_context", "maybe"],
+     f"config key 'long_context' {FLAG}long_context): 'maybe' is not one of auto, on, off"),
     ("offload without checkpointing", ["--offload_activations", "true"],
      "config key 'offload_activations' needs 'gradient_checkpointing: true'"),
     ("context above max positions", ["--max_seq_length", "64"],
