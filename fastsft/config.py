@@ -35,6 +35,7 @@ CHOICES: Dict[str, tuple] = {
     "distributed": ("auto", "ddp", "fsdp"),
     "save_strategy": ("steps", "epoch", "no"),
     "eval_strategy": ("steps", "epoch", "no"),
+    "long_context": ("auto", "on", "off"),  # issue 22
 }
 
 
@@ -121,6 +122,10 @@ class TrainConfig:
     use_dora: bool = False  # peft LoraConfig(use_dora=True): a trained magnitude per output row (fused by fastsft)
     # --- issue 21: values no one means
     allow_zero_lr: bool = False  # accept learning_rate: 0 / lora_alpha: 0 (a run that changes nothing)
+    # --- issue 22: long context on one GPU
+    long_context: str = "auto"  # auto: MLP tiles / loss chunk from the memory figures; on: always; off: neither
+    mlp_tile_tokens: Optional[int] = None  # the MLP runs over tiles of N tokens above N tokens (None: from memory)
+    loss_chunk_tokens: Optional[int] = None  # token rows per logits chunk of the loss (None: from memory)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -233,7 +238,7 @@ def _coerce(key: str, value: Any, tp, where: str) -> Any:
 def _set(values: Dict[str, Any], key: str, value: Any, where: str) -> None:
     if key not in FIELDS:
         raise _unknown_key(key, where)
-    if key == "progress_bar" and isinstance(value, bool):
+    if key in ("progress_bar", "long_context") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
     value = _coerce(key, value, _HINTS[key], where)
     if isinstance(value, str) and value.lower() in VALUE_SYNONYMS.get(key, {}):
@@ -555,6 +560,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("config key 'model_config' applies only to model: tiny-llama")
     if config.offload_activations and not config.gradient_checkpointing:
         raise ConfigError("config key 'offload_activations' needs 'gradient_checkpointing: true'")
+    for key in ("mlp_tile_tokens", "loss_chunk_tokens"):  # issue 22
+        if getattr(config, key) is not None and getattr(config, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be a positive integer, got {getattr(config, key)}")
     if config.overwrite_output_dir and config.resume not in (False, None, ""):
         raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
                           "overwrite deletes it; give one")

@@ -86,6 +86,10 @@ HELP: Dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA, peft's use_dora): a magnitude per output row; lora/qlora (QDoRA)",
     # --- issue 21
     "allow_zero_lr": "accept learning_rate: 0 or lora_alpha: 0 (a run that changes no weight); refused otherwise",
+    # issue 22: long context
+    "long_context": "auto | on | off: tiled MLP and loss chunk sized from memory (auto: only where needed)",
+    "mlp_tile_tokens": "the MLP runs over tiles of N tokens when a batch has more (default: from free memory)",
+    "loss_chunk_tokens": "token rows per logits chunk of the fused loss (default: from free memory)",
 }
 
 

@@ -21,6 +21,7 @@ patched model works: the kernels run eagerly between compiled graphs.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Callable, Dict, List
@@ -29,7 +30,7 @@ import torch
 
 import fastsft_kernels as fk
 
-from . import base_model_of
+from . import base_model_of, tiled_mlp
 from .dtypes import ConstantCasts, autocast_dtype, to_autocast
 from .families import (
     is_known_attention, is_patched, is_rms_norm_like, mlp_layout, norm_info,
@@ -102,13 +103,22 @@ def _swiglu_in_compute_dtype(gate, up):
     return _swiglu(to_autocast(gate, dtype), to_autocast(up, dtype))
 
 
-def _split_mlp_forward(self, x):
+def _split_mlp_body(self, x):
     return self.down_proj(_swiglu_in_compute_dtype(self.gate_proj(x), self.up_proj(x)))
 
 
-def _fused_mlp_forward(self, hidden_states):
+def _fused_mlp_body(self, hidden_states):
     gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
     return self.down_proj(_swiglu_in_compute_dtype(gate, up))
+
+
+# over token tiles when long (fastsft.patch.tiled_mlp sets the module's tile size)
+def _split_mlp_forward(self, x):
+    return tiled_mlp.run(self, x, functools.partial(_split_mlp_body, self))
+
+
+def _fused_mlp_forward(self, hidden_states):
+    return tiled_mlp.run(self, hidden_states, functools.partial(_fused_mlp_body, self))
 
 
 def _apply_swiglu(model) -> List[str]:

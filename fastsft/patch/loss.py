@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import fastsft_kernels as fk
 
-from . import base_model_of
+from . import base_model_of, loss_chunk
 from .dtypes import autocast_dtype, cached_weight_cast, drop_weight_cast, to_autocast
 from .families import original_forward, restore_forward, set_forward
 
@@ -55,9 +55,9 @@ def _warn_once(reason: str) -> None:
 
 
 @torch.compiler.disable
-def _fused_loss(hidden, weight, labels, bias, ignore_index, num_items, softcap):
+def _fused_loss(hidden, weight, labels, bias, ignore_index, num_items, softcap, chunk_size=None):
     return fk.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                   reduction="mean", num_items=num_items, softcap=softcap)
+                                   reduction="mean", num_items=num_items, softcap=softcap, chunk_size=chunk_size)
 
 
 def _lm_head(model) -> Optional[torch.nn.Linear]:
@@ -182,7 +182,7 @@ def _causal_lm_forward(
     bias = to_autocast(head.bias, dtype)
     loss = _fused_loss(to_autocast(hidden, dtype).reshape(-1, hidden.shape[-1]), weight,
                        shift_labels.reshape(-1).to(hidden.device), bias, ignore_index, num_items,
-                       _softcap(self.config))
+                       _softcap(self.config), loss_chunk.chunk_tokens_of(self))
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions,
                                  **{_cache_field(CausalLMOutputWithPast): getattr(outputs, _cache_field(type(outputs)))})

@@ -389,14 +389,24 @@ class Trainer:
                     "evaluation (eval_steps / eval_exact_match) needs a held-out split: set 'eval_dataset' or "
                     "'eval_fraction'"
                 )
+            from fastsft.train import long_context
+
+            element_size = self.precision.compute_dtype.itemsize
+            model_config = _model_config(base, config)
+            long_context.check_positions(config, model_config)  # both before any weight is loaded
+            planned = long_context.plan_before_load(config, model_config, self.device, element_size)
             self.model = load_model(base, config, self.device, self.precision)
             self.vocab_size = output_vocab_size(self.model)
+            long_line = long_context.apply(config, self.model, self.device, element_size, planned)
             base = self._commit_output(base, staging)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
             self.say(note)
+        if long_line:
+            self.say(long_line)
+
     def _set_cpu_threads(self) -> None:
         """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
         the physical cores): on a busy machine extra threads only spin against the other work."""
@@ -474,8 +484,11 @@ class Trainer:
         """Loss of one micro-batch = its trained-token loss sum / trained tokens of the whole window."""
         # host label check, then one device copy per batch (cu_seqlens pre-validated, max lengths as ints)
         inputs = batch_to_device(batch, self.device, vocab_size=self.vocab_size)
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-                   if self.config.offload_activations else contextlib.nullcontext())
+        offload = contextlib.nullcontext()
+        if self.config.offload_activations:  # to pinned host memory on a side stream, prefetched a layer ahead
+            from fastsft.train.offload import OverlappedOffload, decoder_layers
+
+            offload = OverlappedOffload(self.device, decoder_layers(self.model))
         with self.autocast(), offload:
             out = self.model(**inputs, num_items_in_batch=num_items, use_cache=False)
         return out.loss
@@ -742,3 +755,10 @@ def train(config, *, callbacks: Sequence[Callable] = (), stream=None,
           command: Optional[Sequence[str]] = None) -> TrainResult:
     """Run a whole training job described by a TrainConfig (`command`: the CLI's argv, for messages)."""
     return Trainer(config, callbacks=callbacks, stream=stream, command=command).train()
+
+
+def _model_config(base: str, config):
+    """The model's config.json alone (issue 22: the context check runs before the weights load)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base, trust_remote_code=config.trust_remote_code)

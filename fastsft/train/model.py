@@ -177,6 +177,9 @@ def finish_model(model: torch.nn.Module, config) -> torch.nn.Module:
         import fastsft
 
         model = fastsft.patch_model(model)
+    from fastsft.train.long_context import apply_explicit
+
+    apply_explicit(model, config)  # issue 22: mlp_tile_tokens / loss_chunk_tokens (fastsft plan traces them too)
     return model
 
 
