@@ -116,6 +116,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
+    # --- issue 23: sequence parallelism (Ulysses)
+    sequence_parallel: int = 1  # > 1: each packed micro-batch split over this many ranks (torchrun / --nproc)
 
     def data_options(self):
         from fastsft.data import DataOptions

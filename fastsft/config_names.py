@@ -63,6 +63,9 @@ HELP: Dict[str, str] = {
     "seed": "seed of the weights of tiny-llama, the data order and dropout",
     "device": "auto | cpu | cuda",
     "distributed": "auto | ddp | fsdp: the engine under torchrun / --nproc N (auto: DDP for lora/qlora, FSDP2 for full)",
+    # --- issue 23: sequence parallelism (Ulysses)
+    "sequence_parallel": "N > 1: every packed micro-batch is split into N contiguous shards over N ranks "
+                         "(Ulysses all-to-all around attention); needs --nproc / torchrun with N dividing it",
     "cpu_threads": "> 0: torch threads on CPU",
     "eval_steps": "evaluate every N steps (0: at the end only)",
     "eval_strategy": "steps (every eval_steps) | epoch (end of every epoch) | no (at the end of the run only)",
