@@ -66,8 +66,7 @@ def kv_repeats(n_heads: int, n_kv_heads: int, size: int) -> Optional[int]:
 def heads_problem(n_heads: int, n_kv_heads: int, size: int) -> Optional[str]:
     """Why `size` ranks cannot split these heads (None when they can)."""
     if n_heads % size:
-        return (f"sequence_parallel {size} must divide the model's {n_heads} attention heads "
-                f"(each rank attends with heads/N of them)")
+        return f"{size} must divide the model's {n_heads} attention heads (each rank attends with heads/N of them)"
     if kv_repeats(n_heads, n_kv_heads, size) is None:
         return f"the model's {n_kv_heads} key/value heads do not group its {n_heads} query heads"
     return None

@@ -26,10 +26,11 @@ SP_MODEL = dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=1)
 SEQUENCE_RUNS = {
     "lora_sp2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, gradient_checkpointing=True,
                      save_steps=2, save_total_limit=0, resume_at=2),
-    "full_sp2_fsdp": dict(mode="full", model_config=SP_MODEL, sequence_parallel=2),
+    # patch_kernels off: the stock loss (with shift_labels) and only the attention backend switched on
+    "full_sp2_fsdp": dict(mode="full", model_config=SP_MODEL, sequence_parallel=2, patch_kernels=False),
     "qlora_sp2": dict(mode="qlora", model_config=SP_MODEL, sequence_parallel=2),
     "lora_sp4": dict(mode="lora", model_config=dict(SP_MODEL, num_key_value_heads=2), sequence_parallel=4),
-    "lora_2x2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2),
+    "lora_2x2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, **EVAL),
 }
 
 
