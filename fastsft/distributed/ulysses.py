@@ -73,10 +73,11 @@ def heads_problem(n_heads: int, n_kv_heads: int, size: int) -> Optional[str]:
 
 
 def _all_to_all(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Chunk j of dim 0 goes to rank j; chunk j of the result came from rank j (autograd-aware)."""
-    from torch.distributed.nn.functional import all_to_all_single
+    """Chunk j of dim 0 goes to rank j; chunk j of the result came from rank j. torch's functional
+    collective with autograd (its backward is the reverse all-to-all); also traceable by torch.compile."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-    return all_to_all_single(torch.empty_like(tensor), tensor, group=group)
+    return wait_tensor(all_to_all_single_autograd(tensor, None, None, group))
 
 
 def scatter_heads(parts, group: SequenceGroup) -> list:
