@@ -103,14 +103,14 @@ class Distributed(SingleProcess):
     """One rank of a torchrun job."""
 
     def __init__(self, rank: int, world_size: int, local_rank: int, sequence_parallel: int = 1,
-                 device_type: str = "cpu", pad_token_id: int = 0):
+                 device_type: str = "cpu"):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.is_main = rank == 0
         self.strategy = None
         self._fillers: set = set()
         self._shard_tokens: dict = {}
         self.data_parallel_size = world_size // sequence_parallel
-        self.mesh = self.sequence = None
+        self.mesh = self.sequence = None  # sequence_parallel: the (data, sequence) DeviceMesh and this rank's group
         if sequence_parallel > 1:
             from fastsft.distributed.sequence import build_mesh
 

@@ -216,3 +216,27 @@ def test_trainer_api_refuses_sequence_parallel_on_one_process(sp_data, tmp_path)
     with pytest.raises(ConfigError, match="2 needs 2 processes"):
         Trainer(config).setup()
     assert not (tmp_path / "out").exists()
+
+
+def test_exchange_is_one_all_to_all_each_way(monkeypatch):
+    """q, k and v travel together: one all-to-all before the kernel and one after, per attention call."""
+    from fastsft.distributed import ulysses
+    from fastsft.patch.attention import fastsft_varlen
+
+    sent = []
+
+    def loopback(tensor, group):  # a 1-process stand-in that keeps every chunk where it is
+        sent.append(tuple(tensor.shape))
+        return tensor.clone()
+
+    monkeypatch.setattr(ulysses, "_all_to_all", loopback)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(1, 4, 8, 8), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    with ulysses.exchanging(ulysses.SequenceGroup(None, 2, 0)):
+        out, _ = fastsft_varlen(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=11)
+    assert out.shape == (1, 8, 4, 8)
+    # in: (ranks, local tokens, 4/2 query + 2 * 2/2 replicated KV heads, head dim); out: 4/2 heads
+    assert sent == [(2, 8, 4, 8), (2, 8, 2, 8)]
+    assert ulysses.active() is None
