@@ -142,6 +142,7 @@ def cmd_train(args: Sequence[str]) -> int:
 
         check_nproc(nproc, config.device)
     records = check_config_data(config)
+    _check_sequence_parallel(config, nproc)
     if nproc is not None and nproc > 1:  # torchrun, one process per rank, each running this command
         from fastsft.distributed.launch import check_enough_records
 
@@ -154,6 +155,17 @@ def cmd_train(args: Sequence[str]) -> int:
     if result.status == "interrupted":
         return 128 + int(result.signal or 0)
     return EXIT_OK
+
+
+def _check_sequence_parallel(config, nproc: Optional[int]) -> None:
+    """sequence_parallel against --nproc (or the torchrun job this process is a rank of), and the model family."""
+    if config.sequence_parallel == 1:
+        return
+    from fastsft.distributed.context import _env_int
+    from fastsft.distributed.sequence import check_config
+
+    world = nproc if nproc is not None else _env_int("WORLD_SIZE", 1)
+    check_config(config, world, launched=world > 1)
 
 
 def cmd_inspect(args: Sequence[str]) -> int:

@@ -126,6 +126,8 @@ class TrainConfig:
     long_context: str = "auto"  # auto: MLP tiles / loss chunk from the memory figures; on: always; off: neither
     mlp_tile_tokens: Optional[int] = None  # the MLP runs over tiles of N tokens above N tokens (None: from memory)
     loss_chunk_tokens: Optional[int] = None  # token rows per logits chunk of the loss (None: from memory)
+    # --- issue 23: sequence parallelism (Ulysses)
+    sequence_parallel: int = 1  # > 1: each packed micro-batch split over this many ranks (torchrun / --nproc)
 
     def data_options(self):
         from fastsft.data import DataOptions

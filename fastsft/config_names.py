@@ -65,6 +65,9 @@ HELP: Dict[str, str] = {
     "device": "auto | cpu | cuda",
     "distributed": "auto | ddp | fsdp: the engine under torchrun / --nproc N (auto: DDP for lora/qlora, FSDP2 for full)",
     "cpu_threads": "torch threads on CPU; 0 (default): the cores other work leaves free, at most the physical cores",
+    # --- issue 23: sequence parallelism (Ulysses)
+    "sequence_parallel": "N > 1: every packed micro-batch is split into N contiguous shards over N ranks "
+                         "(Ulysses all-to-all around attention); needs --nproc / torchrun with N dividing it",
     "eval_steps": "evaluate every N steps (0: at the end only)",
     "eval_strategy": "steps (every eval_steps) | epoch (end of every epoch) | no (at the end of the run only)",
     "eval_at_start": "evaluate the untrained model first (a baseline)",

@@ -39,9 +39,11 @@ class NullMetrics:
 
 class SingleProcess:
     world_size = 1
+    data_parallel_size = 1  # ranks that take different micro-batches (world_size / sequence_parallel)
     rank = 0
     is_main = True
     strategy = None
+    sequence = None  # sequence_parallel > 1: this rank's ulysses.SequenceGroup
 
     def device_for(self, device: torch.device) -> torch.device:
         return device
@@ -69,6 +71,12 @@ class SingleProcess:
     def grad_sync(self, model, last: bool):
         return contextlib.nullcontext()
 
+    def sequence_exchange(self):
+        """Around a window's forwards and backwards: attention runs the Ulysses exchange (sequence_parallel)."""
+        from fastsft.distributed.ulysses import exchanging
+
+        return exchanging(self.sequence)
+
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
@@ -94,11 +102,19 @@ class SingleProcess:
 class Distributed(SingleProcess):
     """One rank of a torchrun job."""
 
-    def __init__(self, rank: int, world_size: int, local_rank: int):
+    def __init__(self, rank: int, world_size: int, local_rank: int, sequence_parallel: int = 1,
+                 device_type: str = "cpu"):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.is_main = rank == 0
         self.strategy = None
         self._fillers: set = set()
+        self._shard_tokens: dict = {}
+        self.data_parallel_size = world_size // sequence_parallel
+        self.mesh = self.sequence = None  # sequence_parallel: the (data, sequence) DeviceMesh and this rank's group
+        if sequence_parallel > 1:
+            from fastsft.distributed.sequence import build_mesh
+
+            self.mesh, self.sequence = build_mesh(sequence_parallel, torch.device(device_type))
 
     # ------------------------------------------------------------------ setup
     def device_for(self, device: torch.device) -> torch.device:
@@ -120,11 +136,19 @@ class Distributed(SingleProcess):
     def wrap_model(self, model, config, device, compute_dtype):
         from fastsft.distributed.wrap import wrap_model
 
+        if self.sequence is not None:
+            from fastsft.distributed.sequence import prepare_model
+
+            prepare_model(model, config)
         wrapped, self.strategy = wrap_model(model, config, device, compute_dtype)
         if self.is_main:
             logger.info("distributed: %d processes, %s (%s)", self.world_size, self.strategy.upper(),
                         "parameters, gradients and optimizer state sharded" if self.strategy == "fsdp"
                         else "model replicated, gradients all-reduced")
+            if self.sequence is not None:
+                logger.info("sequence_parallel: %d data x %d sequence ranks; each micro-batch split into %d "
+                            "shards (Ulysses all-to-all around attention)", self.data_parallel_size,
+                            self.sequence.size, self.sequence.size)
         return wrapped
 
     def unwrap(self, model):
@@ -135,14 +159,30 @@ class Distributed(SingleProcess):
     def check_data(self, num_micro_batches: int, dataset: str) -> None:
         from fastsft.distributed.shard import check_enough_batches
 
-        check_enough_batches(num_micro_batches, self.world_size, dataset)
+        check_enough_batches(num_micro_batches, self.data_parallel_size, dataset)
 
     # ------------------------------------------------------------------ one step
     def local_batches(self, window: Sequence, collate: Callable) -> List[dict]:
         from fastsft.distributed.shard import local_batches
 
-        batches, fillers = local_batches(window, collate, self.rank, self.world_size)
-        self._fillers = {id(b) for b in fillers}
+        if self.sequence is None:
+            batches, fillers = local_batches(window, collate, self.rank, self.world_size)
+            self._fillers = {id(b) for b in fillers}
+            return batches
+        from fastsft.distributed.sequence import shard_batch
+
+        # the data slot's micro-batches (as a DDP rank's), then this rank's shard of each
+        slot = self.rank // self.sequence.size
+        whole, fillers = local_batches(window, collate, slot, self.data_parallel_size)
+        filler_ids = {id(b) for b in fillers}
+        batches, self._fillers, self._shard_tokens = [], set(), {}
+        for batch in whole:
+            # token 0 pads a batch to a multiple of N: its own document, never trained, seen by no other
+            shard, tokens = shard_batch(batch, self.sequence.rank, self.sequence.size, pad_token_id=0)
+            if id(batch) in filler_ids:
+                self._fillers.add(id(shard))
+            self._shard_tokens[id(shard)] = tokens
+            batches.append(shard)
         return batches
 
     def window_counts(self, batches: Sequence[dict]) -> tuple:
@@ -150,7 +190,8 @@ class Distributed(SingleProcess):
         import torch.distributed as dist
 
         real = [b for b in batches if id(b) not in self._fillers]
-        counts = torch.tensor([sum(_tokens(b) for b in real), sum(b["num_trained_tokens"] for b in real)],
+        tokens = sum(self._shard_tokens[id(b)] if id(b) in self._shard_tokens else _tokens(b) for b in real)
+        counts = torch.tensor([tokens, sum(b["num_trained_tokens"] for b in real)],
                               dtype=torch.int64, device=self._collective_device())
         dist.all_reduce(counts)
         tokens, trained = counts.tolist()
@@ -215,7 +256,10 @@ def _env_int(name: str, default: int) -> int:
 
 def setup_distributed(config) -> SingleProcess:
     """SingleProcess, or this rank's Distributed under torchrun (joining the process group if needed)."""
+    from fastsft.distributed.sequence import check_config
+
     world_size = _env_int("WORLD_SIZE", 1)
+    check_config(config, world_size, launched=world_size > 1)  # sequence_parallel, before any weight loads
     if world_size <= 1:
         return SingleProcess()
     import torch.distributed as dist
@@ -235,7 +279,8 @@ def setup_distributed(config) -> SingleProcess:
         logging.getLogger("fastsft").setLevel(logging.WARNING)
     if dist.get_world_size() != world_size:  # pragma: no cover - a group set up by the caller
         raise ConfigError(f"WORLD_SIZE is {world_size} but the process group has {dist.get_world_size()} ranks")
-    return Distributed(rank, world_size, local_rank)
+    return Distributed(rank, world_size, local_rank, sequence_parallel=config.sequence_parallel,
+                       device_type="cuda" if use_cuda else "cpu")
 
 
 def _destroy() -> None:

@@ -248,6 +248,12 @@ def _document_mask(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
 
 def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    from fastsft.distributed import ulysses
+
+    if ulysses.active() is not None:  # sequence parallel: all tokens x local heads around the kernel
+        return ulysses.exchange(_varlen_forward, backend, module, query, key, value, attention_mask,
+                                scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+                                is_causal=is_causal, **kwargs)
     batch, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)

@@ -330,7 +330,7 @@ class Trainer:
         self.stream_data = DataStream(lengths, config, epochs_limit=None if config.max_steps > 0 else
                                       math.ceil(config.num_epochs), mixture=self.mixture, epochs=config.num_epochs)
         self.dist.check_data(len(self.stream_data.plan(0)), config.dataset or "the training data")
-        window = config.gradient_accumulation_steps * self.dist.world_size  # micro-batches of all ranks per step
+        window = config.gradient_accumulation_steps * self.dist.data_parallel_size  # micro-batches per step
         self.total_steps = config.max_steps if config.max_steps > 0 else self.stream_data.count_steps(window)
         self.say(self._batch_line(window))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -503,7 +503,7 @@ class Trainer:
         if num_items == 0:
             return total, 0
         for i, batch in enumerate(batches):
-            with self.dist.grad_sync(self.model, last=i == len(batches) - 1):
+            with self.dist.grad_sync(self.model, last=i == len(batches) - 1), self.dist.sequence_exchange():
                 loss = self.compute_loss(batch, num_items)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach().float()
@@ -524,7 +524,7 @@ class Trainer:
         )
 
     def train_step(self) -> Optional[dict]:
-        windows = self.stream_data.next_window(self.config.gradient_accumulation_steps * self.dist.world_size)
+        windows = self.stream_data.next_window(self.config.gradient_accumulation_steps * self.dist.data_parallel_size)
         if not windows:
             return None
         started = time.perf_counter()

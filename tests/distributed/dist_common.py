@@ -19,6 +19,21 @@ RUNS = {
     "full_fsdp_eval": dict(mode="full", max_steps=1, **EVAL),  # evaluation and generation under FSDP2
 }
 
+# sequence_parallel runs (tests/distributed/sequence_worker.py): a 4-head model whose 1 or 2 KV heads are
+# replicated for the exchange; the 1-process reference is the same config without sequence_parallel
+# (times the data-parallel size in gradient_accumulation_steps)
+SP_MODEL = dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=1)
+SEQUENCE_RUNS = {
+    "lora_sp2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, gradient_checkpointing=True,
+                     save_steps=2, save_total_limit=0, resume_at=2),
+    # patch_kernels off: the stock loss (with shift_labels) and only the attention backend switched on
+    "full_sp2_fsdp": dict(mode="full", model_config=SP_MODEL, sequence_parallel=2, patch_kernels=False),
+    "qlora_sp2": dict(mode="qlora", model_config=SP_MODEL, sequence_parallel=2),
+    "lora_sp4": dict(mode="lora", model_config=dict(SP_MODEL, num_key_value_heads=2), sequence_parallel=4),
+    # one epoch of 7 micro-batches over 2 data slots: the last window leaves slot 1 a lockstep filler
+    "lora_2x2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=0, num_epochs=1, **EVAL),
+}
+
 
 def write_data(folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
