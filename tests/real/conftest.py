@@ -86,16 +86,20 @@ def smollm2_fp32(smollm2_dir):
 
 
 def truncated(model, layers: int):
-    """A copy of `model` with its first `layers` decoder layers (the interpreter tier's real weights)."""
-    small = copy.copy(model)
-    small.model = copy.copy(model.model)
-    small.model.layers = torch.nn.ModuleList(copy.deepcopy(list(model.model.layers[:layers])))
-    small.config = copy.deepcopy(model.config)
-    small.config.num_hidden_layers = layers
-    small.model.config = small.config
-    small = copy.deepcopy(small)
+    """A new model holding `model`'s first `layers` decoder layers, final norm and (tied) embeddings:
+    the interpreter tier's real weights. Built from a fresh config, so every module shares it (a deep
+    copy of some layers would keep configs of their own, which set_attn_implementation never reaches)."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    small = type(model)(config)  # built on the CPU: the rotary buffers are not in the state dict
+    state = {name: value.clone() for name, value in model.state_dict().items()
+             if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers}
+    small.load_state_dict(state)
     small.tie_weights()
-    return small
+    assert small.lm_head.weight is small.model.embed_tokens.weight
+    return small.eval()
 
 
 def write_jsonl(path, conversations) -> str:
