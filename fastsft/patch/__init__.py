@@ -150,6 +150,7 @@ def patch_model(
     rope: bool = True,
     swiglu: bool = True,
     attention_backend: str = "triton",
+    self_check: bool = False,
 ) -> torch.nn.Module:
     """Swap fastsft_kernels into ``model`` (in place) and return the same model.
 
@@ -157,6 +158,10 @@ def patch_model(
     already applied stay as they are, newly requested ones are applied, and ones
     now switched off are reverted. What was and was not patched is logged (INFO
     for what was patched, WARNING for what a model does not support).
+
+    self_check: before the model's first forward with gradients, each patched op runs once on that
+    batch's real inputs against the fp32 reference; one over the error rule is switched back to
+    PyTorch for the run, with one line naming it (fastsft.patch.self_check).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -187,6 +192,10 @@ def patch_model(
             # applied cleanly but found nothing to patch (e.g. lora=True on a model without LoRA layers)
             logger.info("%s: nothing to patch in %s", name, type(base).__name__)
     object.__setattr__(base, _STATE_ATTR, state)
+    from . import self_check as _self_check  # issue 27
+
+    if self_check:
+        _self_check.install(model)
     return model
 
 
