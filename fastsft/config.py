@@ -116,6 +116,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
+    # --- issue 27: self-check of every patched op at step 0
+    self_check: Union[bool, str] = "auto"  # auto: wherever the kernels run (GPU; CPU under the interpreter)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -454,6 +456,8 @@ def validate(config: TrainConfig) -> None:
     if config.overwrite_output_dir and config.resume not in (False, None, ""):
         raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
                           "overwrite deletes it; give one")
+    if config.self_check not in (True, False, "auto"):  # issue 27
+        raise ConfigError(f"config key 'self_check' must be true, false or auto; got {config.self_check!r}")
     if not config.dataset_text_field:
         raise ConfigError("config key 'dataset_text_field' must name a field")
     reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)

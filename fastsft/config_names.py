@@ -81,6 +81,8 @@ HELP: Dict[str, str] = {
     "overwrite_output_dir": "start over in an output_dir that holds a run (deletes it); --overwrite",
     "resume": "continue a run: true (newest checkpoint in output_dir), a run folder or a checkpoint",
     "resume_changed_config": "resume although keys that shape the run changed (new values from the resumed step)",
+    # --- issue 27
+    "self_check": "true | false | auto: each patched op checked on the first batch; one over the error rule runs PyTorch's",
 }
 
 

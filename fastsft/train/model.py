@@ -169,8 +169,20 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     if config.patch_kernels:
         import fastsft
 
-        model = fastsft.patch_model(model)
+        model = fastsft.patch_model(model, self_check=wants_self_check(config, device))
     return model
+
+
+def wants_self_check(config, device: torch.device) -> bool:
+    """self_check: auto -> on wherever the ops run kernels (a GPU, or CPU under the interpreter)."""
+    value = getattr(config, "self_check", "auto")
+    if value == "auto":
+        from fastsft_kernels._triton_utils import triton_on_cpu
+
+        return device.type == "cuda" or (device.type == "cpu" and triton_on_cpu())
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"config key 'self_check' must be true, false or auto; got {value!r}")
 
 
 def prepare_quantized_base(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
