@@ -83,6 +83,7 @@ HELP: Dict[str, str] = {
     "resume_changed_config": "resume although keys that shape the run changed (new values from the resumed step)",
     # --- issue 27
     "self_check": "true | false | auto: each patched op checked on the first batch; one over the error rule runs PyTorch's",
+    "cpu_ops": "patched | fastest: on CPU tensors, keep each patched op only where it is faster than transformers' own",
 }
 
 

@@ -151,6 +151,7 @@ def patch_model(
     swiglu: bool = True,
     attention_backend: str = "triton",
     self_check: bool = False,
+    fastest_on_cpu: bool = False,
 ) -> torch.nn.Module:
     """Swap fastsft_kernels into ``model`` (in place) and return the same model.
 
@@ -162,6 +163,8 @@ def patch_model(
     self_check: before the model's first forward with gradients, each patched op runs once on that
     batch's real inputs against the fp32 reference; one over the error rule is switched back to
     PyTorch for the run, with one line naming it (fastsft.patch.self_check).
+    fastest_on_cpu: where the ops run PyTorch's reference (CPU tensors), time each patched op against
+    transformers' own code on that first batch and keep only the faster (fastsft.patch.cpu_choice).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -194,8 +197,8 @@ def patch_model(
     object.__setattr__(base, _STATE_ATTR, state)
     from . import self_check as _self_check  # issue 27
 
-    if self_check:
-        _self_check.install(model)
+    if self_check or fastest_on_cpu:
+        _self_check.install(model, check=self_check, fastest_on_cpu=fastest_on_cpu)
     return model
 
 

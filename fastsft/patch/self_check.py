@@ -255,8 +255,9 @@ def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
     return checks
 
 
-def install(model) -> None:
-    """Run the self-check before the first training forward of `model` (once)."""
+def install(model, *, check: bool = True, fastest_on_cpu: bool = False) -> None:
+    """Before the first forward of `model` with gradients (once): the self-check where the ops run
+    kernels (check), or the per-op CPU choice where they run PyTorch's reference (fastest_on_cpu)."""
     remove(model)
     state = {"running": False}
 
@@ -267,8 +268,13 @@ def install(model) -> None:
         try:
             remove(module)
             if kernels_active(module):
-                run_self_check(module, args, kwargs)
-            else:
+                if check:
+                    run_self_check(module, args, kwargs)
+            elif fastest_on_cpu and next(module.parameters()).device.type == "cpu":
+                from .cpu_choice import choose
+
+                choose(module, args, kwargs)
+            elif check:
                 logger.info("self-check: skipped, the ops run PyTorch's reference on %s tensors",
                             next(module.parameters()).device.type)
         finally:

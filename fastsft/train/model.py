@@ -169,7 +169,8 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     if config.patch_kernels:
         import fastsft
 
-        model = fastsft.patch_model(model, self_check=wants_self_check(config, device))
+        model = fastsft.patch_model(model, self_check=wants_self_check(config, device),
+                                    fastest_on_cpu=getattr(config, "cpu_ops", "patched") == "fastest")
     return model
 
 
