@@ -115,8 +115,8 @@ def _leaves(value, flags, cast: Optional[Callable] = None):
     """Fresh leaves of the recorded inputs (cast if given); those that required grad require it again."""
     if isinstance(value, torch.Tensor):
         t = cast(value) if cast is not None and value.is_floating_point() else value
-        t = t.detach().clone() if t is value else t.detach()
-        return t.requires_grad_(bool(flags) and t.is_floating_point())
+        # a detached alias, not a copy (the ops never write their inputs): at 8B the lm_head alone is 1 GB
+        return t.detach().requires_grad_(bool(flags) and t.is_floating_point())
     if isinstance(value, (list, tuple)):
         return type(value)(_leaves(v, f, cast) for v, f in zip(value, flags))
     if isinstance(value, dict):
