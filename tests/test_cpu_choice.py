@@ -6,7 +6,6 @@ import logging
 import time
 
 import pytest
-import torch
 
 import fastsft
 import fastsft_kernels

@@ -8,7 +8,6 @@ prompts. The kernels' own parity on these weights is test_real_kernels.py (the i
 slow for 30 layers x STEPS steps).
 """
 import copy
-import os
 
 import pytest
 import torch
