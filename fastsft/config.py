@@ -128,6 +128,9 @@ class TrainConfig:
     loss_chunk_tokens: Optional[int] = None  # token rows per logits chunk of the loss (None: from memory)
     # --- issue 23: sequence parallelism (Ulysses)
     sequence_parallel: int = 1  # > 1: each packed micro-batch split over this many ranks (torchrun / --nproc)
+    # --- issue 27: self-check of every patched op at step 0
+    self_check: Union[bool, str] = "auto"  # auto: wherever the kernels run (GPU; CPU under the interpreter)
+    cpu_ops: str = "patched"  # fastest: on CPU tensors keep each patched op only where it beats transformers' own
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -574,6 +577,10 @@ def validate(config: TrainConfig) -> None:
 
         with open(template, encoding="utf-8") as handle:
             check_template_syntax(handle.read(), template)
+    if config.self_check not in (True, False, "auto"):  # issue 27
+        raise ConfigError(f"config key 'self_check' must be true, false or auto; got {config.self_check!r}")
+    if config.cpu_ops not in ("patched", "fastest"):  # issue 27
+        raise ConfigError(f"config key 'cpu_ops' must be patched or fastest; got {config.cpu_ops!r}")
     if not config.dataset_text_field:
         raise ConfigError("config key 'dataset_text_field' must name a field")
     reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)

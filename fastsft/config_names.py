@@ -93,6 +93,9 @@ HELP: Dict[str, str] = {
     "long_context": "auto | on | off: tiled MLP and loss chunk sized from memory (auto: only where needed)",
     "mlp_tile_tokens": "the MLP runs over tiles of N tokens when a batch has more (default: from free memory)",
     "loss_chunk_tokens": "token rows per logits chunk of the fused loss (default: from free memory)",
+    # --- issue 27
+    "self_check": "true | false | auto: each patched op checked on the first batch; one over the error rule runs PyTorch's",
+    "cpu_ops": "patched | fastest: on CPU tensors, keep each patched op only where it is faster than transformers' own",
 }
 
 

@@ -20,9 +20,24 @@ def use_triton(tensor: torch.Tensor) -> bool:
     """The dispatch rule: CUDA -> Triton; CPU -> reference unless FASTSFT_TRITON_ON_CPU=1."""
     if tensor.is_cuda:
         return True
-    if tensor.device.type == "cpu":
-        return triton_on_cpu()
+    if tensor.device.type == "cpu" and triton_on_cpu():
+        _interpreter_shims()
+        return True
     return False
+
+
+_SHIMS = []
+
+
+def _interpreter_shims() -> None:
+    """Kernels on CPU tensors run under Triton's interpreter, whose bf16 tl.dot multiplies raw bit
+    patterns and whose fp32 -> bf16 cast truncates (fastsft_kernels.testing): without the shims a
+    bf16 run trains on garbage (issue 27: step-1 loss 31.7 against 4.9). Installed on first use, in
+    every process that runs them, not only under the test suite."""
+    if not _SHIMS and is_interpreter():
+        from .testing import install_interpreter_shims
+
+        _SHIMS.append(install_interpreter_shims())
 
 
 def is_interpreter() -> bool:

@@ -44,6 +44,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Figures a test measured (record_property("figure", text), e.g. the real tier's parity errors),
+    printed at the end: report properties reach the controller under pytest-xdist too."""
+    lines = [f"{report.nodeid}: {value}" for report in terminalreporter.stats.get("passed", [])
+             for name, value in getattr(report, "user_properties", ()) if name == "figure"]
+    if lines:
+        terminalreporter.write_sep("-", "measured figures (this machine)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(autouse=True)
 def _poisoned_kernel_outputs():
     """Every buffer a launcher allocates starts as NaN, so unwritten elements fail."""

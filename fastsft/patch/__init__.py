@@ -163,6 +163,8 @@ def patch_model(
     rope: bool = True,
     swiglu: bool = True,
     attention_backend: str = "triton",
+    self_check: bool = False,
+    fastest_on_cpu: bool = False,
 ) -> torch.nn.Module:
     """Swap fastsft_kernels into ``model`` (in place) and return the same model.
 
@@ -170,6 +172,12 @@ def patch_model(
     already applied stay as they are, newly requested ones are applied, and ones
     now switched off are reverted. What was and was not patched is logged (INFO
     for what was patched, WARNING for what a model does not support).
+
+    self_check: before the model's first forward with gradients, each patched op runs once on that
+    batch's real inputs against the fp32 reference; one over the error rule is switched back to
+    PyTorch for the run, with one line naming it (fastsft.patch.self_check).
+    fastest_on_cpu: where the ops run PyTorch's reference (CPU tensors), time each patched op against
+    transformers' own code on that first batch and keep only the faster (fastsft.patch.cpu_choice).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -200,6 +208,10 @@ def patch_model(
             # applied cleanly but found nothing to patch (e.g. lora=True on a model without LoRA layers)
             logger.info("%s: nothing to patch in %s", name, type(base).__name__)
     object.__setattr__(base, _STATE_ATTR, state)
+    from . import self_check as _self_check  # issue 27
+
+    if self_check or fastest_on_cpu:
+        _self_check.install(model, check=self_check, fastest_on_cpu=fastest_on_cpu)
     return model
 
 

@@ -5,7 +5,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -138,10 +138,10 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.mode != "qlora":
         model.to(device)
-    return finish_model(model, config)
+    return finish_model(model, config, device)
 
 
-def finish_model(model: torch.nn.Module, config) -> torch.nn.Module:
+def finish_model(model: torch.nn.Module, config, device: Optional[torch.device] = None) -> torch.nn.Module:
     """The loaded base -> the model `fastsft train` trains: checkpointing, LoRA, kernels (`fastsft plan`
     calls this on a base built under FakeTensorMode, so both trace the same steps)."""
     model.config.use_cache = False
@@ -176,11 +176,24 @@ def finish_model(model: torch.nn.Module, config) -> torch.nn.Module:
     if config.patch_kernels:
         import fastsft
 
-        model = fastsft.patch_model(model)
+        model = fastsft.patch_model(model, self_check=device is not None and wants_self_check(config, device),
+                                    fastest_on_cpu=getattr(config, "cpu_ops", "patched") == "fastest")
     from fastsft.train.long_context import apply_explicit
 
     apply_explicit(model, config)  # issue 22: mlp_tile_tokens / loss_chunk_tokens (fastsft plan traces them too)
     return model
+
+
+def wants_self_check(config, device: torch.device) -> bool:
+    """self_check: auto -> on wherever the ops run kernels (a GPU, or CPU under the interpreter)."""
+    value = getattr(config, "self_check", "auto")
+    if value == "auto":
+        from fastsft_kernels._triton_utils import triton_on_cpu
+
+        return device.type == "cuda" or (device.type == "cpu" and triton_on_cpu())
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"config key 'self_check' must be true, false or auto; got {value!r}")
 
 
 def prepare_quantized_base(model: torch.nn.Module, gradient_checkpointing: bool) -> None:

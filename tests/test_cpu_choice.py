@@ -1,0 +1,67 @@
+"""CPU runs are not slower for being patched (issue 27): with fastest_on_cpu (the trainer's
+cpu_ops: fastest), where the ops run PyTorch's reference on CPU tensors, each patched op is timed
+on the first batch against transformers' own code for it, and only the faster is kept, said in one
+line. The tests check that the choice is made and acted on, not how fast anything is."""
+import logging
+import time
+
+import pytest
+
+import fastsft
+import fastsft_kernels
+from fastsft.patch import cpu_choice, patch_state
+from fastsft.patch.self_check import OP_COMPONENT, _run, record_ops
+from fastsft_kernels.testing import rel_err
+
+from .test_self_check import _batch, _loss_and_grads, _tiny_lora  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _reference(monkeypatch):
+    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
+
+
+def test_the_choice_is_made_and_said_in_one_line(caplog):
+    model = fastsft.patch_model(_tiny_lora(), fastest_on_cpu=True)
+    before = set(patch_state(model))
+    with caplog.at_level(logging.INFO, logger="fastsft.patch"):
+        _loss_and_grads(model)
+        _loss_and_grads(model)  # chosen once
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU ops:")]
+    assert len(lines) == 1, lines
+    kept = lines[0].split("patched where faster: ", 1)[1].split(";", 1)[0]
+    own = lines[0].split("transformers' own where faster: ", 1)[1].split(" (", 1)[0]
+    kept = set() if kept == "none" else set(kept.split(", "))
+    own = set() if own == "none" else set(own.split(", "))
+    assert kept | own == before and not kept & own  # every patched component was decided
+    assert set(patch_state(model)) == kept  # and the model runs what the line says
+
+
+def test_a_slower_op_goes_back_to_transformers(monkeypatch, caplog):
+    real_swiglu = fastsft_kernels.swiglu
+
+    def slow_swiglu(gate, up):
+        time.sleep(0.05)
+        return real_swiglu(gate, up)
+
+    monkeypatch.setattr(fastsft_kernels, "swiglu", slow_swiglu)
+    model = fastsft.patch_model(_tiny_lora(), fastest_on_cpu=True)
+    with caplog.at_level(logging.INFO, logger="fastsft.patch"):
+        _loss_and_grads(model)
+    assert "swiglu" not in patch_state(model)
+    assert any("transformers' own where faster: " in r.getMessage() and "swiglu" in r.getMessage().split(
+        "transformers' own where faster: ")[1].split(" (")[0] for r in caplog.records)
+
+
+def test_transformers_equivalents_compute_the_same_as_the_reference():
+    """The timing compares like with like: each stand-in for transformers' code gives the op's result."""
+    model = fastsft.patch_model(_tiny_lora())
+    with record_ops() as calls:
+        model(**_batch()).loss.backward()
+    assert set(calls) >= {"rms_norm", "rope", "swiglu", "varlen_attention", "linear_cross_entropy", "lora_linear"}
+    for name, recorded in calls.items():
+        mine = _run(getattr(fastsft_kernels, name), *recorded, 0)
+        theirs = _run(cpu_choice.TRANSFORMERS_EQUIVALENT[name], *recorded, 0)
+        for a, b in zip(mine[0] + mine[1], theirs[0] + theirs[1]):
+            if a is not None:
+                assert rel_err(b, a) < 1e-5, (name, OP_COMPONENT[name])
