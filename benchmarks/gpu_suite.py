@@ -106,9 +106,10 @@ def kernel_commands(suite: "Suite", budget: float) -> List[Command]:
     commands = [Command(f"kernels {op}", _py("-m", "benchmarks.kernels", "--op", op, "--no-plot", "--out", out),
                         slice_s=s) for op, s in KERNEL_OPS]
     if os.path.isfile(os.path.join(REPO_ROOT, "benchmarks", "compile_report.py")):
-        # the sm_90 compile report (registers, spills, wgmma) beside the timings, with what is left of the slice;
-        # the dry run leaves it to its own CPU test
-        commands.append(Command("compile_report", _py("-m", "benchmarks.compile_report")))
+        # the compile report for this run's Triton (registers, spills, wgmma) beside the timings, with what is
+        # left of the slice; the dry run leaves it to its own CPU test (the committed sweep is attached in setup)
+        commands.append(Command("compile_report", _py("-m", "benchmarks.compile_report", "--json",
+                                                      os.path.join(suite.work, "compile_report.json"))))
     return commands
 
 
@@ -176,7 +177,8 @@ class Suite:
         self.model_dir = os.path.join(self.work, "models") if self.dry_run else args.model_dir
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         self.report = {"kind": "gpu_suite", "dry_run": self.dry_run, "budget_s": args.budget,
-                       "setup": [], "environment": None, "peaks": None, "stages": [], "kernels": [], "e2e": []}
+                       "setup": [], "environment": None, "peaks": None, "compile": None, "stages": [], "kernels": [],
+                       "e2e": []}
         self.log_parts: List[str] = []
         self.peaks_file = os.path.join(self.work, "peaks.json")  # the e2e stages reuse this run's peaks
         os.makedirs(self.out, exist_ok=True)
@@ -244,6 +246,7 @@ class Suite:
         if info:
             self.report["environment"], self.report["peaks"] = info["environment"], info["peaks"]
             _write(self.peaks_file, json.dumps(info))
+            self.report["compile"] = compile_record(info["environment"].get("triton"))
             env, peaks = info["environment"], info["peaks"]
             print(f"[gpu_suite] device {env.get('device')}; " + ", ".join(
                 f"{k} {env.get(k)}" for k in ("torch", "cuda", "triton", "transformers", "peft", "bitsandbytes",
@@ -304,6 +307,11 @@ class Suite:
             payloads.append(_read_json(path))
         extra = [_read_json(p) for p in sorted(glob.glob(os.path.join(self.work, "e2e_unsloth", "e2e_*.json")))]
         self.report["e2e"] = merge_e2e([p for p in payloads if p], [p for p in extra if p])
+        this_run = _read_json(os.path.join(self.work, "compile_report.json"))
+        if this_run and self.report.get("compile") is not None:
+            from .compile_report import summarize
+
+            self.report["compile"]["this_run"] = summarize(this_run, "this run (stage c, representative set)")
 
     def flush(self) -> None:
         """Rewrite the five files in DIR (atomically each)."""
@@ -399,7 +407,7 @@ def summary_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['key']} {s['name']} | {s['slice_s']} | {s['status']} | {_f(s.get('seconds'), '{:.0f}')} "
                      f"| {s['what']} |")
-    lines += _kernel_lines(report, peaks) + _e2e_lines(report)
+    lines += _kernel_lines(report, peaks) + _compile_lines(report) + _e2e_lines(report)
     failures = [(s["name"], c) for s in report["stages"] for c in s.get("commands", []) if c["status"] != "ok"]
     failures = [("setup", c) for c in report["setup"] if c["status"] not in ("ok",)
                 and not c["status"].startswith("skipped")] + failures
@@ -408,6 +416,44 @@ def summary_markdown(report: dict) -> str:
         for stage, c in failures:
             lines += [f"### {stage}: {c['label']}: {c['status']}", "", "```", c.get("tail", "").strip(), "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def compile_record(triton_version: Optional[str]) -> dict:
+    """The compile report for the Triton this run uses: the committed full sweep for that version
+    (benchmarks/results/compile/triton-<minor>.json) summarized; stage c adds this run's own."""
+    from .compile_report import committed_path, summarize
+
+    record = {"triton": triton_version, "committed": None, "this_run": None}
+    if not triton_version:
+        return record
+    path = committed_path(triton_version)
+    committed = _read_json(path)
+    if committed is None:
+        record["committed"] = {"source": f"none: no {os.path.relpath(path, REPO_ROOT)} (python -m "
+                                         "benchmarks.compile_report --full --triton all writes it)"}
+    else:
+        record["committed"] = summarize(committed, os.path.relpath(path, REPO_ROOT))
+    return record
+
+
+def _compile_lines(report: dict) -> List[str]:
+    rec = report.get("compile")
+    if not rec:
+        return []
+    lines = ["", f"## Compile report (triton {rec.get('triton')})", ""]
+    for key in ("committed", "this_run"):
+        part = rec.get(key)
+        if not part:
+            continue
+        if "compiles" not in part:
+            lines.append(f"- {part['source']}")
+            continue
+        lines.append(f"- {part['source']} (triton {part['triton']}, commit {str(part['git_commit'])[:10]}, "
+                     f"{'full sweep' if part['full'] else 'representative set'}): {part['compiles']} compiles, "
+                     f"{len(part['failing'])} failing, {len(part['spilling'])} with spilled bytes")
+        lines += [f"  - FAIL {f}" for f in part["failing"]] + [f"  - spills {f}" for f in part["spilling"]]
+        lines += [f"  - tiles: {n}" for n in part.get("tile_notes", [])]
+    return lines
 
 
 def _kernel_lines(report: dict, peaks: dict) -> List[str]:

@@ -56,6 +56,7 @@ from ._triton_utils import (
     is_interpreter,
     needs_int64,
     next_power_of_2,
+    triton_version,
     use_triton,
 )
 
@@ -468,6 +469,34 @@ _FP32 = {
     256: {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 4, 1)},
 }
 _INTERPRETER = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# Triton 3.6 (the GPU image's) allocates registers differently from 3.7+: these tiles of the
+# tables above spill there (compile tier on 3.6, ptxas -v) and are replaced, with the reason.
+# Key: (arch major, 16-bit inputs, head_dim bucket, kernel). Every replacement keeps wgmma.
+_TRITON_36_TILES = {
+    (9, True, 64, "dkdv"): ((32, 128, 8, 2), "64-row query blocks spill 280 B; 32 rows spill none and take fewer "
+                                             "SASS instructions per query row on 3.6 (363 / 32 against 748 / 64)"),
+    (9, True, 256, "dq"): ((128, 32, 8, 2), "one stage spills 176 B inside the key loop; two stages spill 8 B, "
+                                            "outside every inner loop (198 KB of shared memory, < 227 KB)"),
+    (9, False, 64, "dkdv"): ((16, 16, 4, 1), "fp32 16 x 32 tile spills 16 B on sm_90; 16 x 16 spills none"),
+    (9, False, 128, "dkdv"): ((16, 32, 8, 1), "fp32 16 x 16 tile spills 16 B on sm_90; 16 x 32 spills none and "
+                                              "takes fewer instructions per (query, key) pair"),
+    (8, False, 64, "dkdv"): ((16, 16, 4, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+    (8, False, 128, "dkdv"): ((16, 32, 8, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+}
+
+
+def tile_notes() -> List[str]:
+    """The tiles the launcher picks differently on this Triton version, with the reason (for the compile report)."""
+    if triton_version() >= (3, 7):
+        return []
+    return [f"attention {kernel} d{bucket} {'16-bit' if b16 else 'fp32'} sm_{major}x on triton 3.6: "
+            f"M{t[0]} N{t[1]} w{t[2]} s{t[3]} ({why})"
+            for (major, b16, bucket, kernel), (t, why) in _TRITON_36_TILES.items()]
+
+
+def _preprocess_warps(block_t: int, block_d: int) -> int:
+    # 8 warps from 64 x 128 elements up: with 4, Triton 3.6 spills 8 B on sm_80 (fp32, d128)
+    return 8 if block_t * block_d >= 8192 else 4
 
 
 def _configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
@@ -478,8 +507,14 @@ def _configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
         return _INTERPRETER
     bucket = min(b for b in (64, 128, 256) if b >= next_power_of_2(head_dim))
     if dtype == torch.float32:
-        return _FP32[bucket]
-    return (_HOPPER_16BIT if arch // 10 == 9 else _AMPERE_16BIT)[bucket]
+        table = _FP32[bucket]
+    else:
+        table = (_HOPPER_16BIT if arch // 10 == 9 else _AMPERE_16BIT)[bucket]
+    if triton_version() < (3, 7):
+        major, b16 = (9 if arch // 10 == 9 else 8), dtype != torch.float32
+        table = dict(table, **{kernel: tile for (m, b, bkt, kernel), (tile, _) in _TRITON_36_TILES.items()
+                               if (m, b, bkt) == (major, b16, bucket)})
+    return table
 
 
 @functools.lru_cache(maxsize=None)
@@ -679,6 +714,7 @@ def _launch_backward(do, q, k, v, out, lse, cu, info, scale, causal, window, sof
     _bwd_preprocess_kernel[(triton.cdiv(total, block_t), n_heads)](
         out, do, delta, total, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, WIDE=_wide(total, out, do),
+        num_warps=_preprocess_warps(block_t, block_d),
     )
     cfg = _configs(head_dim, q.dtype, _arch(q))
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,

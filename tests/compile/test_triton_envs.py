@@ -1,0 +1,53 @@
+"""The admitted Triton versions come from pyproject.toml, and each gets its own small environment."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("fastsft_compile_triton_envs", os.path.join(HERE, "triton_envs.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+triton_envs = _load()
+
+
+def test_admitted_minors_follow_the_pyproject_bounds(tmp_path):
+    assert triton_envs.admitted_minors() == ["3.6", "3.7", "3.8", "3.9"]
+    other = tmp_path / "pyproject.toml"
+    other.write_text('dependencies = [\n  "torch>=2.11",\n  "triton>=3.7,<3.9",\n]\n')
+    assert triton_envs.admitted_minors(str(other)) == ["3.7", "3.8"]
+    other.write_text('dependencies = ["triton>=3.6,<4.1"]\n')
+    with pytest.raises(ValueError, match="span majors"):
+        triton_envs.admitted_minors(str(other))
+    other.write_text('dependencies = ["triton"]\n')
+    with pytest.raises(ValueError, match="no 'triton>=A.B,<C.D' requirement"):
+        triton_envs.admitted_minors(str(other))
+
+
+def test_the_running_version_needs_no_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTSFT_TRITON_ENVS", str(tmp_path))
+    running = triton_envs.minor_of(triton_envs.running_version())
+    env = triton_envs.env_for(running, base={"PYTHONPATH": "/x", "TRITON_INTERPRET": "1", "A": "b"})
+    assert env["PYTHONPATH"] == "/x" and "TRITON_INTERPRET" not in env and env["A"] == "b"
+    assert not os.listdir(tmp_path)
+
+
+def test_another_version_is_put_first_on_the_path(monkeypatch, tmp_path):
+    """An installed cache folder is reused (no pip); its folder goes before the caller's PYTHONPATH."""
+    monkeypatch.setenv("FASTSFT_TRITON_ENVS", str(tmp_path))
+    folder = tmp_path / "3.1"
+    (folder / "triton").mkdir(parents=True)
+    (folder / "triton" / "__init__.py").write_text("__version__ = '3.1.7'\n")
+    (folder / "triton-3.1.7.dist-info").mkdir()
+    calls = []
+    monkeypatch.setattr(triton_envs.subprocess, "run", lambda *a, **k: calls.append(a))
+    env = triton_envs.env_for("3.1", base={"PYTHONPATH": "/x"})
+    assert env["PYTHONPATH"] == f"{folder}{os.pathsep}/x" and not calls
