@@ -309,9 +309,8 @@ class Suite:
         self.report["e2e"] = merge_e2e([p for p in payloads if p], [p for p in extra if p])
         this_run = _read_json(os.path.join(self.work, "compile_report.json"))
         if this_run and self.report.get("compile") is not None:
-            from .compile_report import summarize
-
-            self.report["compile"]["this_run"] = summarize(this_run, "this run (stage c, representative set)")
+            self.report["compile"]["this_run"] = _compile_report_module().summarize(
+                this_run, "this run (stage c, representative set)")
 
     def flush(self) -> None:
         """Rewrite the five files in DIR (atomically each)."""
@@ -418,11 +417,22 @@ def summary_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _compile_report_module():
+    # by path: the tests load this file as a plain module, where a relative import has no package
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastsft_compile_report",
+                                                  os.path.join(REPO_ROOT, "benchmarks", "compile_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compile_record(triton_version: Optional[str]) -> dict:
     """The compile report for the Triton this run uses: the committed full sweep for that version
     (benchmarks/results/compile/triton-<minor>.json) summarized; stage c adds this run's own."""
-    from .compile_report import committed_path, summarize
-
+    reports = _compile_report_module()
+    committed_path, summarize = reports.committed_path, reports.summarize
     record = {"triton": triton_version, "committed": None, "this_run": None}
     if not triton_version:
         return record

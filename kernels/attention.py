@@ -469,29 +469,32 @@ _FP32 = {
     256: {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 4, 1)},
 }
 _INTERPRETER = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-# Triton 3.6 (the GPU image's) allocates registers differently from 3.7+: these tiles of the
-# tables above spill there (compile tier on 3.6, ptxas -v) and are replaced, with the reason.
+# Older Triton releases allocate registers differently: these tiles of the tables above spill
+# there (compile tier per version, ptxas -v) and are replaced up to the last release named.
 # Key: (arch major, 16-bit inputs, head_dim bucket, kernel). Every replacement keeps wgmma.
-_TRITON_36_TILES = {
-    (9, True, 64, "dkdv"): ((32, 128, 8, 2), "64-row query blocks spill 280 B; 32 rows spill none and take fewer "
-                                             "SASS instructions per query row on 3.6 (363 / 32 against 748 / 64)"),
-    (9, True, 256, "dq"): ((128, 32, 8, 2), "one stage spills 176 B inside the key loop; two stages spill 8 B, "
-                                            "outside every inner loop (198 KB of shared memory, < 227 KB)"),
-    (9, False, 64, "dkdv"): ((16, 16, 4, 1), "fp32 16 x 32 tile spills 16 B on sm_90; 16 x 16 spills none"),
-    (9, False, 128, "dkdv"): ((16, 32, 8, 1), "fp32 16 x 16 tile spills 16 B on sm_90; 16 x 32 spills none and "
-                                              "takes fewer instructions per (query, key) pair"),
-    (8, False, 64, "dkdv"): ((16, 16, 4, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
-    (8, False, 128, "dkdv"): ((16, 32, 8, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+_OLDER_TRITON_TILES = {
+    (9, True, 64, "dkdv"): ((3, 6), (32, 128, 8, 2), "64-row query blocks spill 280 B on 3.6; 32 rows spill "
+                                                     "none and take fewer SASS instructions per query row there "
+                                                     "(363 / 32 against 748 / 64)"),
+    (9, True, 256, "dq"): ((3, 8), (128, 32, 8, 2), "one stage spills 160-176 B inside the key loop before 3.9; "
+                                                    "two stages spill 8 B, outside every inner loop (198 KB of "
+                                                    "shared memory, < 227 KB)"),
+    (9, False, 64, "dkdv"): ((3, 6), (16, 16, 4, 1), "fp32 16 x 32 tile spills 16 B on sm_90 on 3.6; 16 x 16 "
+                                                     "spills none"),
+    (9, False, 128, "dkdv"): ((3, 6), (16, 32, 8, 1), "fp32 16 x 16 tile spills 16 B on sm_90 on 3.6; 16 x 32 "
+                                                      "spills none and takes fewer instructions per (query, key) "
+                                                      "pair"),
+    (8, False, 64, "dkdv"): ((3, 6), (16, 16, 4, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+    (8, False, 128, "dkdv"): ((3, 6), (16, 32, 8, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
 }
 
 
 def tile_notes() -> List[str]:
     """The tiles the launcher picks differently on this Triton version, with the reason (for the compile report)."""
-    if triton_version() >= (3, 7):
-        return []
-    return [f"attention {kernel} d{bucket} {'16-bit' if b16 else 'fp32'} sm_{major}x on triton 3.6: "
-            f"M{t[0]} N{t[1]} w{t[2]} s{t[3]} ({why})"
-            for (major, b16, bucket, kernel), (t, why) in _TRITON_36_TILES.items()]
+    version = triton_version()
+    return [f"attention {kernel} d{bucket} {'16-bit' if b16 else 'fp32'} sm_{major}x (triton <= "
+            f"{last[0]}.{last[1]}): M{t[0]} N{t[1]} w{t[2]} s{t[3]} ({why})"
+            for (major, b16, bucket, kernel), (last, t, why) in _OLDER_TRITON_TILES.items() if version <= last]
 
 
 def _preprocess_warps(block_t: int, block_d: int) -> int:
@@ -510,11 +513,10 @@ def _configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
         table = _FP32[bucket]
     else:
         table = (_HOPPER_16BIT if arch // 10 == 9 else _AMPERE_16BIT)[bucket]
-    if triton_version() < (3, 7):
-        major, b16 = (9 if arch // 10 == 9 else 8), dtype != torch.float32
-        table = dict(table, **{kernel: tile for (m, b, bkt, kernel), (tile, _) in _TRITON_36_TILES.items()
-                               if (m, b, bkt) == (major, b16, bucket)})
-    return table
+    version, major, b16 = triton_version(), (9 if arch // 10 == 9 else 8), dtype != torch.float32
+    older = {kernel: tile for (m, b, bkt, kernel), (last, tile, _) in _OLDER_TRITON_TILES.items()
+             if (m, b, bkt) == (major, b16, bucket) and version <= last}
+    return dict(table, **older) if older else table
 
 
 @functools.lru_cache(maxsize=None)

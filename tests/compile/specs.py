@@ -70,10 +70,14 @@ def _attention_budget(name: str, head_dim: int, dot16: bool, arch: int, variant:
         # registers on any wgmma tiling found (tests/compile sweep: >= 264 bytes for
         # 64 key rows, >= 1300 for 128); the least-spilling wgmma tile is kept
         return {90: 320}, "d256 dK/dV accumulators + K/V operands exceed 255 registers", False
-    if v36 and dot16 and head_dim == 256 and name in ("fwd", "dq") and arch == 90:
-        # Triton 3.6 spills 4 B (fwd) / 8 B (dq, two stages) of these tiles, before or after the
-        # key loop; the spill-free alternatives (16-key blocks) take 40-65% more SASS per key
-        return {90: 8}, "Triton 3.6: a few bytes outside the key loop of the d256 tile", True
+    if dot16 and head_dim == 256 and arch == 90 and (name == "fwd" and v36 or name == "dq" and TRITON < (3, 9)):
+        # Triton 3.6 spills 4 B of the forward tile, 3.6-3.8 8 B of the two-stage dq tile, before or
+        # after the key loop; the spill-free alternatives (16-key blocks) take 40-65% more SASS per key
+        return {90: 8}, "Triton < 3.9: a few bytes outside the key loop of the d256 tile", True
+    if dot16 and head_dim == 64 and name == "dkdv" and arch == 90 and TRITON == (3, 7):
+        # Triton 3.7 spills 4 B of the 64 x 128 tile, outside the query loop; the 32-row block that
+        # 3.6 takes would cost 20% more SASS per query row on 3.7 (326 / 32 against 539 / 64)
+        return {90: 4}, "Triton 3.7: 4 B outside the query loop of the d64 dK/dV tile", True
     if v36 and dot16 and head_dim == 64 and name == "dkdv" and arch == 80:
         # Triton 3.6 spills 60 B of the 32 x 128 tile, outside the query loop; the spill-free
         # choices drop the pipelining (one stage) or halve the query block
