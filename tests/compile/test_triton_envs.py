@@ -51,3 +51,27 @@ def test_another_version_is_put_first_on_the_path(monkeypatch, tmp_path):
     monkeypatch.setattr(triton_envs.subprocess, "run", lambda *a, **k: calls.append(a))
     env = triton_envs.env_for("3.1", base={"PYTHONPATH": "/x"})
     assert env["PYTHONPATH"] == f"{folder}{os.pathsep}/x" and not calls
+
+
+def test_a_missing_version_is_installed_once_with_pip_target(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTSFT_TRITON_ENVS", str(tmp_path))
+    calls = []
+
+    def fake_pip(argv, **kwargs):  # what pip --target leaves behind
+        calls.append(argv)
+        target = argv[argv.index("--target") + 1]
+        os.makedirs(os.path.join(target, "triton"))
+        open(os.path.join(target, "triton", "__init__.py"), "w").close()
+        os.makedirs(os.path.join(target, "triton-3.1.9.dist-info"))
+        return triton_envs.subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(triton_envs.subprocess, "run", fake_pip)
+    folder = triton_envs.ensure("3.1", log=lambda _: None)
+    assert folder == str(tmp_path / "3.1") and triton_envs._installed(folder) == "3.1.9"
+    assert calls[0][-1] == "triton==3.1.*" and "--no-deps" in calls[0]
+    assert triton_envs.ensure("3.1", log=lambda _: None) == folder and len(calls) == 1  # cached
+    monkeypatch.setattr(triton_envs.subprocess, "run", lambda argv, **k: triton_envs.subprocess.CompletedProcess(
+        argv, 1, "", "ERROR: No matching distribution found for triton==3.2.*"))
+    with pytest.raises(RuntimeError, match="No matching distribution"):
+        triton_envs.ensure("3.2", log=lambda _: None)
+    assert not (tmp_path / "3.2").exists()

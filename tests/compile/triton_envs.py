@@ -10,6 +10,7 @@ own ptxas and cuobjdump, and neither a GPU nor the interpreter is involved.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
@@ -68,6 +69,13 @@ def ensure(minor: str, log=print) -> Optional[str]:
     folder = os.path.join(cache_root(), minor)
     if _installed(folder):
         return folder
+    os.makedirs(cache_root(), exist_ok=True)
+    with open(f"{folder}.lock", "w") as lock:  # pytest-xdist workers: one download, the others wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return folder if _installed(folder) else _install(minor, folder, log)
+
+
+def _install(minor: str, folder: str, log) -> str:
     tmp = f"{folder}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"installing triton=={minor}.* into {folder} (one download, cached)")
@@ -76,11 +84,8 @@ def ensure(minor: str, log=print) -> Optional[str]:
     if proc.returncode != 0 or not _installed(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"pip could not install triton=={minor}.*: {(proc.stderr or proc.stdout)[-800:]}")
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    try:
-        os.rename(tmp, folder)  # atomic: a concurrent installer's copy may have won, which is as good
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a broken earlier copy
+    os.rename(tmp, folder)  # atomic: a folder with a dist-info is a complete install
     return folder
 
 
