@@ -286,26 +286,27 @@ _MATMUL_CONFIGS = [
     for bm, bn, bk, w, st in dict.fromkeys(_DENSE_TILES + _4BIT_TILES)
 ]
 _TILES = {False: set(_DENSE_TILES), True: set(_4BIT_TILES)}
-# Tiles one Triton release compiles badly on one arch (compile tier, ptxas -v): left out of
-# the autotuner's list there. (releases before, arch major, forward, 4-bit): tiles, reason.
+# Tiles older Triton releases compile badly on one arch (compile tier per version, ptxas -v):
+# left out of the autotuner's list there, up to the last release named.
+# Key: (last release, arch major, forward, 4-bit); value: tiles, reason.
 _VERSION_EXCLUDED = {
-    ((3, 7), 8, True, True): ({(128, 256, 64, 8, 3)}, "Triton 3.6 spills 6.8 KB of the 128 x 256 NF4 forward "
-                                                      "tile on sm_80 (3.7+: none)"),
+    ((3, 6), 8, True, True): ({(128, 256, 64, 8, 3)}, "Triton 3.6 spills 6.8 KB of the 128 x 256 NF4 forward "
+                                                      "tile on sm_80"),
 }
 
 
 def _excluded(tile, arch: Tuple[int, int], forward: bool, is_4bit: bool) -> bool:
     version = triton_version()
-    return any(version < before and arch[0] == major and (forward, is_4bit) == (fwd, b4) and tile in tiles
-               for (before, major, fwd, b4), (tiles, _) in _VERSION_EXCLUDED.items())
+    return any(version <= last and arch[0] == major and (forward, is_4bit) == (fwd, b4) and tile in tiles
+               for (last, major, fwd, b4), (tiles, _) in _VERSION_EXCLUDED.items())
 
 
 def tile_notes() -> List[str]:
     """The tiles left out on this Triton version, with the reason (for the compile report)."""
     version = triton_version()
-    return [f"lora {'forward' if fwd else 'backward dx'} {'4-bit' if b4 else 'dense'} sm_{major}x: without "
-            f"{', '.join('BM%d BN%d BK%d w%d s%d' % t for t in sorted(tiles))} ({why})"
-            for (before, major, fwd, b4), (tiles, why) in _VERSION_EXCLUDED.items() if version < before]
+    return [f"lora {'forward' if fwd else 'backward dx'} {'4-bit' if b4 else 'dense'} sm_{major}x (triton <= "
+            f"{last[0]}.{last[1]}): without {', '.join('BM%d BN%d BK%d w%d s%d' % t for t in sorted(tiles))} ({why})"
+            for (last, major, fwd, b4), (tiles, why) in _VERSION_EXCLUDED.items() if version <= last]
 
 # usable shared memory per block (bytes), by compute capability
 SMEM_LIMIT = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
