@@ -12,7 +12,8 @@ priority order, each with its own time slice (seconds on an H100/H200):
     a  correctness    120  pytest -m gpu, then the kernel parity tests natively on CUDA
     b  sync_step       40  one training step per mode under torch.cuda.set_sync_debug_mode("error")
     c  kernels        100  python -m benchmarks.kernels --op OP at the DESIGN.md target shapes, per op,
-                           then python -m benchmarks.compile_report when it exists
+                           then python -m benchmarks.compile_report for this run's Triton (setup attaches
+                           the committed sweep of that version: suite.json "compile", summary.md)
     d  e2e_qlora_8b   150  Llama-3.1-8B shape, QLoRA r16, packed 4096: fastsft, hf, hf+liger (+ hf-packed)
     e  e2e_full_1b     60  Llama-3.2-1B shape, full fine-tuning: fastsft, hf, hf+liger
     f  max_context   rest  the max-context search (8B QLoRA, fastsft and hf), if time is left
