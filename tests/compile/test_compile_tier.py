@@ -14,6 +14,7 @@ running one is installed once into a cache folder (tests/compile/triton_envs.py:
 wheel download, `pip install --no-deps --target`) and put first on the subprocess's
 PYTHONPATH. FASTSFT_COMPILE_TRITON=all|current|3.7,3.8 picks other versions.
 """
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -56,8 +57,21 @@ def tier_versions() -> list:
 
 @pytest.fixture(scope="module", params=tier_versions(), ids=lambda minor: f"triton{minor}")
 def report(request, tmp_path_factory):
-    minor = request.param
-    out = tmp_path_factory.mktemp("compile") / f"report-{minor}.json"
+    # one compile per version per session: pytest-xdist workers share the session's folder above
+    # their own and wait on its lock for the first one's report
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    with open(shared / f"fastsft-compile-{request.param}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = shared / f"fastsft-compile-{request.param}.json"
+        if not out.exists():
+            _compile(request.param, out)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _compile(minor, out):
     try:
         env = triton_envs.env_for(minor, log=lambda _: None)
     except RuntimeError as exc:  # no index reachable: say which setting runs without it
@@ -68,9 +82,8 @@ def report(request, tmp_path_factory):
     print(proc.stdout)  # the table (pytest -s, or shown with a failure)
     assert proc.returncode == 0, f"compile_report failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     with open(out) as f:
-        record = json.load(f)
-    assert triton_envs.minor_of(record["triton"]) == minor, f"compiled with triton {record['triton']}, not {minor}"
-    return record
+        version = json.load(f)["triton"]
+    assert triton_envs.minor_of(version) == minor, f"compiled with triton {version}, not {minor}"
 
 
 def test_every_kernel_config_passes_the_compile_rules(report):
