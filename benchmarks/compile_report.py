@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _usage_error(message: str):
+    print(f"benchmarks.compile_report: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _versions(value: str, envs) -> list:
     running = envs.minor_of(envs.running_version())
     if value == "current":
@@ -129,8 +134,8 @@ def _versions(value: str, envs) -> list:
     wanted = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in wanted if v not in admitted]
     if unknown or not wanted:
-        raise SystemExit(f"benchmarks.compile_report: --triton {value}: {', '.join(unknown) or 'nothing'} not among "
-                         f"the admitted versions {', '.join(admitted)} (pyproject.toml)")
+        _usage_error(f"--triton {value}: {', '.join(unknown) or 'nothing'} not among the admitted versions "
+                     f"{', '.join(admitted)} (pyproject.toml)")
     return wanted
 
 
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
     if versions == [running]:
         return _report_here(args, _json_path(args, running))
     if args.json and len(versions) > 1 and "{minor}" not in args.json:
-        raise SystemExit("benchmarks.compile_report: with several --triton versions, --json needs {minor} in it")
+        _usage_error("with several --triton versions, --json needs {minor} in it")
     summary, status = [], 0
     for minor in versions:  # one at a time: each sweep uses every --jobs process
         path = _json_path(args, minor)

@@ -75,3 +75,18 @@ def test_a_missing_version_is_installed_once_with_pip_target(monkeypatch, tmp_pa
     with pytest.raises(RuntimeError, match="No matching distribution"):
         triton_envs.ensure("3.2", log=lambda _: None)
     assert not (tmp_path / "3.2").exists()
+
+
+def test_compile_report_refuses_a_version_pyproject_does_not_admit(capsys):
+    path = os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchmarks", "compile_report.py")
+    spec = importlib.util.spec_from_file_location("fastsft_compile_report_cli", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--triton", "3.5"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == ("benchmarks.compile_report: --triton 3.5: 3.5 not among the admitted "
+                                               "versions 3.6, 3.7, 3.8, 3.9 (pyproject.toml)")
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--triton", "3.6,3.9", "--json", "one.json"])
+    assert exc.value.code == 2 and "{minor}" in capsys.readouterr().err
