@@ -1,12 +1,17 @@
 """Compile every Triton kernel for sm_90 and sm_80 on this machine (no GPU needed):
-`python -m benchmarks.compile_report [--full] [--json PATH] [--check]`.
+`python -m benchmarks.compile_report [--full] [--triton current|all|3.6,...] [--json PATH] [--check]`.
 
 Prints one table (kernel, config, arch, registers, spills, shared memory, MMA kind,
-HGMMA/HMMA count, SASS instructions per innermost loop) and writes it as JSON
-(default benchmarks/results/compile/compile_report.json). The kernel specs live in
-tests/compile/specs.py (the compile tier in CI runs this same code). The default run
-compiles one representative config per kernel x dtype; --full (or FASTSFT_COMPILE_FULL=1)
-every config the launchers can pick at the target shapes. Register, spill and
+HGMMA/HMMA count, SASS instructions per innermost loop) and writes it as JSON, one
+report per Triton version: benchmarks/results/compile/triton-<minor>.json for --full
+(the committed sweeps), triton-<minor>.ci.json for the representative set. The kernel
+specs live in tests/compile/specs.py (the compile tier in CI runs this same code). The
+default run compiles one representative config per kernel x dtype; --full (or
+FASTSFT_COMPILE_FULL=1) every config the launchers can pick at the target shapes.
+--triton names the admitted Triton minors to compile with (pyproject's bounds; `all`
+is every one): each other than the running one is installed once into a cache folder
+and compiled in a subprocess (tests/compile/triton_envs.py), one version at a time;
+the launchers pick their tiles for the Triton they run under. Register, spill and
 shared-memory figures are the compiler's (ptxas -v, kernel metadata), not measurements
 on a GPU.
 """
@@ -35,6 +40,27 @@ def _load():
     import specs  # noqa: E402  (tests/compile/specs.py)
 
     return aot, specs
+
+
+def _rules():
+    """tests/compile/aot.py for its row rules only (reading a report compiles nothing: any process may)."""
+    if _SPEC_DIR not in sys.path:
+        sys.path.insert(0, _SPEC_DIR)
+    import aot  # noqa: E402
+
+    return aot
+
+
+def _triton_envs():
+    if _SPEC_DIR not in sys.path:
+        sys.path.insert(0, _SPEC_DIR)
+    import triton_envs  # noqa: E402  (tests/compile/triton_envs.py)
+
+    return triton_envs
+
+
+def default_json(minor: str, full: bool) -> str:
+    return os.path.join(_ROOT, "benchmarks", "results", "compile", f"triton-{minor}{'' if full else '.ci'}.json")
 
 
 _WORKER = {}
@@ -75,18 +101,124 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", default=os.environ.get("FASTSFT_COMPILE_FULL") == "1",
                    help="every config the launchers can pick (default: one per kernel x dtype)")
-    p.add_argument("--json", default=os.path.join(_ROOT, "benchmarks", "results", "compile", "compile_report.json"),
-                   help="where to write the table as JSON")
+    p.add_argument("--triton", default="current",
+                   help="the Triton minors to compile with: current (the running one, default), all (every "
+                        "admitted one), or a list like 3.6,3.9")
+    p.add_argument("--json", default=None,
+                   help="where to write the report (default benchmarks/results/compile/triton-<minor>[.ci].json; "
+                        "with several versions, {minor} in PATH is replaced)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     p.add_argument("--arch", type=int, action="append", choices=(90, 80), help="only this arch (repeatable)")
     p.add_argument("--check", action="store_true", help="exit 1 when a row breaks the compile tier's rules")
-    args = p.parse_args(argv)
+    return p
+
+
+def _usage_error(message: str):
+    print(f"benchmarks.compile_report: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _versions(value: str, envs) -> list:
+    running = envs.minor_of(envs.running_version())
+    if value == "current":
+        return [running]
+    admitted = envs.admitted_minors()
+    if value == "all":
+        return admitted
+    wanted = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in admitted]
+    if unknown or not wanted:
+        _usage_error(f"--triton {value}: {', '.join(unknown) or 'nothing'} not among the admitted versions "
+                     f"{', '.join(admitted)} (pyproject.toml)")
+    return wanted
+
+
+def _json_path(args, minor: str) -> str:
+    return args.json.replace("{minor}", minor) if args.json else default_json(minor, args.full)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    envs = _triton_envs()
+    versions = _versions(args.triton, envs)
+    running = envs.minor_of(envs.running_version())
+    if versions == [running]:
+        return _report_here(args, _json_path(args, running))
+    if args.json and len(versions) > 1 and "{minor}" not in args.json:
+        _usage_error("with several --triton versions, --json needs {minor} in it")
+    summary, status = [], 0
+    for minor in versions:  # one at a time: each sweep uses every --jobs process
+        path = _json_path(args, minor)
+        print(f"===== triton {minor}", flush=True)
+        if minor == running:
+            rc = _report_here(args, path)
+        else:
+            argv = [sys.executable, "-m", "benchmarks.compile_report", "--triton", "current", "--json", path,
+                    "--jobs", str(args.jobs)] + (["--full"] if args.full else []) + (["--check"] if args.check else [])
+            argv += (["--kernel", args.kernel] if args.kernel else []) + [f"--arch={a}" for a in args.arch or ()]
+            try:
+                env = envs.env_for(minor)
+            except RuntimeError as exc:
+                print(f"benchmarks.compile_report: triton {minor}: {exc}")
+                summary.append((minor, "not installed", None))
+                status = max(status, 2)
+                continue
+            rc = subprocess.run(argv, cwd=_ROOT, env=env).returncode
+        status = max(status, rc)
+        record = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                record = json.load(f)
+        summary.append((minor, "ok" if rc == 0 else f"exit {rc}", record))
+    print("\n" + version_summary(summary))
+    return status
+
+
+def version_summary(summary) -> str:
+    """One line per Triton version: compiles, failing rows, rows spilling within a stated budget."""
+    aot = _rules()
+    lines = ["triton    compiles  failing  spilling (budgeted)  seconds  report"]
+    for minor, status, record in summary:
+        if record is None:
+            lines.append(f"{minor:<9} {status}")
+            continue
+        rows = record["rows"]
+        failing = sum(bool(aot.problems(r)) for r in rows)
+        budgeted = sum(1 for r in rows if r.get("spill_stores") and not aot.problems(r))
+        lines.append(f"{record['triton']:<9} {len(rows):>8}  {failing:>7}  {budgeted:>19}  {record['seconds']:>7}  "
+                     f"{'full' if record['full'] else 'representative'}")
+    return "\n".join(lines)
+
+
+def committed_path(version: str) -> str:
+    """The committed full sweep for a Triton version (it may not exist)."""
+    return default_json(".".join(version.split(".")[:2]), full=True)
+
+
+def summarize(record: dict, source: str) -> dict:
+    """A report in a few lines (for the GPU suite's summary): version, counts, failing and spilling rows."""
+    aot = _rules()
+    rows = record["rows"]
+
+    def label(r):
+        return f"{r['kernel']} [{r['config']}] {r['dtype']} {r['arch']}"
+
+    return {"source": source, "triton": record["triton"], "full": record["full"], "git_commit": record["git_commit"],
+            "compiles": len(rows), "failing": [f"{label(r)}: {'; '.join(aot.problems(r))}" for r in rows
+                                               if aot.problems(r)],
+            "spilling": [f"{label(r)}: {r['spill_stores']} B (budget {r['spill_budget']})" for r in rows
+                         if r.get("spill_stores")],
+            "tile_notes": record.get("tile_notes", [])}
+
+
+def _report_here(args, path: str) -> int:
+    """Compile with the running Triton; print the table and write the report to ``path``."""
     aot, _ = _load()
     reason = aot.missing_tools()
     if reason:
@@ -111,14 +243,21 @@ def main(argv=None) -> int:
     import triton
     import torch
 
+    _, specs = _load()
+    notes = specs.tile_notes()
+    for note in notes:
+        print(f"TILES {note}")
+    budgets = sorted({f"{r['kernel']} {r['arch']}: <= {r['spill_budget']} B: {r['budget_reason']}"
+                      + (" (outside the inner loops, checked)" if r.get("loop_free_spills") else "")
+                      for r in rows if r.get("spill_budget")})
     record = {"triton": triton.__version__, "torch": torch.__version__, "git_commit": _git_commit(),
               "host": platform.node(), "ptxas": aot.tool_versions(), "full": args.full, "seconds": round(elapsed, 1),
               "note": "compiler figures for sm_90 / sm_80 from a CPU machine (ptxas -v, metadata, SASS); no GPU",
-              "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
+              "tile_notes": notes, "spill_budgets": budgets, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"wrote {args.json}")
+    print(f"wrote {path}")
     return 1 if (args.check and bad) else 0
 
 

@@ -12,7 +12,8 @@ priority order, each with its own time slice (seconds on an H100/H200):
     a  correctness    120  pytest -m gpu, then the kernel parity tests natively on CUDA
     b  sync_step       40  one training step per mode under torch.cuda.set_sync_debug_mode("error")
     c  kernels        100  python -m benchmarks.kernels --op OP at the DESIGN.md target shapes, per op,
-                           then python -m benchmarks.compile_report when it exists
+                           then python -m benchmarks.compile_report for this run's Triton (setup attaches
+                           the committed sweep of that version: suite.json "compile", summary.md)
     d  e2e_qlora_8b   150  Llama-3.1-8B shape, QLoRA r16, packed 4096: fastsft, hf, hf+liger (+ hf-packed)
     e  e2e_full_1b     60  Llama-3.2-1B shape, full fine-tuning: fastsft, hf, hf+liger
     p  plan_check      60  `fastsft plan` (traced on the CPU) next to every e2e run's max_memory_allocated
@@ -107,9 +108,10 @@ def kernel_commands(suite: "Suite", budget: float) -> List[Command]:
     commands = [Command(f"kernels {op}", _py("-m", "benchmarks.kernels", "--op", op, "--no-plot", "--out", out),
                         slice_s=s) for op, s in KERNEL_OPS]
     if os.path.isfile(os.path.join(REPO_ROOT, "benchmarks", "compile_report.py")):
-        # the sm_90 compile report (registers, spills, wgmma) beside the timings, with what is left of the slice;
-        # the dry run leaves it to its own CPU test
-        commands.append(Command("compile_report", _py("-m", "benchmarks.compile_report")))
+        # the compile report for this run's Triton (registers, spills, wgmma) beside the timings, with what is
+        # left of the slice; the dry run leaves it to its own CPU test (the committed sweep is attached in setup)
+        commands.append(Command("compile_report", _py("-m", "benchmarks.compile_report", "--json",
+                                                      os.path.join(suite.work, "compile_report.json"))))
     return commands
 
 
@@ -187,7 +189,8 @@ class Suite:
         self.model_dir = os.path.join(self.work, "models") if self.dry_run else args.model_dir
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         self.report = {"kind": "gpu_suite", "dry_run": self.dry_run, "budget_s": args.budget,
-                       "setup": [], "environment": None, "peaks": None, "stages": [], "kernels": [], "e2e": []}
+                       "setup": [], "environment": None, "peaks": None, "compile": None, "stages": [], "kernels": [],
+                       "e2e": []}
         self.log_parts: List[str] = []
         self.peaks_file = os.path.join(self.work, "peaks.json")  # the e2e stages reuse this run's peaks
         os.makedirs(self.out, exist_ok=True)
@@ -255,6 +258,7 @@ class Suite:
         if info:
             self.report["environment"], self.report["peaks"] = info["environment"], info["peaks"]
             _write(self.peaks_file, json.dumps(info))
+            self.report["compile"] = compile_record(info["environment"].get("triton"))
             env, peaks = info["environment"], info["peaks"]
             print(f"[gpu_suite] device {env.get('device')}; " + ", ".join(
                 f"{k} {env.get(k)}" for k in ("torch", "cuda", "triton", "transformers", "peft", "bitsandbytes",
@@ -318,6 +322,10 @@ class Suite:
         checked = _read_json(os.path.join(self.work, "plan_check.json"))
         if checked:
             self.report["plan_vs_measured"] = checked.get("rows", [])
+        this_run = _read_json(os.path.join(self.work, "compile_report.json"))
+        if this_run and self.report.get("compile") is not None:
+            self.report["compile"]["this_run"] = _compile_report_module().summarize(
+                this_run, "this run (stage c, representative set)")
 
     def flush(self) -> None:
         """Rewrite the five files in DIR (atomically each)."""
@@ -413,7 +421,7 @@ def summary_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['key']} {s['name']} | {s['slice_s']} | {s['status']} | {_f(s.get('seconds'), '{:.0f}')} "
                      f"| {s['what']} |")
-    lines += _kernel_lines(report, peaks) + _e2e_lines(report) + _plan_lines(report)
+    lines += _kernel_lines(report, peaks) + _compile_lines(report) + _e2e_lines(report) + _plan_lines(report)
     failures = [(s["name"], c) for s in report["stages"] for c in s.get("commands", []) if c["status"] != "ok"]
     failures = [("setup", c) for c in report["setup"] if c["status"] not in ("ok",)
                 and not c["status"].startswith("skipped")] + failures
@@ -422,6 +430,55 @@ def summary_markdown(report: dict) -> str:
         for stage, c in failures:
             lines += [f"### {stage}: {c['label']}: {c['status']}", "", "```", c.get("tail", "").strip(), "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def _compile_report_module():
+    # by path: the tests load this file as a plain module, where a relative import has no package
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastsft_compile_report",
+                                                  os.path.join(REPO_ROOT, "benchmarks", "compile_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_record(triton_version: Optional[str]) -> dict:
+    """The compile report for the Triton this run uses: the committed full sweep for that version
+    (benchmarks/results/compile/triton-<minor>.json) summarized; stage c adds this run's own."""
+    reports = _compile_report_module()
+    committed_path, summarize = reports.committed_path, reports.summarize
+    record = {"triton": triton_version, "committed": None, "this_run": None}
+    if not triton_version:
+        return record
+    path = committed_path(triton_version)
+    committed = _read_json(path)
+    if committed is None:
+        record["committed"] = {"source": f"none: no {os.path.relpath(path, REPO_ROOT)} (python -m "
+                                         "benchmarks.compile_report --full --triton all writes it)"}
+    else:
+        record["committed"] = summarize(committed, os.path.relpath(path, REPO_ROOT))
+    return record
+
+
+def _compile_lines(report: dict) -> List[str]:
+    rec = report.get("compile")
+    if not rec:
+        return []
+    lines = ["", f"## Compile report (triton {rec.get('triton')})", ""]
+    for key in ("committed", "this_run"):
+        part = rec.get(key)
+        if not part:
+            continue
+        if "compiles" not in part:
+            lines.append(f"- {part['source']}")
+            continue
+        lines.append(f"- {part['source']} (triton {part['triton']}, commit {str(part['git_commit'])[:10]}, "
+                     f"{'full sweep' if part['full'] else 'representative set'}): {part['compiles']} compiles, "
+                     f"{len(part['failing'])} failing, {len(part['spilling'])} with spilled bytes")
+        lines += [f"  - FAIL {f}" for f in part["failing"]] + [f"  - spills {f}" for f in part["spilling"]]
+        lines += [f"  - tiles: {n}" for n in part.get("tile_notes", [])]
+    return lines
 
 
 def _kernel_lines(report: dict, peaks: dict) -> List[str]:

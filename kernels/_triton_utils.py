@@ -44,6 +44,13 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_version() -> tuple:
+    """(major, minor) of the Triton in use: the launchers pick some tiles per version."""
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -56,6 +56,7 @@ from ._triton_utils import (
     is_interpreter,
     needs_int64,
     next_power_of_2,
+    triton_version,
     use_triton,
 )
 
@@ -468,6 +469,37 @@ _FP32 = {
     256: {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 4, 1)},
 }
 _INTERPRETER = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# Older Triton releases allocate registers differently: these tiles of the tables above spill
+# there (compile tier per version, ptxas -v) and are replaced up to the last release named.
+# Key: (arch major, 16-bit inputs, head_dim bucket, kernel). Every replacement keeps wgmma.
+_OLDER_TRITON_TILES = {
+    (9, True, 64, "dkdv"): ((3, 6), (32, 128, 8, 2), "64-row query blocks spill 280 B on 3.6; 32 rows spill "
+                                                     "none and take fewer SASS instructions per query row there "
+                                                     "(363 / 32 against 748 / 64)"),
+    (9, True, 256, "dq"): ((3, 8), (128, 32, 8, 2), "one stage spills 160-176 B inside the key loop before 3.9; "
+                                                    "two stages spill 8 B, outside every inner loop (198 KB of "
+                                                    "shared memory, < 227 KB)"),
+    (9, False, 64, "dkdv"): ((3, 6), (16, 16, 4, 1), "fp32 16 x 32 tile spills 16 B on sm_90 on 3.6; 16 x 16 "
+                                                     "spills none"),
+    (9, False, 128, "dkdv"): ((3, 6), (16, 32, 8, 1), "fp32 16 x 16 tile spills 16 B on sm_90 on 3.6; 16 x 32 "
+                                                      "spills none and takes fewer instructions per (query, key) "
+                                                      "pair"),
+    (8, False, 64, "dkdv"): ((3, 6), (16, 16, 4, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+    (8, False, 128, "dkdv"): ((3, 6), (16, 32, 8, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+}
+
+
+def tile_notes() -> List[str]:
+    """The tiles the launcher picks differently on this Triton version, with the reason (for the compile report)."""
+    version = triton_version()
+    return [f"attention {kernel} d{bucket} {'16-bit' if b16 else 'fp32'} sm_{major}x (triton <= "
+            f"{last[0]}.{last[1]}): M{t[0]} N{t[1]} w{t[2]} s{t[3]} ({why})"
+            for (major, b16, bucket, kernel), (last, t, why) in _OLDER_TRITON_TILES.items() if version <= last]
+
+
+def _preprocess_warps(block_t: int, block_d: int) -> int:
+    # 8 warps from 64 x 128 elements up: with 4, Triton 3.6 spills 8 B on sm_80 (fp32, d128)
+    return 8 if block_t * block_d >= 8192 else 4
 
 
 def _configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
@@ -478,8 +510,13 @@ def _configs(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
         return _INTERPRETER
     bucket = min(b for b in (64, 128, 256) if b >= next_power_of_2(head_dim))
     if dtype == torch.float32:
-        return _FP32[bucket]
-    return (_HOPPER_16BIT if arch // 10 == 9 else _AMPERE_16BIT)[bucket]
+        table = _FP32[bucket]
+    else:
+        table = (_HOPPER_16BIT if arch // 10 == 9 else _AMPERE_16BIT)[bucket]
+    version, major, b16 = triton_version(), (9 if arch // 10 == 9 else 8), dtype != torch.float32
+    older = {kernel: tile for (m, b, bkt, kernel), (last, tile, _) in _OLDER_TRITON_TILES.items()
+             if (m, b, bkt) == (major, b16, bucket) and version <= last}
+    return dict(table, **older) if older else table
 
 
 @functools.lru_cache(maxsize=None)
@@ -679,6 +716,7 @@ def _launch_backward(do, q, k, v, out, lse, cu, info, scale, causal, window, sof
     _bwd_preprocess_kernel[(triton.cdiv(total, block_t), n_heads)](
         out, do, delta, total, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, WIDE=_wide(total, out, do),
+        num_warps=_preprocess_warps(block_t, block_d),
     )
     cfg = _configs(head_dim, q.dtype, _arch(q))
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,

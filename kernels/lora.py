@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import reference
 from ._triton_utils import (FLOAT_DTYPES, check_float, check_same_device, empty, is_interpreter,
-                            next_power_of_2, use_triton)
+                            next_power_of_2, triton_version, use_triton)
 from .quant import QuantInfo, absmax_fp32, cached_quant_info, dequantize_into, load_weight_tile
 
 MAX_RANK = 128
@@ -286,6 +286,27 @@ _MATMUL_CONFIGS = [
     for bm, bn, bk, w, st in dict.fromkeys(_DENSE_TILES + _4BIT_TILES)
 ]
 _TILES = {False: set(_DENSE_TILES), True: set(_4BIT_TILES)}
+# Tiles older Triton releases compile badly on one arch (compile tier per version, ptxas -v):
+# left out of the autotuner's list there, up to the last release named.
+# Key: (last release, arch major, forward, 4-bit); value: tiles, reason.
+_VERSION_EXCLUDED = {
+    ((3, 6), 8, True, True): ({(128, 256, 64, 8, 3)}, "Triton 3.6 spills 6.8 KB of the 128 x 256 NF4 forward "
+                                                      "tile on sm_80"),
+}
+
+
+def _excluded(tile, arch: Tuple[int, int], forward: bool, is_4bit: bool) -> bool:
+    version = triton_version()
+    return any(version <= last and arch[0] == major and (forward, is_4bit) == (fwd, b4) and tile in tiles
+               for (last, major, fwd, b4), (tiles, _) in _VERSION_EXCLUDED.items())
+
+
+def tile_notes() -> List[str]:
+    """The tiles left out on this Triton version, with the reason (for the compile report)."""
+    version = triton_version()
+    return [f"lora {'forward' if fwd else 'backward dx'} {'4-bit' if b4 else 'dense'} sm_{major}x (triton <= "
+            f"{last[0]}.{last[1]}): without {', '.join('BM%d BN%d BK%d w%d s%d' % t for t in sorted(tiles))} ({why})"
+            for (last, major, fwd, b4), (tiles, why) in _VERSION_EXCLUDED.items() if version <= last]
 
 # usable shared memory per block (bytes), by compute capability
 SMEM_LIMIT = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
@@ -324,7 +345,8 @@ def matmul_configs(*, forward: bool, is_4bit: bool, arch=(9, 0), dtype: torch.dt
 
     ``arch`` is a (major, minor) capability, an int like 90, or a CUDA device. This is
     what the autotuner is given after its host-side prune (the tile set of the variant,
-    minus configs whose shared memory passes the arch's limit): an ahead-of-time tier
+    minus configs whose shared memory passes the arch's limit and tiles the running Triton
+    release compiles badly there, ``_VERSION_EXCLUDED``): an ahead-of-time tier
     compiles exactly these. fp32 inputs and the interpreter use one fixed tile
     (``fixed_matmul_config``) instead.
     """
@@ -336,7 +358,8 @@ def matmul_configs(*, forward: bool, is_4bit: bool, arch=(9, 0), dtype: torch.dt
     out = []
     for cfg in _MATMUL_CONFIGS:
         kw = cfg.kwargs
-        if (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages) not in _TILES[is_4bit]:
+        tile = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+        if tile not in _TILES[is_4bit] or (arch is not None and _excluded(tile, arch, forward, is_4bit)):
             continue
         if limit is not None and _smem_estimate(cfg, forward=forward, is_4bit=is_4bit, elem=elem) > limit:
             continue

@@ -14,6 +14,10 @@
     truncating the mantissa, where the GPU (``cvt.rn.bf16.f32``) and torch round
     to nearest even: truncation doubles the bf16 error the CPU tier measures and
     biases it towards zero. The shim rounds to nearest even, NaN kept quiet.
+- ``install_interpreter_scalar_index_shim`` (Triton < 3.7 only): 3.6's interpreter turns a
+  scalar computed in the kernel into a Python int (a ``range`` bound such as
+  ``tl.minimum(start + n, rows)``) with ``int()`` of its one-element array, which NumPy 2
+  rejects; 3.7 squeezes the array first, and so does the shim.
 - ``poison_outputs``: fill every buffer the launchers allocate with NaN.
 - ``HostSyncRecorder``: records torch calls that wait for the device or read a value back.
 - ``rel_err``: ||out - ref|| / ||ref||, computed in float64.
@@ -25,7 +29,7 @@ import os
 
 import torch
 
-from ._triton_utils import set_output_poisoning
+from ._triton_utils import set_output_poisoning, triton_version
 
 _SHIM_FLAG = "_fastsft_bf16_dot_shim"
 
@@ -106,11 +110,39 @@ def install_interpreter_bf16_rounding_shim() -> bool:
     return _patch_interpreter_builder(_ROUNDING_SHIM_FLAG, "cast_impl", make)
 
 
+_INDEX_SHIM_FLAG = "_fastsft_scalar_index_shim"
+
+
+def install_interpreter_scalar_index_shim() -> bool:
+    """On Triton < 3.7, make a scalar tensor usable as a loop bound under the interpreter (see module doc).
+
+    True when the shim is active or not needed (Triton >= 3.7), False off the interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    from triton.runtime import interpreter
+
+    if triton_version() >= (3, 7):
+        return True
+    original = interpreter._patch_lang_tensor
+    if getattr(original, _INDEX_SHIM_FLAG, False):
+        return True
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    setattr(patch_lang_tensor, _INDEX_SHIM_FLAG, True)
+    interpreter._patch_lang_tensor = patch_lang_tensor  # _patch_lang looks it up at each launch
+    return True
+
+
 def install_interpreter_shims() -> bool:
-    """Both interpreter shims (bf16 tl.dot operands, fp32 -> bf16 rounding); a no-op off the interpreter."""
+    """Every interpreter shim (bf16 tl.dot operands, fp32 -> bf16 rounding, Triton 3.6's scalar loop
+    bounds); a no-op off the interpreter."""
     dot = install_interpreter_bf16_dot_shim()
     rounding = install_interpreter_bf16_rounding_shim()
-    return dot and rounding
+    index = install_interpreter_scalar_index_shim()
+    return dot and rounding and index
 
 
 # Tensor methods / torch functions that wait for the device or read a value back to the host.

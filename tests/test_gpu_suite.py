@@ -56,6 +56,11 @@ def test_dry_run_runs_every_stage_and_writes_five_files(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "Measured peaks: no GPU." in summary
     assert "| a correctness | 120 | ok |" in summary and "## Failures" not in summary
+    # the Triton it ran with and the committed compile report for that version, beside the timings
+    triton = report["environment"]["triton"]
+    assert report["compile"]["triton"] == triton and report["compile"]["committed"]["compiles"] > 0
+    assert report["compile"]["committed"]["source"].endswith(f"triton-{'.'.join(triton.split('.')[:2])}.json")
+    assert f"## Compile report (triton {triton})" in summary
     check_render_table(out / "suite.json", tmp_path)
 
 
@@ -186,3 +191,34 @@ def test_unknown_stage_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         suite_mod.main(["--out", "unused", "--stages", "a,zz"])
     assert exc.value.code == 2
+
+
+def test_the_compile_report_for_the_running_triton_sits_beside_the_timings(tmp_path):
+    """Setup attaches the committed sweep of the Triton the run imports; stage c's own report joins it."""
+    record = suite_mod.compile_record("3.6.0")
+    committed = record["committed"]
+    assert record["triton"] == "3.6.0" and committed["source"] == os.path.join(
+        "benchmarks", "results", "compile", "triton-3.6.json")
+    assert committed["triton"].startswith("3.6") and committed["full"] and committed["compiles"] > 300
+    assert committed["failing"] == [] and committed["tile_notes"]  # 3.6 picks some tiles of its own
+    missing = suite_mod.compile_record("3.99.0")["committed"]
+    assert missing["source"].startswith("none: no benchmarks/results/compile/triton-3.99.json")
+
+    suite = _suite(tmp_path, budget=100)
+    suite.report["compile"] = record
+    with open(os.path.join(REPO, "benchmarks", "results", "compile", "triton-3.6.json")) as f:
+        this_run = json.load(f)
+    this_run["rows"] = this_run["rows"][:3]
+    this_run["rows"][0] = dict(this_run["rows"][0], spill_stores=99, spill_budget=0)
+    os.makedirs(suite.work, exist_ok=True)
+    with open(os.path.join(suite.work, "compile_report.json"), "w") as f:
+        json.dump(this_run, f)
+    suite.collect()
+    suite.flush()
+    assert suite.report["compile"]["this_run"]["compiles"] == 3
+    assert len(suite.report["compile"]["this_run"]["failing"]) == 1
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Compile report (triton 3.6.0)" in summary
+    assert "benchmarks/results/compile/triton-3.6.json (triton 3.6" in summary and "0 failing" in summary
+    assert "this run (stage c, representative set)" in summary and "1 failing" in summary
+    assert "  - FAIL " in summary and "spills 99 bytes (budget 0)" in summary

@@ -102,6 +102,7 @@ class Spec:
     # (signature, constexprs, attrs) when the launcher lists them itself (lora.launch_variants)
     prebuilt: Optional[tuple] = None
     smem_limit_hint: Optional[int] = None  # the bytes the launcher's host-side prune assumed
+    loop_free_spills: bool = False  # the budget covers spills outside the innermost loops only: checked
 
     def key(self, arch: int) -> str:
         return f"{self.kernel}|{self.config}|{self.dtype}|sm_{arch}"
@@ -140,6 +141,7 @@ def _signature(spec: Spec):
 
 
 _INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LOCAL = re.compile(r"\b(LDL|STL)\b")
 
 
 def sass_stats(sass: str) -> dict:
@@ -160,8 +162,10 @@ def sass_stats(sass: str) -> dict:
     loop_stats = []
     for a, b in sorted(inner):
         body = [t for addr, t in insns if a <= addr <= b]
+        # local-memory loads / stores inside the loop: a spill there costs every iteration
         loop_stats.append({"instructions": len(body), "hgmma": sum("HGMMA" in t for t in body),
-                           "hmma": sum("HMMA" in t for t in body)})
+                           "hmma": sum("HMMA" in t for t in body),
+                           "local": sum(bool(_LOCAL.search(t)) for t in body)})
     hgmma = sum("HGMMA" in t for _, t in insns)
     hmma = sum("HMMA" in t for _, t in insns)
     shapes = sorted({re.search(r"HGMMA\.(\d+x\d+x\d+)", t).group(1) for _, t in insns if "HGMMA." in t})
@@ -184,7 +188,8 @@ def compile_one(spec: Spec, arch: int) -> dict:
            "num_warps": spec.num_warps, "num_stages": spec.num_stages, "ci": spec.ci, "dot16": spec.dot16,
            "smem_limit": SMEM_LIMIT[arch], "spill_budget": spec.spill_budget.get(arch, 0),
            "budget_reason": spec.budget_reason if spec.spill_budget.get(arch, 0) else "",
-           "smem_exempt": spec.smem_exempt.get(arch, ""), "smem_estimate": spec.smem_limit_hint}
+           "smem_exempt": spec.smem_exempt.get(arch, ""), "smem_estimate": spec.smem_limit_hint,
+           "loop_free_spills": spec.loop_free_spills and bool(spec.spill_budget.get(arch, 0))}
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -233,6 +238,10 @@ def problems(row: dict) -> list:
     out = []
     if row["spill_stores"] > row["spill_budget"]:
         out.append(f"spills {row['spill_stores']} bytes (budget {row['spill_budget']})")
+    in_loops = sum(lp.get("local", 0) for lp in row.get("inner_loops") or [])
+    if row.get("loop_free_spills") and in_loops:
+        out.append(f"{in_loops} local-memory loads/stores inside an innermost loop (its budget allows spills "
+                   "outside the loops only)")
     if row["smem"] > row["smem_limit"] and not row["smem_exempt"]:
         out.append(f"shared memory {row['smem']} bytes > {row['smem_limit']} ({row['arch']} limit)")
     if row.get("smem_estimate") is not None and row["smem"] > row["smem_estimate"]:

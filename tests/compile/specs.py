@@ -18,6 +18,7 @@ import re
 from typing import Iterator
 
 import torch
+import triton
 import triton.language as tl
 
 try:  # imported by path from benchmarks/compile_report.py, as a module by the tests
@@ -26,6 +27,7 @@ except ImportError:  # pragma: no cover - loaded as a plain file
     import aot  # type: ignore
 
 Spec = aot.Spec
+TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2])  # the launchers pick some tiles by it
 
 TOKENS = 16384
 HIDDEN = 4096
@@ -50,6 +52,39 @@ def _name(dtype: torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------------------ attention
+def _attention_budget(name: str, head_dim: int, dot16: bool, arch: int, variant: bool):
+    """(spill budget per arch, reason, whether the spills must stay outside every inner loop)
+    for one attention tile; the launcher's tile table (with its Triton 3.6 replacements) is
+    in fastsft_kernels.attention."""
+    v36 = TRITON < (3, 7)
+    if variant and name == "fwd":
+        # the Gemma-2 variant's sigmoid-tanh and window masks add live registers to the
+        # 183-register d128 tile (full sweep: 16 B sm_90, 80 B sm_80 on 3.9; 36 B sm_90 on 3.6,
+        # none of it in a loop); retune on the GPU
+        return {90: 40 if v36 else 16, 80: 80}, "softcap + window registers on the d128 forward tile", v36
+    if name == "dkdv" and head_dim == 64 and not dot16 and arch == 80 and not v36:
+        # fp32 inputs (not the training path): 4 B on sm_80; the 16 x 16 tile spills 20 B on sm_90
+        return {80: 8}, "fp32 d64 dK/dV FMA tile on sm_80", False
+    if name == "dkdv" and head_dim == 256 and dot16 and arch == 90:
+        # dK and dV (64 x 256 fp32 each) plus K and V as register operands exceed 255
+        # registers on any wgmma tiling found (tests/compile sweep: >= 264 bytes for
+        # 64 key rows, >= 1300 for 128); the least-spilling wgmma tile is kept
+        return {90: 320}, "d256 dK/dV accumulators + K/V operands exceed 255 registers", False
+    if dot16 and head_dim == 256 and arch == 90 and (name == "fwd" and v36 or name == "dq" and TRITON < (3, 9)):
+        # Triton 3.6 spills 4 B of the forward tile, 3.6-3.8 8 B of the two-stage dq tile, before or
+        # after the key loop; the spill-free alternatives (16-key blocks) take 40-65% more SASS per key
+        return {90: 8}, "Triton < 3.9: a few bytes outside the key loop of the d256 tile", True
+    if dot16 and head_dim == 64 and name == "dkdv" and arch == 90 and TRITON == (3, 7):
+        # Triton 3.7 spills 4 B of the 64 x 128 tile, outside the query loop; the 32-row block that
+        # 3.6 takes would cost 20% more SASS per query row on 3.7 (326 / 32 against 539 / 64)
+        return {90: 4}, "Triton 3.7: 4 B outside the query loop of the d64 dK/dV tile", True
+    if v36 and dot16 and head_dim == 64 and name == "dkdv" and arch == 80:
+        # Triton 3.6 spills 60 B of the 32 x 128 tile, outside the query loop; the spill-free
+        # choices drop the pipelining (one stage) or halve the query block
+        return {80: 64}, "Triton 3.6: d64 dK/dV on sm_80 spills outside the query loop", True
+    return {}, "", False
+
+
 def attention_specs() -> Iterator[Spec]:
     A = _module("attention")
     from fastsft_kernels._triton_utils import next_power_of_2
@@ -89,25 +124,13 @@ def _attention_variant(A, next_power_of_2, dtype, head_dim, ci, *, causal, windo
                         stride_ot=HEADS * head_dim, stride_oh=head_dim, stride_dot=HEADS * head_dim,
                         stride_doh=head_dim, stride_dqt=HEADS * head_dim, stride_dqh=head_dim,
                         stride_dkt=KV_HEADS * head_dim, stride_dkh=head_dim)
-            budget, reason = {}, ""
-            if variant and name == "fwd":
-                # the Gemma-2 variant's sigmoid-tanh and window masks add live registers to the
-                # 183-register d128 tile (full sweep: 16 B sm_90, 80 B sm_80); retune on the GPU
-                budget, reason = {90: 16, 80: 80}, "softcap + window registers on the d128 forward tile"
-            if name == "dkdv" and head_dim == 64 and not dot16 and arch == 80:
-                # fp32 inputs (not the training path): 4 B on sm_80; the 16 x 16 tile spills 20 B on sm_90
-                budget, reason = {80: 8}, "fp32 d64 dK/dV FMA tile on sm_80"
-            if name == "dkdv" and head_dim == 256 and dot16 and arch == 90:
-                # dK and dV (64 x 256 fp32 each) plus K and V as register operands exceed 255
-                # registers on any wgmma tiling found (tests/compile sweep: >= 264 bytes for
-                # 64 key rows, >= 1300 for 128); the least-spilling wgmma tile is kept
-                budget, reason = {90: 320}, "d256 dK/dV accumulators + K/V operands exceed 255 registers"
+            budget, reason, loop_free = _attention_budget(name, head_dim, dot16, arch, bool(variant))
             yield Spec(kernel=f"attention.{fn.__name__}",
                        config=f"d{head_dim} M{block_m} N{block_n} w{warps} s{stages}" + variant,
                        dtype=_name(dtype), fn=fn, args=args,
                        constexprs=dict(flags, GROUP=HEADS // KV_HEADS, BLOCK_M=block_m, BLOCK_N=block_n),
                        num_warps=warps, num_stages=stages, ci=ci[arch], dot16=dot16, archs=(arch,),
-                       spill_budget=budget, budget_reason=reason)
+                       spill_budget=budget, budget_reason=reason, loop_free_spills=loop_free)
     if not variant:
         block_t = 64
         yield Spec(kernel="attention._bwd_preprocess_kernel", config=f"d{head_dim} T{block_t}", dtype=_name(dtype),
@@ -115,7 +138,7 @@ def _attention_variant(A, next_power_of_2, dtype, head_dim, ci, *, causal, windo
                    args=dict(O=p, DO=p, DELTA="*fp32", total_tokens=TOKENS, stride_t=HEADS * head_dim,
                              stride_h=head_dim),
                    constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, WIDE=False),
-                   num_warps=4, num_stages=3, ci=ci[80])
+                   num_warps=A._preprocess_warps(block_t, block_d), num_stages=3, ci=ci[80])
 
 
 # ------------------------------------------------------------------------------ cross-entropy
@@ -277,6 +300,11 @@ def swiglu_specs() -> Iterator[Spec]:
                              dh_row_stride=n, gate_row_stride=2 * n, up_row_stride=2 * n, dgate_row_stride=2 * n,
                              dup_row_stride=2 * n),
                    constexprs=dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=warps, num_stages=3, ci=ci)
+
+
+def tile_notes() -> list:
+    """What the launchers pick differently on the running Triton version, and why."""
+    return _module("attention").tile_notes() + _module("lora").tile_notes()
 
 
 SPEC_TABLE = (attention_specs, cross_entropy_specs, lora_specs, quant_specs, norm_specs, rope_specs, swiglu_specs)

@@ -7,7 +7,14 @@ memory within the arch's limit unless the spec says why that config is never lau
 there; wgmma on sm_90 for every bf16/fp16 tl.dot. The default run compiles one
 representative config per kernel x dtype (CI budget: a few minutes on 2 cores);
 FASTSFT_COMPILE_FULL=1 compiles every config the launchers can pick.
+
+The tier runs once per Triton version: by default the oldest and the newest that
+pyproject.toml admits (3.6, the GPU image's, and 3.9). A version other than the
+running one is installed once into a cache folder (tests/compile/triton_envs.py: one
+wheel download, `pip install --no-deps --target`) and put first on the subprocess's
+PYTHONPATH. FASTSFT_COMPILE_TRITON=all|current|3.7,3.8 picks other versions.
 """
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -21,30 +28,62 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
-def _load_aot():
-    spec = importlib.util.spec_from_file_location("fastsft_compile_aot", os.path.join(HERE, "aot.py"))
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"fastsft_compile_{name}", os.path.join(HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-aot = _load_aot()
+aot = _load("aot")
+triton_envs = _load("triton_envs")
 _MISSING = aot.missing_tools()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"compile tier needs the triton wheel's tools: {_MISSING}")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compile") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch default; silences Triton 3.9's notice
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--json", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=900)
+def tier_versions() -> list:
+    """The Triton minors the tier compiles with: the oldest and newest admitted, unless told otherwise."""
+    admitted = triton_envs.admitted_minors()
+    wanted = os.environ.get("FASTSFT_COMPILE_TRITON", "").strip()
+    if wanted == "all":
+        return admitted
+    if wanted == "current":
+        return [triton_envs.minor_of(triton_envs.running_version())]
+    if wanted:
+        return [v.strip() for v in wanted.split(",") if v.strip()]
+    return sorted({admitted[0], admitted[-1]}, key=admitted.index)
+
+
+@pytest.fixture(scope="module", params=tier_versions(), ids=lambda minor: f"triton{minor}")
+def report(request, tmp_path_factory):
+    # one compile per version per session: pytest-xdist workers share the session's folder above
+    # their own and wait on its lock for the first one's report
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    with open(shared / f"fastsft-compile-{request.param}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = shared / f"fastsft-compile-{request.param}.json"
+        if not out.exists():
+            _compile(request.param, out)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _compile(minor, out):
+    try:
+        env = triton_envs.env_for(minor, log=lambda _: None)
+    except RuntimeError as exc:  # no index reachable: say which setting runs without it
+        pytest.fail(f"triton {minor} is not installed and could not be ({exc}); "
+                    "FASTSFT_COMPILE_TRITON=current compiles with the running Triton only")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--triton", "current", "--json",
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout)  # the table (pytest -s, or shown with a failure)
     assert proc.returncode == 0, f"compile_report failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     with open(out) as f:
-        return json.load(f)
+        version = json.load(f)["triton"]
+    assert triton_envs.minor_of(version) == minor, f"compiled with triton {version}, not {minor}"
 
 
 def test_every_kernel_config_passes_the_compile_rules(report):

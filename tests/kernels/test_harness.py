@@ -113,3 +113,21 @@ def test_rel_err():
         rel_err(torch.zeros(3), ref)
     with pytest.raises(AssertionError, match="exceeds"):
         assert_close(torch.tensor([3.0, 5.0]), ref, 1e-3)
+
+
+def test_scalar_index_shim_lets_a_kernel_scalar_bound_a_loop(monkeypatch):
+    """Triton 3.6's interpreter cannot use a scalar computed in the kernel as a range bound under NumPy 2;
+    with the shim (installed by conftest) the same tensor indexes like an int on every version."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert testing.install_interpreter_scalar_index_shim() is True
+    scalar = tl.tensor(interpreter.TensorHandle(np.array([7], dtype=np.int64), tl.int64), tl.int64)
+    scope = interpreter._LangPatchScope()
+    interpreter._patch_lang_tensor(tl.tensor, scope)
+    try:
+        assert list(range(scalar, 10)) == [7, 8, 9]
+    finally:
+        scope.restore()
