@@ -406,6 +406,8 @@ class Trainer:
             self.say(note)
         if long_line:
             self.say(long_line)
+        if getattr(self, "_threads_line", None):
+            self.say(self._threads_line)
 
     def _set_cpu_threads(self) -> None:
         """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
@@ -423,7 +425,8 @@ class Trainer:
         free = max(1, int(cores - load + 0.5) // max(1, self.dist.world_size))
         threads = max(1, min(torch.get_num_threads(), free))
         torch.set_num_threads(threads)
-        self.say(f"cpu threads: {threads} ({cores} cores, load {load:.1f}; cpu_threads: N chooses)")
+        # said once the model has loaded, so that a config error stays the only line
+        self._threads_line = f"cpu threads: {threads} ({cores} cores, load {load:.1f}; cpu_threads: N chooses)"
 
     def _batch_line(self, window: int) -> str:
         """What one optimizer step trains on, in the units users size batches in."""
