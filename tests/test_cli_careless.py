@@ -194,6 +194,8 @@ def test_nan_on_the_command_line_and_zero_lr_allowed(tmp_path, capsys):
     config = small_config(tmp_path)
     assert main(["train", config, "--learning_rate", "nan"]) == 2
     assert "finite" in one_error_line(capsys)
+    assert main(["train", config, "--tokenizer_vocab_size", "5"]) == 2
+    assert "'tokenizer_vocab_size' must be >= 260" in one_error_line(capsys)
     assert main(["train", config, "--learning_rate", "0", "--allow_zero_lr", "--max_steps", "1"]) == 0
 
 
