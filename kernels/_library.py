@@ -22,8 +22,9 @@ import torch
 NAMESPACE = "fastsft"
 
 _C = torch._C
+# ADInplaceOrView too: in-place writes into views (the reference's out[start:end] = ...) need it
 _AUTOGRAD_KEYS = (_C.DispatchKey.AutogradFunctionality, _C.DispatchKey.AutogradOther,
-                  _C.DispatchKey.AutogradNestedTensor)
+                  _C.DispatchKey.AutogradNestedTensor, _C.DispatchKey.ADInplaceOrView)
 
 
 @contextlib.contextmanager
@@ -48,10 +49,10 @@ def reference_vjp(fn: Callable, primals: Sequence, needs: Sequence[bool], cotang
         pairs = [(o, c) for o, c in zip(outs, cotangents) if c is not None and o.requires_grad]
         if not wanted:
             return [None] * len(primals)
-        if pairs:
-            grads = torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], allow_unused=True)
-        else:
-            grads = [None] * len(wanted)
+        if not pairs and any(c is not None for c in cotangents):
+            raise RuntimeError("reference_vjp: the recomputed forward did not record autograd")
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], allow_unused=True) \
+            if pairs else [None] * len(wanted)
     result, it = [], iter(grads)
     for p, n in zip(primals, needs):
         if not n:

@@ -152,3 +152,85 @@ def test_fake_tracing_runs_every_simple_op(monkeypatch):
         loss = fk.cross_entropy(h.reshape(12, 32), torch.zeros(12, dtype=torch.long))
         loss.backward()
     assert qo.stride() == q.stride() and x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+# ------------------------------------------------------------------ attention
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, 20.0)])
+def test_varlen_attention(path, window, softcap):
+    from fastsft_kernels.attention import make_cu_seqlens
+
+    torch.manual_seed(6)
+    cu = make_cu_seqlens([0, 7, 8, 19], "cpu")
+    q, k, v = _g(19, 4, 16), _g(19, 2, 16), _g(19, 2, 16)
+    _check(ops.varlen_attention.default, (q, k, v, cu, 11, True, 0.25, window, softcap))
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    out, lse = ops.varlen_attention(qd, kd, vd, cu, 11, True, 0.25, window, softcap)
+    _check(ops.varlen_attention_backward.default,
+           (torch.randn(19, 4, 16), qd, kd, vd, out, lse, cu, 11, True, 0.25, window, softcap))
+
+
+# ------------------------------------------------------------------ LoRA and 4-bit weights
+def _nf4(out_f, in_f, nested):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    packed, state = bnbf.quantize_4bit(torch.randn(out_f, in_f), blocksize=64, quant_type="nf4",
+                                       compress_statistics=nested)
+    return packed, state
+
+
+def _lora_args(x2, weights, states, lora_as, lora_bs, biases, strategies):
+    from fastsft_kernels.lora import _state_args
+
+    quant = [list(c) for c in zip(*[_state_args(w, q) for w, q in zip(weights, states)])]
+    return (x2, weights, lora_as, lora_bs, [0.5, 2.0][:len(weights)],
+            [b if b is not None else torch.empty(0) for b in biases], [b is not None for b in biases],
+            *quant, strategies)
+
+
+@pytest.mark.parametrize("strategies", [["cublas", "triton"], ["triton", "cublas"]])
+def test_lora_linear_dense(path, strategies):
+    torch.manual_seed(7)
+    x2 = _g(9, 64)
+    weights = [_g(48, 64, grad=False), _g(32, 64)]  # a frozen base and a trained one
+    args = _lora_args(x2, weights, [None, None], [_g(4, 64), _g(2, 64)], [_g(48, 4), _g(32, 2)],
+                      [_g(48), None], strategies)
+    _check(ops.lora_linear.default, args)
+    outs = ops.lora_linear(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    grads = [torch.randn_like(o) for o in outs[:2]]
+    detached = [[t.detach() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
+                for a in args[1:]]
+    _check(ops.lora_linear_backward.default,
+           (grads, x2.detach(), outs[2], *detached[:5], *detached[5:-1], detached[-1], True, [False, True],
+            [True, True], [True, True], [True, False]))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_lora_linear_4bit(path, nested):
+    torch.manual_seed(8)
+    packed, state = _nf4(64, 64, nested)
+    x2 = _g(5, 64)
+    args = _lora_args(x2, [packed], [state], [_g(4, 64)], [_g(64, 4)], [None], ["triton"])
+    _check(ops.lora_linear.default, args)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_4bit(path, nested):
+    from fastsft_kernels.lora import _state_args
+
+    packed, state = _nf4(64, 64, nested)
+    _check(ops.dequantize_4bit.default, (packed, *_state_args(packed, state), torch.bfloat16))
+
+
+def test_fake_tracing_runs_attention_and_qlora(monkeypatch):
+    """cu_seqlens and the quant state are operator arguments: nothing reads a device value under fake tensors."""
+    from fastsft_kernels.attention import make_cu_seqlens
+
+    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
+    packed, state = _nf4(64, 64, True)
+    cu = make_cu_seqlens([0, 5, 12], "cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(12, 64, requires_grad=True)
+        a, b = torch.empty(4, 64, requires_grad=True), torch.empty(64, 4, requires_grad=True)
+        y = fk.lora_linear(x, packed, a, b, 2.0, quant_state=state)
+        out = fk.varlen_attention(y.view(12, 4, 16), y.view(12, 4, 16), y.view(12, 4, 16), cu, 7)
+        out.sum().backward()
+    assert x.grad.shape == (12, 64) and a.grad.shape == (4, 64) and b.grad.shape == (64, 4)
