@@ -86,7 +86,7 @@ def _trainer(tmp_path, mode, **extra):
                          model_config={"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
                                        "num_attention_heads": 2, "num_key_value_heads": 1},
                          max_seq_length=48, batch_tokens=64, max_steps=2, output_dir=str(tmp_path / "out"),
-                         progress_bar="off", mode=mode, precision="bf16", device="cpu", gradient_checkpointing=True,
+                         progress_bar="off", self_check=False, mode=mode, precision="bf16", device="cpu", gradient_checkpointing=True,
                          lora_r=4, lora_alpha=8, packing=True, **extra)
     trainer = Trainer(config, stream=io.StringIO())
     trainer.setup()
@@ -229,6 +229,11 @@ def test_dora_adds_one_full_width_pass_and_never_forms_w_plus_ba(quant, monkeypa
     w_numel = n * k
     lora_ops, lora_w = _full_width_ops(step(None), rows * n, w_numel, monkeypatch)
     dora_ops, dora_w = _full_width_ops(step(m), rows * n, w_numel, monkeypatch)
+    # lora_linear is a torch.library operator (issue 29): a dispatch mode sees it as one op, not the
+    # products inside it. Those are, on the dequantize + cuBLAS path: the base + LoRA addmm_ (forward)
+    # and dX's two mm (backward); lora_linear_ex (an autograd Function) shows them as such.
+    assert lora_ops == [], lora_ops
+    lora_ops = ["addmm_", "mm", "mm"]
     extra = list(dora_ops)
     for op in lora_ops:
         assert op in extra, (lora_ops, dora_ops)
