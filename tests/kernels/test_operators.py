@@ -234,3 +234,35 @@ def test_fake_tracing_runs_attention_and_qlora(monkeypatch):
         out = fk.varlen_attention(y.view(12, 4, 16), y.view(12, 4, 16), y.view(12, 4, 16), cu, 7)
         out.sum().backward()
     assert x.grad.shape == (12, 64) and a.grad.shape == (4, 64) and b.grad.shape == (64, 4)
+
+
+# ------------------------------------------------------------------ torch.compile sees one node per op
+def test_compiled_ops_have_no_graph_break_and_match_eager(path):
+    """fullgraph=True (a break would raise) with AOT autograd over every op's forward and backward."""
+    from fastsft_kernels.attention import make_cu_seqlens
+
+    torch.manual_seed(9)
+    cu = make_cu_seqlens([0, 5, 12], "cpu")
+    packed, state = _nf4(64, 64, True)
+    x0, w_norm = torch.randn(12, 64), torch.randn(64)
+    a, b = torch.randn(8, 64) * 0.1, torch.randn(64, 8) * 0.1
+    head, labels = torch.randn(67, 32) * 0.1, _labels(12, 67)
+
+    def step(x, w_norm, a, b, head):
+        h = fk.rms_norm(x, w_norm, 1e-6)
+        y = fk.lora_linear(h, packed, a, b, 2.0, quant_state=state)
+        q = y.view(12, 4, 16)
+        o = fk.varlen_attention(q, q, q, cu, 7).reshape(12, 64)
+        g = fk.swiglu(o[:, :32], o[:, 32:])
+        return fk.linear_cross_entropy(g, head, labels)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x0, w_norm, a, b, head)]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    eager = run(step)
+    compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
