@@ -6,6 +6,10 @@ Triton kernels; CPU tensors run the pure-PyTorch definitions in
 test suite sets it together with ``TRITON_INTERPRET=1``), in which case the
 Triton path runs through Triton's interpreter.
 
+Each op is a ``torch.library`` operator in the ``fastsft`` namespace (its forward and
+backward, each with a fake implementation, so torch.compile and FakeTensor tracing see
+through them); the functions here validate their arguments and call the operators.
+
 Ops are imported lazily so that ``import fastsft_kernels`` stays cheap and an
 op's module (and Triton) loads only when the op is first used.
 """
@@ -30,7 +34,14 @@ _OPS = {
     "swiglu": "swiglu",
 }
 
-__all__ = sorted(_OPS) + ["reference"]
+__all__ = sorted(_OPS) + ["reference", "load_operators"]
+
+
+def load_operators() -> None:
+    """Import every op module, so that each ``torch.ops.fastsft.*`` operator is registered
+    (calling a public op registers its own; torch.ops lookups need this first)."""
+    for module in sorted(set(_OPS.values())):
+        importlib.import_module(f".{module}", __name__)
 
 
 def __getattr__(name: str):

@@ -41,13 +41,14 @@ import contextlib
 import functools
 import math
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from ._library import NAMESPACE, reference_vjp
 from ._triton_utils import (
     check_float,
     check_same_device,
@@ -710,23 +711,103 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _VarlenAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, info, scale, causal, window, softcap):
-        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            out, lse = _launch_forward(q, k, v, cu_seqlens, info, scale, causal, window, softcap)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.info, ctx.scale, ctx.causal, ctx.window, ctx.softcap = info, scale, causal, window, softcap
-        return out
+# =============================================================================== operators
+def _device_of(q: torch.Tensor):
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            dq, dk, dv = _launch_backward(_unit_stride(dout), q, k, v, out, lse, cu_seqlens, ctx.info,
-                                          ctx.scale, ctx.causal, ctx.window, ctx.softcap)
-        return dq, dk, dv, None, None, None, None, None, None
+
+def _checked_info(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> _SeqInfo:
+    """Host view of cu_seqlens (cached per tensor: one device->host copy per batch), validated."""
+    info = _seq_info(cu_seqlens, total)
+    if info.max_len > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({info.max_len} tokens)")
+    return info
+
+
+def _reference_lse(q, k, bounds, causal, scale, window, softcap) -> torch.Tensor:
+    """(n_heads, total) fp32 natural-log log-sum-exp of each query's allowed scores (reference path)."""
+    total, n_heads, _ = q.shape
+    group = n_heads // k.shape[1]
+    lse = torch.zeros(n_heads, total, dtype=torch.float32, device=q.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qd = q[start:end].float().transpose(0, 1)
+        kd = k[start:end].float().transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = (qd @ kd.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        i = torch.arange(end - start, device=q.device).unsqueeze(1)
+        j = torch.arange(end - start, device=q.device).unsqueeze(0)
+        allowed = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed &= j <= i
+        if window is not None:
+            allowed &= (i - j < window) if causal else ((i - j).abs() < window)
+        lse[:, start:end] = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return lse
+
+
+@torch.library.custom_op(f"{NAMESPACE}::varlen_attention", mutates_args=())
+def varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                        max_seqlen: int, causal: bool, softmax_scale: float, window: Optional[int],
+                        softcap: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (T, H, D) contiguous, lse (H, T) fp32). cu_seqlens is read on the host here, once per
+    tensor (cached), never under fake tensors; max_seqlen is an int argument."""
+    info = _checked_info(cu_seqlens, q.shape[0], max_seqlen)
+    if not use_triton(q):
+        out = reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal,
+                                         softmax_scale=softmax_scale, window=window, softcap=softcap)
+        return out.contiguous(), _reference_lse(q, k, info.bounds, causal, softmax_scale, window, softcap)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    with _device_of(q):
+        return _launch_forward(q, k, v, cu_seqlens, info, softmax_scale, causal, window, softcap)
+
+
+@varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap):
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                 causal: bool, softmax_scale: float, window: Optional[int],
+                                 softcap: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in q's / k's / v's dtypes."""
+    info = _checked_info(cu_seqlens, q.shape[0], max_seqlen)
+    if not use_triton(q):
+        grads = reference_vjp(
+            lambda a, b, c: reference.varlen_attention(a, b, c, cu_seqlens, max_seqlen, causal=causal,
+                                                       softmax_scale=softmax_scale, window=window, softcap=softcap),
+            (q, k, v), (True, True, True), (dout,))
+        return tuple(g.contiguous() for g in grads)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    with _device_of(q):
+        return _launch_backward(_unit_stride(dout), q, k, v, out, lse, cu_seqlens, info, softmax_scale, causal,
+                                window, softcap)
+
+
+@varlen_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.options = (max_seqlen, causal, softmax_scale, window, softcap)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+varlen_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 def varlen_attention(
@@ -751,15 +832,9 @@ def varlen_attention(
     Differentiable in q, k and v; the backward is deterministic.
     """
     max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap)
-    info = _seq_info(cu_seqlens, q.shape[0])
-    if info.max_len > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document ({info.max_len} tokens)")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     softcap = float(softcap) if softcap is not None else None
-    if not use_triton(q):
-        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale,
-                                          window=window, softcap=softcap)
-    return _VarlenAttentionFunction.apply(q, k, v, cu_seqlens, info, scale, causal, window, softcap)
+    return varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap)[0]
 
 
 __all__ = ["varlen_attention", "make_cu_seqlens"]

@@ -39,7 +39,7 @@ trainer's data pipeline does.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -47,6 +47,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import reference
+from ._library import NAMESPACE, nothing, reference_vjp
 from ._triton_utils import check_float, check_same_device, empty, next_power_of_2, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -336,15 +337,6 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100
                          f"ignore_index={ignore_index} (first: {int(flat[first])} at flat index {first})")
 
 
-def _mean_divisor(num_items, count: Optional[torch.Tensor], device):
-    """The "mean" divisor as a float32 device tensor (or a Python float), at least 1."""
-    if num_items is None:
-        return count.to(torch.float32).clamp(min=1.0)
-    if isinstance(num_items, torch.Tensor):
-        return num_items.detach().to(device=device, dtype=torch.float32).reshape(()).clamp(min=1.0)
-    return max(float(num_items), 1.0)
-
-
 def _upstream_scale(grad_output: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
     """fp32 factor the kernels multiply into d loss_row / d logits: 0-dim or (N,)."""
     g = grad_output.detach().to(torch.float32)
@@ -397,32 +389,116 @@ def _check_labels_tensor(labels, rows_shape, what: str):
 
 
 # =============================================================================== cross_entropy
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, num_items, label_smoothing, z_loss, softcap):
-        count = _trained_count(labels, ignore_index) if reduction == "mean" and num_items is None else None
-        divisor = _mean_divisor(num_items, count, logits.device) if reduction == "mean" else None
-        n_rows = logits.shape[0]
-        loss_rows = empty(n_rows, dtype=torch.float32, device=logits.device)
-        stats = empty(n_rows, 2, dtype=torch.float32, device=logits.device)
-        _launch_ce_rows(logits, labels, loss=loss_rows, stats=stats, stats_given=False, grad=None, scale=None,
-                        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        ctx.save_for_backward(logits, labels, stats)
-        ctx.options = (ignore_index, reduction, divisor, label_smoothing, z_loss, softcap)
-        return _reduce(loss_rows, reduction, divisor)
+def _num_items_args(num_items):
+    """num_items as the operators take it: (tensor or None, number or None)."""
+    if isinstance(num_items, torch.Tensor):
+        return num_items, None
+    return None, (float(num_items) if num_items is not None else None)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        logits, labels, stats = ctx.saved_tensors
-        ignore_index, reduction, divisor, label_smoothing, z_loss, softcap = ctx.options
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
-            _launch_ce_rows(logits, labels, loss=None, stats=stats, stats_given=True, grad=grad,
-                            scale=_upstream_scale(grad_output, reduction, divisor),
-                            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                            softcap=softcap)
-        return grad, None, None, None, None, None, None, None
+
+def _divisor_tensor(reduction, num_items_t, num_items_f, labels, ignore_index, count_fn) -> torch.Tensor:
+    """The "mean" divisor (>= 1) as a 0-dim fp32 device tensor; 1 for "sum"/"none". No host sync."""
+    device = labels.device
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=device)
+    if num_items_t is not None:
+        return num_items_t.detach().to(device=device, dtype=torch.float32).reshape(()).clamp(min=1.0)
+    if num_items_f is not None:
+        return torch.full((), max(num_items_f, 1.0), dtype=torch.float32, device=device)
+    return count_fn(labels, ignore_index).to(torch.float32).clamp(min=1.0)
+
+
+def _reference_count(labels, ignore_index):
+    return (labels != ignore_index).sum()
+
+
+def _reference_stats(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2) fp32 row max and log-sum-exp offset of (softcapped) logits, as the kernel keeps them."""
+    x = x.to(torch.float32)
+    m = x.amax(dim=-1)
+    finite = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.stack((m, torch.logsumexp(x - finite[:, None], dim=-1)), dim=-1)
+
+
+def _softcapped(logits, softcap):
+    x = logits.to(torch.float32)
+    return softcap * torch.tanh(x / softcap) if softcap is not None else x
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+                     num_items_tensor: Optional[torch.Tensor], num_items_value: Optional[float],
+                     label_smoothing: float, z_loss: float,
+                     softcap: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats (N, 2) fp32, divisor 0-dim fp32) of logits rows (N, V) with labels (N,)."""
+    if not use_triton(logits):
+        divisor = _divisor_tensor(reduction, num_items_tensor, num_items_value, labels, ignore_index,
+                                  _reference_count)
+        rows = reference.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none",
+                                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        return _reduce(rows.to(torch.float32), reduction, divisor), _reference_stats(_softcapped(logits, softcap)), divisor
+    divisor = _divisor_tensor(reduction, num_items_tensor, num_items_value, labels, ignore_index, _trained_count)
+    n_rows = logits.shape[0]
+    loss_rows = empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = empty(n_rows, 2, dtype=torch.float32, device=logits.device)
+    _launch_ce_rows(logits, labels, loss=loss_rows, stats=stats, stats_given=False, grad=None, scale=None,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return _reduce(loss_rows, reduction, divisor), stats, divisor
+
+
+def _loss_like(rows_of: torch.Tensor, reduction: str) -> torch.Tensor:
+    shape = (rows_of.shape[0],) if reduction == "none" else ()
+    return rows_of.new_empty(shape, dtype=torch.float32)
+
+
+@cross_entropy_op.register_fake
+def _(logits, labels, ignore_index, reduction, num_items_tensor, num_items_value, label_smoothing, z_loss, softcap):
+    n = logits.shape[0]
+    return (_loss_like(logits, reduction), logits.new_empty(n, 2, dtype=torch.float32),
+            logits.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(grad_output: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                              stats: torch.Tensor, divisor: torch.Tensor, ignore_index: int, reduction: str,
+                              label_smoothing: float, z_loss: float, softcap: Optional[float]) -> torch.Tensor:
+    """d loss / d logits (logits' shape and dtype), scaled by the upstream gradient."""
+    scale = _upstream_scale(grad_output, reduction, divisor)
+    if not use_triton(logits):
+        def rows_loss(x):
+            return reference.cross_entropy(x, labels, ignore_index=ignore_index, reduction="none",
+                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        cot = scale.expand(logits.shape[0]) if scale.dim() == 0 else scale
+        (grad,) = reference_vjp(rows_loss, (logits,), (True,), (cot,))
+        return grad.to(logits.dtype).contiguous()
+    grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_ce_rows(logits, labels, loss=None, stats=stats, stats_given=True, grad=grad, scale=scale,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return grad
+
+
+@cross_entropy_backward_op.register_fake
+def _(grad_output, logits, labels, stats, divisor, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return logits.new_empty(logits.shape)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, labels, ignore_index, reduction, _, _, label_smoothing, z_loss, softcap = inputs
+    _, stats, divisor = output
+    ctx.save_for_backward(logits, labels, stats, divisor)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ctx.mark_non_differentiable(stats, divisor)
+
+
+def _ce_backward(ctx, grad_output, _dstats, _ddivisor):
+    logits, labels, stats, divisor = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = cross_entropy_backward_op(grad_output, logits, labels, stats, divisor, *ctx.options)
+    return grad, None, None, None, None, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 def cross_entropy(
@@ -452,17 +528,11 @@ def cross_entropy(
     rows = logits.reshape(-1, n_cols)
     flat_labels = labels.reshape(-1)
 
-    if not use_triton(logits):
-        loss = reference.cross_entropy(rows, flat_labels, ignore_index=ignore_index, reduction=reduction,
-                                       num_items=num_items, label_smoothing=label_smoothing,
-                                       z_loss=z_loss, softcap=softcap)
-        return loss.reshape(labels.shape) if reduction == "none" else loss
-
     if rows.stride(-1) != 1:
         rows = rows.contiguous()  # the kernel streams rows with unit stride
     flat_labels = flat_labels.contiguous()
-    loss = _CrossEntropy.apply(rows, flat_labels, ignore_index, reduction, num_items,
-                               float(label_smoothing), float(z_loss), softcap)
+    loss = cross_entropy_op(rows, flat_labels, ignore_index, reduction, *_num_items_args(num_items),
+                            float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else None)[0]
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
@@ -532,63 +602,180 @@ def _run_chunks(hidden, weight, bias, labels, *, chunk_rows, loss_rows, stats, s
                             grad_weight, grad_bias, first=index == 0)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, num_items, softcap, z_loss, chunk_rows,
-                grad_enabled, label_smoothing):
-        n_rows = hidden.shape[0]
-        device = hidden.device
-        count = _trained_count(labels, ignore_index) if reduction == "mean" and num_items is None else None
-        divisor = _mean_divisor(num_items, count, device) if reduction == "mean" else None
-        needs = ctx.needs_input_grad
-        want_grad = grad_enabled and (needs[0] or needs[1] or (bias is not None and needs[2]))
-        # "mean"/"sum": the upstream gradient is one scalar, so compute the gradients now
-        # (scale 1) and rescale them in backward; "none": recompute in backward.
-        precompute = want_grad and reduction != "none"
+def _reference_lce_rows(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap):
+    return reference.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                          reduction="none", softcap=softcap, z_loss=z_loss,
+                                          label_smoothing=label_smoothing)
+
+
+def _reference_lce_grads(hidden, weight, bias, labels, scale, needs, options):
+    """Gradients of the reference loss rows, each row scaled by ``scale`` (0-dim or (N,))."""
+    ignore_index, label_smoothing, z_loss, softcap = options
+    cot = scale.expand(hidden.shape[0]) if scale.dim() == 0 else scale
+    primals = (hidden, weight, bias) if bias is not None else (hidden, weight)
+    grads = reference_vjp(
+        lambda h, w, *b: _reference_lce_rows(h, w, b[0] if b else None, labels, ignore_index, label_smoothing,
+                                             z_loss, softcap),
+        primals, needs[:len(primals)], (cot,))
+    grads = list(grads) + [None] * (3 - len(grads))
+    gh, gw, gb = grads
+    return (gh.to(hidden.dtype).contiguous() if gh is not None else None,
+            gw.to(weight.dtype).contiguous() if gw is not None else None,
+            gb.to(torch.float32) if gb is not None else None)
+
+
+def _or_nothing(t, like):
+    return t if t is not None else nothing(like)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    ignore_index: int, reduction: str, num_items_tensor: Optional[torch.Tensor], num_items_value: Optional[float],
+    softcap: Optional[float], z_loss: float, label_smoothing: float, chunk_rows: int,
+    needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias (fp32), stats (N, 2) fp32, divisor 0-dim fp32).
+
+    For "mean"/"sum" with some gradient wanted, the gradients are computed here, for an
+    upstream gradient of 1, and scaled by the backward operator; otherwise they
+    come back empty and the backward recomputes the chunks. Never builds N x V logits
+    (on the Triton path; the reference path does)."""
+    needs = (needs_hidden, needs_weight, needs_bias and bias is not None)
+    precompute = any(needs) and reduction != "none"
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    device = hidden.device
+    if not use_triton(hidden):
+        divisor = _divisor_tensor(reduction, num_items_tensor, num_items_value, labels, ignore_index,
+                                  _reference_count)
+        rows = _reference_lce_rows(hidden, weight, bias, labels, *options).to(torch.float32)
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        stats = _reference_stats(_softcapped(logits, softcap))
         grads = (None, None, None)
         if precompute:
-            grads = _allocate_grads(hidden, weight, bias, needs)
-        loss_rows = empty(n_rows, dtype=torch.float32, device=device)
-        stats = empty(n_rows, 2, dtype=torch.float32, device=device)
-        ones = torch.ones((), dtype=torch.float32, device=device) if precompute else None
-        options = (ignore_index, label_smoothing, z_loss, softcap)
-        with torch.autocast(device.type, enabled=False):  # inputs are already cast; keep out= matmuls exact
-            _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=loss_rows, stats=stats,
-                        stats_given=False, scale=ones, grads=grads, options=options)
-        ctx.options = (reduction, divisor, options, chunk_rows, precompute)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        if precompute:
-            ctx.grads = grads
-            ctx.consumed = False
-        elif want_grad:
-            ctx.save_for_backward(hidden, weight, bias, labels, stats)
-        return _reduce(loss_rows, reduction, divisor)
+            grads = _reference_lce_grads(hidden, weight, bias, labels,
+                                         torch.ones((), dtype=torch.float32, device=device), needs, options)
+        return (_reduce(rows, reduction, divisor), *(_or_nothing(g, hidden) for g in grads), stats, divisor)
+    divisor = _divisor_tensor(reduction, num_items_tensor, num_items_value, labels, ignore_index, _trained_count)
+    n_rows = hidden.shape[0]
+    grads = _allocate_grads(hidden, weight, bias, needs) if precompute else (None, None, None)
+    loss_rows = empty(n_rows, dtype=torch.float32, device=device)
+    stats = empty(n_rows, 2, dtype=torch.float32, device=device)
+    ones = torch.ones((), dtype=torch.float32, device=device) if precompute else None
+    with torch.autocast(device.type, enabled=False):  # inputs are already cast; keep out= matmuls exact
+        _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=loss_rows, stats=stats,
+                    stats_given=False, scale=ones, grads=grads, options=options)
+    return (_reduce(loss_rows, reduction, divisor), *(_or_nothing(g, hidden) for g in grads), stats, divisor)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        reduction, divisor, options, chunk_rows, precompute = ctx.options
-        needs = ctx.needs_input_grad
-        if precompute:
-            if ctx.consumed:
-                raise RuntimeError("linear_cross_entropy: backward ran twice through the same graph; its "
-                                   "gradients are computed in forward and scaled in place (retain_graph is not supported)")
-            ctx.consumed = True
-            grad_hidden, grad_weight, grad_bias = ctx.grads
-            ctx.grads = None
-            scale = _upstream_scale(grad_output, reduction, divisor)
-            for g in (grad_hidden, grad_weight, grad_bias):
-                if g is not None:
-                    _scale_inplace(g, scale)
+
+def _fake_grads(hidden, weight, bias, needs):
+    return (hidden.new_empty(hidden.shape) if needs[0] else nothing(hidden),
+            weight.new_empty(weight.shape) if needs[1] else nothing(hidden),
+            bias.new_empty(bias.shape, dtype=torch.float32) if needs[2] else nothing(hidden))
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, num_items_tensor, num_items_value, softcap, z_loss,
+      label_smoothing, chunk_rows, needs_hidden, needs_weight, needs_bias):
+    needs = (needs_hidden, needs_weight, needs_bias and bias is not None)
+    precompute = any(needs) and reduction != "none"
+    n_rows = hidden.shape[0]
+    grads = _fake_grads(hidden, weight, bias, needs) if precompute else tuple(nothing(hidden) for _ in range(3))
+    return (_loss_like(hidden, reduction), *grads, hidden.new_empty(n_rows, 2, dtype=torch.float32),
+            hidden.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_cross_entropy_scale_grads", mutates_args=())
+def linear_cross_entropy_scale_grads(grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
+                                     grad_output: torch.Tensor, divisor: torch.Tensor,
+                                     reduction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of "mean"/"sum": the forward's gradients times the upstream scalar.
+
+    Out of place: an operator cannot update its forward's outputs in place and stay
+    functional (torch.compile, AOT autograd and opcheck require it), so this costs one
+    transient of the gradients' size at the loss backward (the forward's copies are freed
+    when the backward returns) and makes retain_graph work."""
+    scale = _upstream_scale(grad_output, reduction, divisor)
+    out = []
+    for g in (grad_hidden, grad_weight, grad_bias):
+        if use_triton(g):
+            g = g.clone()
+            _scale_inplace(g, scale)  # fp32 multiply, one rounding, as before
         else:
-            hidden, weight, bias, labels, stats = ctx.saved_tensors
-            grad_hidden, grad_weight, grad_bias = _allocate_grads(hidden, weight, bias, needs)
-            with torch.autocast(hidden.device.type, enabled=False):
-                _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=None, stats=stats,
-                            stats_given=True, scale=_upstream_scale(grad_output, reduction, divisor),
-                            grads=(grad_hidden, grad_weight, grad_bias), options=options)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)  # accumulated in fp32
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+            g = (g.to(torch.float32) * scale).to(g.dtype)
+        out.append(g)
+    return tuple(out)
+
+
+@linear_cross_entropy_scale_grads.register_fake
+def _(grad_hidden, grad_weight, grad_bias, grad_output, divisor, reduction):
+    return tuple(g.new_empty(g.shape) for g in (grad_hidden, grad_weight, grad_bias))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    grad_output: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    labels: torch.Tensor, stats: torch.Tensor, divisor: torch.Tensor, ignore_index: int, reduction: str,
+    softcap: Optional[float], z_loss: float, label_smoothing: float, chunk_rows: int,
+    needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward that recomputes the chunks ("none", or gradients not computed in forward)."""
+    needs = (needs_hidden, needs_weight, needs_bias and bias is not None)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    scale = _upstream_scale(grad_output, reduction, divisor)
+    if not use_triton(hidden):
+        grads = _reference_lce_grads(hidden, weight, bias, labels, scale, needs, options)
+        return tuple(_or_nothing(g, hidden) for g in grads)
+    grads = _allocate_grads(hidden, weight, bias, needs)
+    with torch.autocast(hidden.device.type, enabled=False):
+        _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=None, stats=stats,
+                    stats_given=True, scale=scale, grads=grads, options=options)
+    return tuple(_or_nothing(g, hidden) for g in grads)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad_output, hidden, weight, bias, labels, stats, divisor, ignore_index, reduction, softcap, z_loss,
+      label_smoothing, chunk_rows, needs_hidden, needs_weight, needs_bias):
+    grads = _fake_grads(hidden, weight, bias, (needs_hidden, needs_weight, needs_bias and bias is not None))
+    return grads
+
+
+def _lce_setup(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, reduction, _, _, softcap, z_loss, label_smoothing, chunk_rows,
+     needs_hidden, needs_weight, needs_bias) = inputs
+    _, grad_hidden, grad_weight, grad_bias, stats, divisor = output
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, stats, divisor)
+    needs = (needs_hidden, needs_weight, needs_bias and bias is not None)
+    ctx.precompute = any(needs) and reduction != "none"
+    ctx.flags = needs
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.options = (ignore_index, reduction, softcap, z_loss, label_smoothing, chunk_rows)
+    if ctx.precompute:
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, divisor)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, stats, divisor)
+
+
+def _lce_backward(ctx, grad_output, *_unused):
+    needs = ctx.flags
+    if ctx.precompute:
+        grad_hidden, grad_weight, grad_bias, divisor = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = linear_cross_entropy_scale_grads(
+            grad_hidden, grad_weight, grad_bias, grad_output, divisor, ctx.options[1])
+    else:
+        hidden, weight, bias, labels, stats, divisor = ctx.saved_tensors
+        ignore_index, reduction, softcap, z_loss, label_smoothing, chunk_rows = ctx.options
+        grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
+            grad_output, hidden, weight, bias, labels, stats, divisor, ignore_index, reduction, softcap, z_loss,
+            label_smoothing, chunk_rows, *needs)
+    grads = [g if n and ctx.needs_input_grad[i] else None
+             for i, (g, n) in enumerate(zip((grad_hidden, grad_weight, grad_bias), needs))]
+    if grads[2] is not None:
+        grads[2] = grads[2].to(ctx.bias_dtype)  # accumulated in fp32
+    return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
 def _allocate_grads(hidden, weight, bias, needs):
@@ -664,20 +851,16 @@ def linear_cross_entropy(
 
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    if not use_triton(hidden):
-        loss = reference.linear_cross_entropy(rows, weight, flat_labels, bias=bias, ignore_index=ignore_index,
-                                              reduction=reduction, num_items=num_items, softcap=softcap,
-                                              z_loss=z_loss, label_smoothing=label_smoothing)
-        return loss.reshape(labels.shape) if reduction == "none" else loss
-
     rows = rows.contiguous()
     weight_c = weight.contiguous()
     chunk_rows = chunk_size or _auto_chunk_rows(rows.shape[0], weight.shape[0], rows.element_size())
     bias_c = bias.contiguous() if bias is not None else None
-    # Grad mode is read here: inside Function.forward it is always off, and
-    # needs_input_grad stays True under torch.no_grad (evaluation would otherwise
-    # pay for the gradient matmuls it never uses).
-    loss = _LinearCrossEntropy.apply(rows, weight_c, bias_c, flat_labels.contiguous(), ignore_index, reduction,
-                                     num_items, softcap, float(z_loss), int(chunk_rows), torch.is_grad_enabled(),
-                                     float(label_smoothing))
+    # Which gradients to compute is decided here, from grad mode and requires_grad: the
+    # forward computes them for "mean"/"sum" (evaluation under no_grad pays for none).
+    grad_on = torch.is_grad_enabled()
+    loss = linear_cross_entropy_op(
+        rows, weight_c, bias_c, flat_labels.contiguous(), ignore_index, reduction, *_num_items_args(num_items),
+        float(softcap) if softcap is not None else None, float(z_loss), float(label_smoothing), int(chunk_rows),
+        grad_on and rows.requires_grad, grad_on and weight_c.requires_grad,
+        grad_on and bias_c is not None and bias_c.requires_grad)[0]
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -50,7 +50,10 @@ import triton.language as tl
 from . import reference
 from ._triton_utils import (FLOAT_DTYPES, check_float, check_same_device, empty, is_interpreter,
                             next_power_of_2, use_triton)
-from .quant import QuantInfo, absmax_fp32, cached_quant_info, dequantize_into, load_weight_tile
+from ._library import NAMESPACE, nothing, reference_vjp
+from . import quant as _quant
+from .quant import (_CACHE_ATTR, QuantInfo, _state_key, absmax_fp32, cached_quant_info, dequantize_into,
+                    load_weight_tile)
 
 MAX_RANK = 128
 
@@ -688,107 +691,276 @@ def _cublas_lora_impl(a, w_mat, lo, p_mat, scale, bias, out, accumulate):
     return out
 
 
-# --------------------------------------------------------------------------- autograd
-class _LoraLinearFn(torch.autograd.Function):
-    """Forward/backward of one or several LoRA projections sharing the input x.
+# --------------------------------------------------------------------------- launchers (forward / backward)
+# One or several LoRA projections sharing the input x. Projection i has weight[i], lora_a[i],
+# lora_b[i], scaling[i], bias[i] and a strategy ("triton" or "cublas", chosen on the host from
+# the row count). Backward recomputes a 4-bit W (the cuBLAS strategy dequantizes it again into
+# the workspace); nothing dense is saved: x, the fp32 rank-r xa and the parameters.
+def _lora_forward(x2, infos, scalings, strategies, weights, lora_as, lora_bs, biases):
+    """(outs, xa): y_i = x W_i^T + s_i (x A_i^T) B_i^T (+ bias_i); xa = x A_cat^T fp32 (M, sum r)."""
+    n = len(scalings)
+    ranks = [a.shape[0] for a in lora_as]
+    # one pass over x for every adapter's x A^T
+    a_cat = lora_as[0] if n == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], 0)
+    xa = _rank_project(x2, a_cat, (a_cat.stride(0), a_cat.stride(1)), a_cat.shape[0], 1.0)
+    outs, offset = [], 0
+    for i in range(n):
+        w = _Weight(weights[i], infos[i])
+        y = empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
+        lo = xa[:, offset:offset + ranks[i]]
+        b = lora_bs[i]
+        if strategies[i] == "cublas":
+            _cublas_lora(x2, _dense_w(w, x2.dtype).t(), lo, b.t(), scalings[i], biases[i], y)
+        else:
+            absmax = absmax_fp32(w.info) if w.is_4bit else None
+            _matmul(x2, w, absmax, lo, b, (b.stride(1), b.stride(0)), scalings[i], biases[i], y, forward=True)
+        outs.append(y)
+        offset += ranks[i]
+    return outs, xa
 
-    Projection i has weight[i], lora_a[i], lora_b[i], scaling[i], bias[i] and a
-    strategy ("triton" or "cublas", chosen on the host from the row count). Tensors
-    are passed flat (autograd needs them as arguments): weights, lora_as, lora_bs,
-    biases, each a run of n entries. Backward recomputes a 4-bit W (the cuBLAS
-    strategy dequantizes it again into the workspace); nothing dense is saved.
-    """
 
-    @staticmethod
-    def forward(ctx, x2, infos, scalings, strategies, *tensors):
-        n = len(scalings)
-        weights, lora_as, lora_bs, biases = (tensors[i * n:(i + 1) * n] for i in range(4))
-        ranks = [a.shape[0] for a in lora_as]
-        # one pass over x for every adapter's x A^T
+def _lora_backward(grads, x2, xa, weights, lora_as, lora_bs, infos, scalings, strategies,
+                   need_x, need_w, need_a, need_b, bias_meta):
+    """(dx, [dW_i], [dA_i], [dB_i], [dbias_i]); an entry not needed is None. bias_meta: (needed, dtype)."""
+    n = len(scalings)
+    ranks = [a.shape[0] for a in lora_as]
+    M = x2.shape[0]
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]
+    # rank-first: s * g B (M, r) for each projection, side by side in one buffer
+    gbs = empty(M, sum(ranks), dtype=torch.float32, device=x2.device)
+    d_a, d_b, offset = [], [], 0
+    for i in range(n):
+        g, b, s, r = grads[i], lora_bs[i], scalings[i], ranks[i]
+        _rank_project(g, b, (b.stride(1), b.stride(0)), r, s, out=gbs[:, offset:offset + r])
+        # dB = s * g^T xa  (out, r)
+        d_b.append((_rank_reduce(g, xa[:, offset:offset + r], g.dtype) * s).to(b.dtype) if need_b[i] else None)
+        offset += r
+    # dA = (s g B)^T x for all adapters in one pass over x
+    if any(need_a):
+        d_a_cat = _rank_reduce(x2, gbs, x2.dtype).t()  # (r_tot, in)
+        offset = 0
+        for i in range(n):
+            r = ranks[i]
+            d_a.append(d_a_cat[offset:offset + r].to(lora_as[i].dtype).contiguous() if need_a[i] else None)
+            offset += r
+    else:
+        d_a = [None] * n
+    dx = None
+    if need_x:
+        # dx = sum_i g_i W_i + (s g B)_cat A_cat, accumulated in one buffer
+        dx = empty(M, x2.shape[1], dtype=x2.dtype, device=x2.device)
         a_cat = lora_as[0] if n == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], 0)
-        xa = _rank_project(x2, a_cat, (a_cat.stride(0), a_cat.stride(1)), a_cat.shape[0], 1.0)
-        outs, offset = [], 0
+        rank_done = False
         for i in range(n):
             w = _Weight(weights[i], infos[i])
-            y = empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
-            lo = xa[:, offset:offset + ranks[i]]
-            b = lora_bs[i]
             if strategies[i] == "cublas":
-                _cublas_lora(x2, _dense_w(w, x2.dtype).t(), lo, b.t(), scalings[i], biases[i], y)
+                _cublas_lora(grads[i], _dense_w(w, x2.dtype), gbs[:, :0], a_cat[:0], 1.0, None, dx,
+                             accumulate=i > 0)
             else:
                 absmax = absmax_fp32(w.info) if w.is_4bit else None
-                _matmul(x2, w, absmax, lo, b, (b.stride(1), b.stride(0)), scalings[i], biases[i], y, forward=True)
-            outs.append(y)
-            offset += ranks[i]
-        ctx.save_for_backward(x2, xa, *weights, *lora_as, *lora_bs)
-        ctx.infos, ctx.scalings, ctx.ranks, ctx.strategies = infos, scalings, ranks, strategies
-        ctx.bias_meta = [(b is not None and b.requires_grad, None if b is None else b.dtype) for b in biases]
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x2, xa, *params = ctx.saved_tensors
-        n = len(ctx.scalings)
-        weights, lora_as, lora_bs = params[:n], params[n:2 * n], params[2 * n:]
-        M = x2.shape[0]
-        need_x = ctx.needs_input_grad[0]
-        first = 4  # index of weights[0] among forward's inputs
-        out_features = [_Weight(w, info).shape[0] for w, info in zip(weights, ctx.infos)]
-        # an output that did not reach the loss has a zero gradient
-        grads = [torch.zeros(M, n_out, dtype=x2.dtype, device=x2.device) if g is None else
-                 (g if g.stride(-1) == 1 else g.contiguous()) for g, n_out in zip(grads, out_features)]
-        # rank-first: s * g B (M, r) for each projection, side by side in one buffer
-        gbs = empty(M, sum(ctx.ranks), dtype=torch.float32, device=x2.device)
-        d_a, d_b, offset = [], [], 0
-        for i in range(n):
-            g, b, s, r = grads[i], lora_bs[i], ctx.scalings[i], ctx.ranks[i]
-            _rank_project(g, b, (b.stride(1), b.stride(0)), r, s, out=gbs[:, offset:offset + r])
-            # dB = s * g^T xa  (out, r)
-            d_b.append((_rank_reduce(g, xa[:, offset:offset + r], g.dtype) * s).to(b.dtype)
-                       if ctx.needs_input_grad[first + 2 * n + i] else None)
-            offset += r
-        # dA = (s g B)^T x for all adapters in one pass over x
-        if any(ctx.needs_input_grad[first + n + i] for i in range(n)):
-            d_a_cat = _rank_reduce(x2, gbs, x2.dtype).t()  # (r_tot, in)
-            offset = 0
-            for i in range(n):
-                r = ctx.ranks[i]
-                d_a.append(d_a_cat[offset:offset + r].to(lora_as[i].dtype).contiguous()
-                           if ctx.needs_input_grad[first + n + i] else None)
-                offset += r
+                # the rank term for all projections rides on one Triton matmul's epilogue
+                lo, p = (gbs, a_cat) if not rank_done else (gbs[:, :0], a_cat[:0])
+                _matmul(grads[i], w, absmax, lo, p, (p.stride(0), p.stride(1)), 1.0, None, dx,
+                        forward=False, accumulate=i > 0)
+                rank_done = True
+        if not rank_done:
+            dx.addmm_(gbs.to(dx.dtype), a_cat.to(dx.dtype))
+    d_w = []
+    for i in range(n):
+        if infos[i] is None and need_w[i]:
+            gw = empty(*weights[i].shape, dtype=weights[i].dtype, device=x2.device)
+            torch.mm(grads[i].t(), x2, out=gw)  # full fine-tuning of the base: cuBLAS
+            d_w.append(gw)
         else:
-            d_a = [None] * n
-        dx = None
-        if need_x:
-            # dx = sum_i g_i W_i + (s g B)_cat A_cat, accumulated in one buffer
-            dx = empty(M, x2.shape[1], dtype=x2.dtype, device=x2.device)
-            a_cat = lora_as[0] if n == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], 0)
-            rank_done = False
-            for i in range(n):
-                w = _Weight(weights[i], ctx.infos[i])
-                if ctx.strategies[i] == "cublas":
-                    _cublas_lora(grads[i], _dense_w(w, x2.dtype), gbs[:, :0], a_cat[:0], 1.0, None, dx,
-                                 accumulate=i > 0)
-                else:
-                    absmax = absmax_fp32(w.info) if w.is_4bit else None
-                    # the rank term for all projections rides on one Triton matmul's epilogue
-                    lo, p = (gbs, a_cat) if not rank_done else (gbs[:, :0], a_cat[:0])
-                    _matmul(grads[i], w, absmax, lo, p, (p.stride(0), p.stride(1)), 1.0, None, dx,
-                            forward=False, accumulate=i > 0)
-                    rank_done = True
-            if not rank_done:
-                dx.addmm_(gbs.to(dx.dtype), a_cat.to(dx.dtype))
-        d_w = []
-        for i in range(n):
-            if ctx.infos[i] is None and ctx.needs_input_grad[first + i]:
-                gw = empty(*weights[i].shape, dtype=weights[i].dtype, device=x2.device)
-                torch.mm(grads[i].t(), x2, out=gw)  # full fine-tuning of the base: cuBLAS
-                d_w.append(gw)
-            else:
-                d_w.append(None)
-        d_bias = [grads[i].sum(0, dtype=torch.float32).to(dt) if needs else None
-                  for i, (needs, dt) in enumerate(ctx.bias_meta)]
-        return (dx, None, None, None, *d_w, *d_a, *d_b, *d_bias)
+            d_w.append(None)
+    d_bias = [grads[i].sum(0, dtype=torch.float32).to(dt) if needed else None for i, (needed, dt) in enumerate(bias_meta)]
+    return dx, d_w, d_a, d_b, d_bias
+
+
+# --------------------------------------------------------------------------- operators
+# The bitsandbytes QuantState travels as operator arguments, one list entry per projection
+# (None / 0 / "" for a dense weight): absmax, code, nested absmax2 / code2 / offset (tensors),
+# blocksize, blocksize2, (out, in) shape (ints) and quant type (str). The implementations
+# rebuild a state object from them; fake implementations need only the shape.
+class _State:
+    """A QuantState rebuilt from operator arguments (what quant_info and the reference read)."""
+
+    def __init__(self, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, quant_type, dtype):
+        self.absmax, self.code, self.blocksize, self.shape = absmax, code, blocksize, tuple(shape)
+        self.quant_type, self.dtype, self.offset = quant_type, dtype, offset
+        self.nested = absmax2 is not None
+        self.state2 = _State(absmax2, code2, None, None, None, blocksize2, 0, (), "", dtype) if self.nested else None
+
+
+def _state_args(weight: torch.Tensor, quant_state) -> tuple:
+    """(absmax, code, absmax2, code2, offset, blocksize, blocksize2, [out, in], quant_type) of one weight."""
+    if quant_state is None:
+        return None, None, None, None, None, 0, 0, list(weight.shape), ""
+    for field in ("absmax", "shape", "blocksize", "quant_type", "dtype"):
+        if not hasattr(quant_state, field):
+            raise ValueError(f"quant_state has no field {field!r}; expected a bitsandbytes QuantState")
+    shape = [int(s) for s in quant_state.shape]
+    if len(shape) != 2:
+        raise ValueError(f"quant_state.shape must be 2-D (out, in), got {tuple(shape)}")
+    state2 = getattr(quant_state, "state2", None)
+    nested = bool(getattr(quant_state, "nested", False)) and state2 is not None
+    offset = getattr(quant_state, "offset", None) if nested else None
+    if nested and not isinstance(offset, torch.Tensor):
+        offset = torch.tensor(float(offset), dtype=torch.float32, device=weight.device)
+    return (quant_state.absmax, getattr(quant_state, "code", None), state2.absmax if nested else None,
+            state2.code if nested else None, offset, int(quant_state.blocksize),
+            int(state2.blocksize) if nested else 0, shape, str(quant_state.quant_type))
+
+
+def _quant_infos(weights, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shapes, quant_types, dtype):
+    """QuantInfo per 4-bit weight (None for dense), validated once and cached on its absmax tensor."""
+    infos = []
+    for i, w in enumerate(weights):
+        if absmax[i] is None:
+            infos.append(None)
+            continue
+        state = _State(absmax[i], code[i], absmax2[i], code2[i], offset[i], blocksize[i], blocksize2[i], shapes[i],
+                       quant_types[i], dtype)
+        key = _state_key(w, state)
+        hit = getattr(absmax[i], _CACHE_ATTR, None)
+        if hit is None or hit[0] != key:
+            hit = (key, _quant.quant_info(w, state))
+            setattr(absmax[i], _CACHE_ATTR, hit)
+        infos.append(hit[1])
+    return infos
+
+
+def _reference_states(absmax, code, absmax2, code2, offset, blocksize, blocksize2, shapes, quant_types, dtype):
+    return [None if absmax[i] is None else
+            _State(absmax[i], code[i], absmax2[i], code2[i], offset[i], blocksize[i], blocksize2[i], shapes[i],
+                   quant_types[i], dtype) for i in range(len(absmax))]
+
+
+def _reference_outputs(x2, weights, lora_as, lora_bs, biases, scalings, states):
+    return [reference.lora_linear(x2, w, a, b, s, bias=bi, quant_state=q)
+            for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, states)]
+
+
+_QUANT_SCHEMA = ("Tensor?[] absmax, Tensor?[] code, Tensor?[] absmax2, Tensor?[] code2, Tensor?[] offset, "
+                 "int[] blocksize, int[] blocksize2, int[][] shapes, str[] quant_types")
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+# biases: Tensor[] with an empty placeholder where has_bias is False (gradients do not flow
+# through a Tensor?[] argument)
+_LIB.define("lora_linear(Tensor x2, Tensor[] weights, Tensor[] lora_as, Tensor[] lora_bs, float[] scalings, "
+            f"Tensor[] biases, bool[] has_bias, {_QUANT_SCHEMA}, str[] strategies) -> Tensor[]")
+_LIB.define("lora_linear_backward(Tensor[] grads, Tensor x2, Tensor xa, Tensor[] weights, Tensor[] lora_as, "
+            f"Tensor[] lora_bs, float[] scalings, Tensor[] biases, bool[] has_bias, {_QUANT_SCHEMA}, str[] strategies, "
+            "bool need_x, bool[] need_w, bool[] need_a, bool[] need_b, bool[] need_bias) -> Tensor[]")
+
+
+def _present(biases, has_bias):
+    return [b if h else None for b, h in zip(biases, has_bias)]
+
+
+def _lora_impl(x2, weights, lora_as, lora_bs, scalings, biases, has_bias, absmax, code, absmax2, code2, offset, blocksize,
+               blocksize2, shapes, quant_types, strategies):
+    """[y_0, ..., y_{n-1}, xa]: the projections and the fp32 rank-r x A_cat^T that backward reads."""
+    quant = (absmax, code, absmax2, code2, offset, blocksize, blocksize2, shapes, quant_types, x2.dtype)
+    biases = _present(biases, has_bias)
+    if not use_triton(x2) or x2.shape[0] == 0:  # no tokens: nothing to launch
+        a_cat = torch.cat([a.to(torch.float32) for a in lora_as], 0)
+        outs = _reference_outputs(x2, weights, lora_as, lora_bs, biases, scalings, _reference_states(*quant))
+        return [y.contiguous() for y in outs] + [x2.to(torch.float32) @ a_cat.t()]
+    infos = _quant_infos(weights, *quant)
+    outs, xa = _lora_forward(x2, infos, list(scalings), list(strategies), weights, lora_as, lora_bs, biases)
+    return outs + [xa]
+
+
+def _lora_fake(x2, weights, lora_as, lora_bs, scalings, biases, has_bias, absmax, code, absmax2, code2, offset, blocksize,
+               blocksize2, shapes, quant_types, strategies):
+    outs = [x2.new_empty(x2.shape[0], shape[0]) for shape in shapes]
+    return outs + [x2.new_empty(x2.shape[0], sum(a.shape[0] for a in lora_as), dtype=torch.float32)]
+
+
+def _lora_backward_impl(grads, x2, xa, weights, lora_as, lora_bs, scalings, biases, has_bias, absmax, code, absmax2, code2,
+                        offset, blocksize, blocksize2, shapes, quant_types, strategies, need_x, need_w, need_a,
+                        need_b, need_bias):
+    """[dx, dW_0.., dA_0.., dB_0.., dbias_0..]; an entry not needed is an empty tensor."""
+    n = len(weights)
+    quant = (absmax, code, absmax2, code2, offset, blocksize, blocksize2, shapes, quant_types, x2.dtype)
+    biases = _present(biases, has_bias)
+    if not use_triton(x2) or x2.shape[0] == 0:
+        states = _reference_states(*quant)
+        biases_l = list(biases)
+
+        def forward(x, *params):
+            ws, a_s, b_s, bs = (list(params[i * n:(i + 1) * n]) for i in range(4))
+            return tuple(_reference_outputs(x, ws, a_s, b_s, bs, scalings, states))
+
+        primals = (x2, *weights, *lora_as, *lora_bs, *biases_l)
+        needs = (need_x, *[need_w[i] and absmax[i] is None for i in range(n)], *need_a, *need_b,
+                 *[need_bias[i] and biases_l[i] is not None for i in range(n)])
+        result = reference_vjp(forward, primals, needs, grads)
+        result = [r.to(p.dtype).contiguous() if r is not None else None for r, p in zip(result, primals)]
+    else:
+        infos = _quant_infos(weights, *quant)
+        bias_meta = [(need_bias[i] and b is not None, None if b is None else b.dtype) for i, b in enumerate(biases)]
+        dx, d_w, d_a, d_b, d_bias = _lora_backward(list(grads), x2, xa, weights, lora_as, lora_bs, infos,
+                                                   list(scalings), list(strategies), need_x, need_w, need_a,
+                                                   need_b, bias_meta)
+        result = [dx, *d_w, *d_a, *d_b, *d_bias]
+    return [r if r is not None else nothing(x2) for r in result]
+
+
+def _lora_backward_fake(grads, x2, xa, weights, lora_as, lora_bs, scalings, biases, has_bias, absmax, code, absmax2, code2,
+                        offset, blocksize, blocksize2, shapes, quant_types, strategies, need_x, need_w, need_a,
+                        need_b, need_bias):
+    n = len(weights)
+    out = [x2.new_empty(x2.shape) if need_x else nothing(x2)]
+    out += [weights[i].new_empty(weights[i].shape) if need_w[i] and absmax[i] is None else nothing(x2)
+            for i in range(n)]
+    out += [a.new_empty(a.shape) if need_a[i] else nothing(x2) for i, a in enumerate(lora_as)]
+    out += [b.new_empty(b.shape) if need_b[i] else nothing(x2) for i, b in enumerate(lora_bs)]
+    out += [b.new_empty(b.shape) if need_bias[i] and has_bias[i] else nothing(x2) for i, b in enumerate(biases)]
+    return out
+
+
+def _lora_setup(ctx, inputs, output):
+    x2, weights, lora_as, lora_bs = inputs[:4]
+    ctx.n = len(weights)
+    ctx.statics = inputs[4:]  # scalings, biases, has_bias, the quant-state lists, strategies
+    ctx.mark_non_differentiable(output[-1])
+    ctx.save_for_backward(x2, output[-1], *weights, *lora_as, *lora_bs)
+
+
+def _lora_autograd_backward(ctx, grads):
+    n = ctx.n
+    x2, xa, *params = ctx.saved_tensors
+    weights, lora_as, lora_bs = params[:n], params[n:2 * n], params[2 * n:]
+    needs = ctx.needs_input_grad  # (x2, weights, lora_as, lora_bs, scalings, biases, ...): lists as one flag each
+    grads = list(grads[:n])
+    biases, has_bias = ctx.statics[1], ctx.statics[2]
+    need_bias = [h and b.requires_grad for b, h in zip(biases, has_bias)]
+    need_w = [w.requires_grad for w in weights]
+    need_a = [a.requires_grad for a in lora_as]
+    need_b = [b.requires_grad for b in lora_bs]
+    flat = torch.ops.fastsft.lora_linear_backward(grads, x2, xa, list(weights), list(lora_as), list(lora_bs),
+                                                  *ctx.statics, bool(needs[0]), need_w, need_a, need_b, need_bias)
+    dx, d_w, d_a, d_b, d_bias = flat[0], flat[1:n + 1], flat[n + 1:2 * n + 1], flat[2 * n + 1:3 * n + 1], flat[3 * n + 1:]
+
+    def pick(ts, flags):
+        return [t if f else None for t, f in zip(ts, flags)]
+
+    def no_grad_for(arg):  # autograd wants a list of None for a list of (optional) tensors
+        if isinstance(arg, list) and arg and all(isinstance(a, torch.Tensor) for a in arg):
+            return [None] * len(arg)
+        return None
+
+    return (dx if needs[0] else None, pick(d_w, need_w), pick(d_a, need_a), pick(d_b, need_b), None,
+            pick(d_bias, need_bias), *[no_grad_for(arg) for arg in ctx.statics[2:]])
+
+
+_LIB.impl("lora_linear", _lora_impl, "CompositeExplicitAutograd")
+_LIB.impl("lora_linear_backward", _lora_backward_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::lora_linear", _lora_fake, lib=_LIB)
+torch.library.register_fake(f"{NAMESPACE}::lora_linear_backward", _lora_backward_fake, lib=_LIB)
+torch.library.register_autograd(f"{NAMESPACE}::lora_linear", _lora_autograd_backward, setup_context=_lora_setup,
+                                lib=_LIB)
 
 
 def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states, dequant_rows=None, dense_base=None):
@@ -799,7 +971,8 @@ def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states, dequant_r
             raise ValueError(f"{name} has {len(seq)} entries; expected one per weight ({n})")
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims (..., in), got shape {tuple(x.shape)}")
-    ws = [_dense_or_4bit(w, q) for w, q in zip(weights, quant_states)]
+    states = [_state_args(w, q) for w, q in zip(weights, quant_states)]
+    ws = [_checked_weight(w, q, st) for w, q, st in zip(weights, quant_states, states)]
     for i, w in enumerate(ws):
         _check_lora(x, w, lora_as[i], lora_bs[i], biases[i], name="" if n == 1 else f"[{i}]")
     for i, s in enumerate(scalings):
@@ -808,15 +981,39 @@ def _run(x, weights, lora_as, lora_bs, scalings, biases, quant_states, dequant_r
     rows_threshold = resolve_dequant_rows(dequant_rows)
     base = resolve_dense_base(dense_base)
     lead = x.shape[:-1]
-    if x.numel() == 0:  # no tokens: nothing to launch; the reference handles the empty shapes
-        return [reference.lora_linear(x, w, a, b, s, bias=bi, quant_state=q)
-                for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
     x2 = _as_2d(x)
-    strategies = [pick_strategy(x2.shape[0], w.is_4bit, dequant_rows=rows_threshold, dense_base=base) for w in ws]
-    outs = _LoraLinearFn.apply(
-        x2, [w.info for w in ws], [float(s) for s in scalings], strategies,
-        *[w.weight if w.info is None else w.info.packed for w in ws], *lora_as, *lora_bs, *biases)
+    strategies = [pick_strategy(x2.shape[0], q is not None, dequant_rows=rows_threshold, dense_base=base)
+                  for q in quant_states]
+    quant = [list(column) for column in zip(*states)]
+    has_bias = [b is not None for b in biases]
+    bias_args = [b if b is not None else nothing(x2) for b in biases]
+    outs = torch.ops.fastsft.lora_linear(x2, list(weights), list(lora_as), list(lora_bs), [float(s) for s in scalings],
+                                         bias_args, has_bias, *quant, strategies)[:n]
     return [y.reshape(*lead, y.shape[-1]) for y in outs]
+
+
+class _Shape:
+    """What _check_lora reads of a weight: its (out, in) shape, 4-bit or not, the dense tensor."""
+
+    def __init__(self, weight, shape, is_4bit):
+        self.weight, self.shape, self.is_4bit = weight, tuple(shape), is_4bit
+
+
+def _checked_weight(weight: torch.Tensor, quant_state, state: tuple) -> _Shape:
+    """Validate a weight's metadata on the host (no device value read; the operator validates the rest)."""
+    if quant_state is None:
+        _dense_or_4bit(weight, None)
+        return _Shape(weight, weight.shape, False)
+    shape, qtype, blocksize = state[7], state[8], state[5]
+    if qtype not in ("nf4", "fp4"):
+        raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {qtype!r}")
+    if blocksize < 2 or blocksize % 2:
+        raise ValueError(f"quant_state.blocksize must be an even number >= 2, got {blocksize}")
+    numel = shape[0] * shape[1]
+    if weight.numel() * weight.element_size() != (numel + 1) // 2:
+        raise ValueError(f"packed 4-bit weight has {weight.numel() * weight.element_size()} bytes; "
+                         f"quant_state.shape {tuple(shape)} needs {(numel + 1) // 2}")
+    return _Shape(weight, shape, True)
 
 
 # --------------------------------------------------------------------------- public API
@@ -830,8 +1027,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     Triton kernel dequantizes in registers (default 1024, env FASTSFT_LORA_DEQUANT_ROWS).
     dense_base: "cublas" (default, env FASTSFT_LORA_DENSE_BASE) or "triton" for a dense W.
     """
-    if not use_triton(x):
-        return reference.lora_linear(x, weight, lora_a, lora_b, scaling, bias=bias, quant_state=quant_state)
     return _run(x, [weight], [lora_a], [lora_b], [scaling], [bias], [quant_state],
                 dequant_rows=dequant_rows, dense_base=dense_base)[0]
 
@@ -851,20 +1046,44 @@ def lora_linear_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_as:
         raise ValueError("weights is empty; lora_linear_fused needs at least one projection")
     biases = list(biases) if biases is not None else [None] * n
     quant_states = list(quant_states) if quant_states is not None else [None] * n
-    if not use_triton(x):
-        return [reference.lora_linear(x, w, a, b, s, bias=bi, quant_state=q)
-                for w, a, b, s, bi, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
     return _run(x, list(weights), list(lora_as), list(lora_bs), list(scalings), biases, quant_states,
                 dequant_rows=dequant_rows, dense_base=dense_base)
 
 
-def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Dense (out, in) W from bitsandbytes 4-bit data (Triton; CPU -> reference unless FASTSFT_TRITON_ON_CPU=1)."""
+_LIB.define("dequantize_4bit(Tensor packed, Tensor absmax, Tensor? code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+            "int blocksize, int blocksize2, int[] shape, str quant_type, ScalarType dtype) -> Tensor")
+
+
+def _dequantize_impl(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, quant_type, dtype):
+    state = _State(absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, quant_type, dtype)
     if not use_triton(packed):
-        return reference.dequantize_4bit(packed, quant_state, dtype=dtype)
+        return reference.dequantize_4bit(packed, state, dtype=dtype).contiguous()
     from .quant import dequantize_4bit as triton_dequantize_4bit
 
-    return triton_dequantize_4bit(packed, quant_state, dtype=dtype)
+    info = _quant_infos([packed], [absmax], [code], [absmax2], [code2], [offset], [blocksize], [blocksize2],
+                        [shape], [quant_type], dtype)[0]
+    return triton_dequantize_4bit(info.packed, state, dtype=dtype)
+
+
+def _dequantize_fake(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, quant_type, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+_LIB.impl("dequantize_4bit", _dequantize_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::dequantize_4bit", _dequantize_fake, lib=_LIB)
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense (out, in) W from bitsandbytes 4-bit data (operator ``fastsft.dequantize_4bit``; Triton,
+    CPU -> reference unless FASTSFT_TRITON_ON_CPU=1). dtype defaults to quant_state.dtype."""
+    if quant_state is None:
+        raise ValueError("dequantize_4bit needs the weight's quant_state")
+    state = _state_args(packed, quant_state)
+    _checked_weight(packed, quant_state, state)
+    dtype = dtype or quant_state.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32/float16/bfloat16, got {dtype}")
+    return torch.ops.fastsft.dequantize_4bit(packed, *state, dtype)
 
 
 __all__ = ["lora_linear", "lora_linear_fused", "dequantize_4bit", "pick_strategy", "matmul_configs",

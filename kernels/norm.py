@@ -14,11 +14,14 @@ with torch afterwards (no atomics).
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from ._library import NAMESPACE, reference_vjp
 from ._triton_utils import check_float, check_same_device, empty, is_interpreter, next_power_of_2, use_triton
 
 # the largest normalised dimension handled in one tile (a row lives in registers)
@@ -186,20 +189,57 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx.view(x.shape), dweight
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, offset):
-        y, rstd = rms_norm_forward(x, weight, eps, offset)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = offset
-        return y
+# =============================================================================== operators
+def _reference_forward(x, weight, eps, offset):
+    y = reference.rms_norm(x, weight, eps, offset=offset).contiguous()
+    xf = x.reshape(-1, x.shape[-1]).to(reference._compute_dtype(x))
+    rstd = torch.rsqrt(xf.square().mean(dim=-1) + eps).to(torch.float32)
+    return y, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dweight = rms_norm_backward(dy, x, weight, rstd, ctx.offset)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dweight if ctx.needs_input_grad[1] else None, None, None)
+
+@torch.library.custom_op(f"{NAMESPACE}::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): rstd (rows,) fp32 is what the Triton backward reads."""
+    if not use_triton(x):
+        return _reference_forward(x, weight, eps, offset)
+    return rms_norm_forward(x, weight, eps, offset)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps, offset):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, offset)), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                         eps: float, offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(x):
+        dx, dw = reference_vjp(lambda a, b: reference.rms_norm(a, b, eps, offset=offset), (x, weight),
+                               (True, True), (dy,))
+        return dx.contiguous(), dw
+    return rms_norm_backward(dy, x, weight, rstd, offset)
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd, eps, offset):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, eps, offset = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.eps, ctx.offset = eps, offset
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = rms_norm_backward_op(dy.contiguous(), x, weight, rstd, ctx.eps, ctx.offset)
+    return (dx if ctx.needs_input_grad[0] else None, dweight if ctx.needs_input_grad[1] else None, None, None)
+
+
+rms_norm_op.register_autograd(_backward, setup_context=_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0) -> torch.Tensor:
@@ -207,9 +247,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
 
     x: (..., N) fp32/fp16/bf16; weight: (N,). Returns a tensor shaped like x whose dtype
     is promote(x, weight) when offset == 0 (Llama casting) and x's dtype otherwise (Gemma).
-    Gradients flow to x and weight.
+    Gradients flow to x and weight. Runs the operator ``torch.ops.fastsft.rms_norm``.
     """
     _check(x, weight, float(eps))
-    if not use_triton(x):
-        return reference.rms_norm(x, weight, eps, offset=offset)
-    return _RMSNormFunction.apply(x, weight, float(eps), float(offset))
+    return rms_norm_op(x, weight, float(eps), float(offset))[0]

@@ -14,11 +14,14 @@ would. The backward is the same rotation with the sign of the sine flipped
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from ._library import NAMESPACE, reference_vjp
 from ._triton_utils import check_float, check_same_device, empty, is_interpreter, next_power_of_2, use_triton
 
 # elements per program tile: GPU tiles stay register-sized; the interpreter pays per program, not per element
@@ -158,17 +161,54 @@ def _launch(q, k, cos, sin, backward: bool):
     return q_out, k_out
 
 
-class _RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _launch(q, k, cos, sin, backward=False)
+# =============================================================================== operators
+def _output_like(t: torch.Tensor) -> torch.Tensor:
+    """The buffer the kernel writes for input t: t's memory layout (after a unit last stride)."""
+    return _empty_same_layout(t if t.stride(-1) == 1 else t.contiguous())
 
-    @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        cos, sin = ctx.saved_tensors
-        dq, dk = _launch(dq_out, dk_out, cos, sin, backward=True)
-        return dq, dk, None, None
+
+def _reference_rope(q, k, cos, sin, transpose: bool):
+    if transpose:  # q, k are the output gradients: differentiate the reference rotation
+        rq, rk = reference_vjp(lambda a, b: reference.rope(a, b, cos, sin), (q, k), (True, True), (q, k))
+    else:
+        rq, rk = reference.rope(q, k, cos, sin)
+    return _output_like(q).copy_(rq), _output_like(k).copy_(rk)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rope", mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(q):
+        return _reference_rope(q, k, cos, sin, transpose=False)
+    return _launch(q, k, cos, sin, backward=False)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rope_backward", mutates_args=())
+def rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(dq_out):
+        return _reference_rope(dq_out, dk_out, cos, sin, transpose=True)
+    return _launch(dq_out, dk_out, cos, sin, backward=True)
+
+
+def _fake(q, k, cos, sin):
+    return _output_like(q), _output_like(k)
+
+
+rope_op.register_fake(_fake)
+rope_backward_op.register_fake(_fake)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+def _backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_backward_op(dq_out, dk_out, cos, sin)
+    return dq, dk, None, None
+
+
+rope_op.register_autograd(_backward, setup_context=_setup)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -180,6 +220,4 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     Gradients flow to q and k.
     """
     _check(q, k, cos, sin)
-    if not use_triton(q):
-        return reference.rope(q, k, cos, sin)
-    return _RopeFunction.apply(q, k, cos, sin)
+    return rope_op(q, k, cos, sin)

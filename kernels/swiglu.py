@@ -8,11 +8,14 @@ gate and up may be row-strided views (Phi-3 splits one fused projection with
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
+from ._library import NAMESPACE, reference_vjp
 from ._triton_utils import check_float, check_same_device, empty, is_interpreter, next_power_of_2, use_triton
 
 # elements per program tile: GPU tiles stay register-sized; the interpreter pays per program, not per element
@@ -97,17 +100,43 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     return d_gate.view(gate.shape), d_up.view(up.shape)
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return swiglu_forward(gate, up)
+# =============================================================================== operators
+@torch.library.custom_op(f"{NAMESPACE}::swiglu", mutates_args=())
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if not use_triton(gate):
+        return reference.swiglu(gate, up).contiguous()
+    return swiglu_forward(gate, up)
 
-    @staticmethod
-    def backward(ctx, dh):
-        gate, up = ctx.saved_tensors
-        d_gate, d_up = swiglu_backward(dh, gate, up)
-        return (d_gate if ctx.needs_input_grad[0] else None, d_up if ctx.needs_input_grad[1] else None)
+
+@swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::swiglu_backward", mutates_args=())
+def swiglu_backward_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(gate):
+        d_gate, d_up = reference_vjp(reference.swiglu, (gate, up), (True, True), (dh,))
+        return d_gate.contiguous(), d_up.contiguous()
+    return swiglu_backward(dh, gate, up)
+
+
+@swiglu_backward_op.register_fake
+def _(dh, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dh):
+    gate, up = ctx.saved_tensors
+    d_gate, d_up = swiglu_backward_op(dh, gate, up)
+    return (d_gate if ctx.needs_input_grad[0] else None, d_up if ctx.needs_input_grad[1] else None)
+
+
+swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -124,6 +153,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gate and up must have one dtype; got {gate.dtype} and {up.dtype}")
     if gate.dim() == 0:
         raise ValueError("gate and up must have at least one dimension")
-    if not use_triton(gate):
-        return reference.swiglu(gate, up)
-    return _SwiGLUFunction.apply(gate, up)
+    return swiglu_op(gate, up)

@@ -16,8 +16,12 @@
   names in that module rebound later are not seen by the patched forward;
   objects mutated in place, such as the attention-function registry, are).
 
-The kernel calls are wrapped in torch.compiler.disable, so torch.compile of a
-patched model works: the kernels run eagerly between compiled graphs.
+Each kernel is a torch.library operator (torch.ops.fastsft.*), so torch.compile traces
+through the rms_norm and swiglu calls without a graph break (single nodes of its graph).
+The rope call stays behind torch.compiler.disable: tracing into the rewrapped
+apply_rotary_pos_emb copies (see _copy_function) makes dynamo 2.13 fail while building a
+closure guard (IndexError in guards.EQUALS_MATCH); until that is solved, one break per
+attention layer remains there.
 """
 from __future__ import annotations
 
@@ -42,18 +46,16 @@ WHICH = ("rms_norm", "rope", "swiglu")
 _TAGS = {"rms_norm": "fastsft.rms_norm", "rope": "fastsft.rope", "swiglu": "fastsft.swiglu"}
 
 
-# ---------------------------------------------------------------- kernels, opaque to torch.compile
-@torch.compiler.disable
+# ---------------------------------------------------------------- kernels (torch.library operators)
 def _rms_norm(x, weight, eps, offset):
     return fk.rms_norm(x, weight, eps, offset=offset)
 
 
-@torch.compiler.disable
 def _swiglu(gate, up):
     return fk.swiglu(gate, up)
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # see the module doc: tracing the rewrapped rotary functions trips a dynamo guard
 def _rope(q, k, cos, sin):
     return fk.rope(q, k, cos, sin)
 

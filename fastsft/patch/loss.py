@@ -54,7 +54,6 @@ def _warn_once(reason: str) -> None:
         logger.warning("cross_entropy: fused loss not used (%s); the model's own loss is computed instead", reason)
 
 
-@torch.compiler.disable
 def _fused_loss(hidden, weight, labels, bias, ignore_index, num_items, softcap):
     return fk.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                    reduction="mean", num_items=num_items, softcap=softcap)
