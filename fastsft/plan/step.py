@@ -299,7 +299,14 @@ def missing_operators() -> list:
     A registered operator has a fake implementation: FakeTensorMode then allocates what the kernel
     allocates; an unregistered one runs kernels/reference.py on CPU tensors (and its launcher reads host
     values), whose memory is not the kernel's."""
-    import fastsft_kernels  # noqa: F401  (registers the operators, when it has them)
+    import importlib
+
+    for module in ("fastsft_kernels", *(f"fastsft_kernels.{m}" for m in ("attention", "lora", "norm", "rope",
+                                                                       "swiglu", "cross_entropy"))):
+        try:  # importing the kernel modules registers their operators, when they have them
+            importlib.import_module(module)
+        except ImportError:
+            pass
 
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastsft::")]
     return [op for op in KERNEL_OPS if not any(op in n for n in names)]
