@@ -137,12 +137,12 @@ def cmd_train(args: Sequence[str]) -> int:
     # before torch / transformers load and before anything is written: the folder, the resume point, the
     # model path, every record of the data
     preflight.check_run(config, os.path.abspath(config.output_dir))
+    _check_sequence_parallel(config, nproc)  # a config error first: it holds on any machine
     if nproc is not None and nproc > 1:
         from fastsft.distributed.launch import check_nproc
 
         check_nproc(nproc, config.device)
     records = check_config_data(config)
-    _check_sequence_parallel(config, nproc)
     if nproc is not None and nproc > 1:  # torchrun, one process per rank, each running this command
         from fastsft.distributed.launch import check_enough_records
 
