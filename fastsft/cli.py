@@ -198,6 +198,9 @@ def cmd_inspect(args: Sequence[str]) -> int:
     print(inspect_report(data, tokenizer, num_examples=numbers["--n"], color=color,
                          batch_tokens=config.batch_tokens if config.packing else None, seed=config.seed,
                          start_index=numbers["--index"], tokens=tokens))
+    from fastsft.data.audit import config_audit_lines  # issue 25
+
+    print("\n".join(config_audit_lines(config, data, tokenizer)))
     return EXIT_OK
 
 

@@ -334,6 +334,9 @@ class Trainer:
             self.data, self.mixture = self._prepare_data()
             if not self.data.train:
                 raise DataError(self._no_examples_message())
+            from fastsft.data.audit import config_audit_lines  # issue 25: shown before training
+
+            self._audit_lines = config_audit_lines(config, self.data, self.tokenizer)
             needs_eval = (config.eval_steps > 0 and config.eval_strategy == "steps") or config.eval_exact_match \
                 or config.eval_strategy == "epoch"
             if needs_eval and not self.data.eval:
@@ -349,6 +352,8 @@ class Trainer:
                 shutil.rmtree(staging, ignore_errors=True)
         for note in getattr(config, "_notes", []):  # once the run starts: an error stays the only line
             self.say(note)
+        for line in getattr(self, "_audit_lines", []):  # issue 25: the supervision audit
+            self.say(line)
     def _note_final_eval(self) -> None:
         """A resumed finished run already evaluated its last step after the checkpoint: do not do it twice."""
         for record in self.metrics.records():
