@@ -116,6 +116,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds checkpoints (deletes them)
     resume: Union[bool, str] = False  # true / "latest": the newest checkpoint in output_dir; or a path
     resume_changed_config: bool = False  # resume although keys other than RESUME_FREE_KEYS changed
+    # --- issue 25: quality loop
+    gates: Dict[str, Any] = field(default_factory=dict)  # {metric: {min: x, max: y}} checked at the final eval
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -413,6 +415,9 @@ def _check_datasets(entries: List[Dict[str, Any]]) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Checks that span keys or ranges (types were checked on the way in)."""
+    from fastsft.train.quality import check_gates  # issue 25
+
+    check_gates(config.gates)
     if isinstance(config.resume, str) and config.resume.lower() in ("true", "false", "yes", "no", ""):
         config.resume = config.resume.lower() in ("true", "yes")
     if not config.model:

@@ -44,3 +44,31 @@ def test_source_that_trains_on_nothing_exits_2_before_training(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "none of its 6 examples has a trained token" in err and "max_seq_length 64 (raise it)" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_failed_gate_exits_3_with_the_model_saved_and_marked(tmp_path, capsys):
+    config = _config(tmp_path, [_chat(k) for k in range(16)],
+                     extra="eval_fraction: 0.25\ngates: {eval_loss: {max: 0.001}, exact_match: {min: 0.5}}\n")
+    assert main(["train", config]) == 3
+    err = capsys.readouterr().err
+    assert "gate eval_loss:" in err and "> max 0.001" in err
+    assert "gate exact_match: no value at the final eval" in err  # eval_exact_match is off: not measured
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() or any(p.suffix == ".safetensors" for p in out.iterdir())
+    assert "gate eval_loss" in (out / "GATE_FAILED").read_text()
+    # a passing gate: exit 0, and the marker of the earlier failure is gone
+    config = _config(tmp_path, [_chat(k) for k in range(16)],
+                     extra="eval_fraction: 0.25\noverwrite_output_dir: true\ngates: {eval_loss: {max: 1000}}\n")
+    assert main(["train", config, "--overwrite"]) == 0
+    assert not (out / "GATE_FAILED").exists()
+
+
+def test_unknown_gate_lists_the_known_ones_exit_2(tmp_path, capsys):
+    config = _config(tmp_path, [_chat(k) for k in range(8)], extra="gates: {accuracy: {min: 0.9}}\n")
+    assert main(["train", config]) == 2
+    err = capsys.readouterr().err
+    assert "unknown metric 'accuracy'; known: eval_loss, exact_match" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    config = _config(tmp_path, [_chat(k) for k in range(8)], extra="gates: {eval_loss: {below: 0.9}}\n")
+    assert main(["train", config]) == 2
+    assert "gates.eval_loss must be {min: x}, {max: x} or both" in capsys.readouterr().err
