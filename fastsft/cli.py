@@ -26,6 +26,7 @@ commands:
 
 fastsft --version prints the version.
 Exit codes: 0 done, 1 training stopped (e.g. non-finite loss), 2 bad config or data,
+3 a quality gate failed (the model is saved, marked GATE_FAILED),
 128+N stopped by signal N after writing a checkpoint (resume with --resume).
 """
 
