@@ -146,7 +146,7 @@ def cmd_train(args: Sequence[str]) -> int:
     if result.status == "interrupted":
         return 128 + int(result.signal or 0)
     if config.gates:  # issue 25: the model is saved; a failed gate marks it and exits 3
-        from fastsft.train.quality import EXIT_GATE_FAILED, apply_gates
+        from fastsft.gates import EXIT_GATE_FAILED, apply_gates
 
         if not apply_gates(config.gates, result.summary, result.output_dir, sys.stderr):
             return EXIT_GATE_FAILED

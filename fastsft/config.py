@@ -415,7 +415,7 @@ def _check_datasets(entries: List[Dict[str, Any]]) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Checks that span keys or ranges (types were checked on the way in)."""
-    from fastsft.train.quality import check_gates  # issue 25
+    from fastsft.gates import check_gates  # issue 25
 
     check_gates(config.gates)
     if isinstance(config.resume, str) and config.resume.lower() in ("true", "false", "yes", "no", ""):

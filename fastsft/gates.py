@@ -1,5 +1,7 @@
 """Quality gates (issue 25): thresholds on the final evaluation that fail a run for CI.
 
+No torch import here: config validation checks the gates before the heavy imports.
+
 A failed gate prints one line per failure and the command exits with EXIT_GATE_FAILED (3); the
 model is still saved, and a GATE_FAILED file in its folder stops a pipeline from promoting it.
 """
