@@ -28,6 +28,7 @@ commands:
 
 fastsft --version prints the version.
 Exit codes: 0 done, 1 training stopped (e.g. non-finite loss), 2 bad config or data,
+3 a quality gate failed (the model is saved, marked GATE_FAILED),
 128+N stopped by signal N after writing a checkpoint (resume with --resume).
 """
 
@@ -154,6 +155,11 @@ def cmd_train(args: Sequence[str]) -> int:
     result = train(config, command=["train", *args])
     if result.status == "interrupted":
         return 128 + int(result.signal or 0)
+    if config.gates:  # issue 25: the model is saved; a failed gate marks it and exits 3
+        from fastsft.gates import EXIT_GATE_FAILED, apply_gates
+
+        if not apply_gates(config.gates, result.summary, result.output_dir, sys.stderr):
+            return EXIT_GATE_FAILED
     return EXIT_OK
 
 
@@ -219,6 +225,9 @@ def cmd_inspect(args: Sequence[str]) -> int:
     print(inspect_report(data, tokenizer, num_examples=numbers["--n"], color=color,
                          batch_tokens=config.batch_tokens if config.packing else None, seed=config.seed,
                          start_index=numbers["--index"], tokens=tokens))
+    from fastsft.data.audit import config_audit_lines  # issue 25
+
+    print("\n".join(config_audit_lines(config, data, tokenizer)))
     return EXIT_OK
 
 

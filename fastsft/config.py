@@ -131,6 +131,8 @@ class TrainConfig:
     # --- issue 27: self-check of every patched op at step 0
     self_check: Union[bool, str] = "auto"  # auto: wherever the kernels run (GPU; CPU under the interpreter)
     cpu_ops: str = "patched"  # fastest: on CPU tensors keep each patched op only where it beats transformers' own
+    # --- issue 25: quality loop
+    gates: Dict[str, Any] = field(default_factory=dict)  # {metric: {min: x, max: y}} checked at the final eval
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -511,6 +513,9 @@ def _check_datasets(entries: List[Dict[str, Any]]) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Checks that span keys or ranges (types were checked on the way in)."""
+    from fastsft.gates import check_gates  # issue 25
+
+    check_gates(config.gates)
     if isinstance(config.resume, str) and config.resume.lower() in ("true", "false", "yes", "no", ""):
         config.resume = config.resume.lower() in ("true", "yes")
     if not config.model:

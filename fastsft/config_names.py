@@ -13,6 +13,7 @@ HELP: Dict[str, str] = {
     "model": "required: tiny-llama (a tiny Llama built from the data), a local model directory or a hub name",
     "tokenizer": "tokenizer directory or hub name (default: the model's own)",
     "model_config": "tiny-llama only: LlamaConfig fields to override (hidden_size, num_hidden_layers, ...)",
+    "gates": "issue 25: {metric: {min: x, max: y}} on the final eval (eval_loss, exact_match); a failure exits 3",
     "tokenizer_vocab_size": "tiny-llama only: vocabulary of the BPE tokenizer trained on the data",
     "trust_remote_code": "let transformers run the model repository's own code",
     "mode": "lora | qlora (4-bit base + LoRA) | full fine-tuning",

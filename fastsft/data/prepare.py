@@ -9,6 +9,7 @@ import numpy as np
 from fastsft.data import cache
 from fastsft.data.example import IGNORE_INDEX, Example
 from fastsft.data.formats import Chat, records_to_samples
+from fastsft.data.audit import check_supervision
 from fastsft.data.load import MAX_RECORD_BYTES, load_records, records_fingerprint, source_fingerprint
 from fastsft.data.options import DataOptions
 from fastsft.data.parallel import encode_in_workers
@@ -66,6 +67,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     if options.eval_fraction > 0:
         train_indices, eval_indices = _hold_out(len(train_records), options.eval_fraction, options.seed)
     train, stats = _build(train_records, train_indices, options, tokenizer, template, "train", options.source)
+    check_supervision(stats, options)  # issue 25: a source that trains on nothing stops here
     eval_, eval_stats = [], None
     if eval_indices:
         eval_, eval_stats = _build(train_records, eval_indices, options, tokenizer, template, "eval", options.source)

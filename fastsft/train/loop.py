@@ -382,6 +382,9 @@ class Trainer:
             self.data, self.mixture = self._prepare_data()
             if not self.data.train:
                 raise DataError(self._no_examples_message())
+            from fastsft.data.audit import config_audit_lines  # issue 25: shown before training
+
+            self._audit_lines = config_audit_lines(config, self.data, self.tokenizer)
             needs_eval = (config.eval_steps > 0 and config.eval_strategy == "steps") or config.eval_exact_match \
                 or config.eval_strategy == "epoch"
             if needs_eval and not self.data.eval:
@@ -408,6 +411,8 @@ class Trainer:
             self.say(long_line)
         if getattr(self, "_threads_line", None):
             self.say(self._threads_line)
+        for line in getattr(self, "_audit_lines", []):  # issue 25: the supervision audit
+            self.say(line)
 
     def _set_cpu_threads(self) -> None:
         """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
