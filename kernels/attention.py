@@ -480,12 +480,12 @@ _OLDER_TRITON_TILES = {
     (9, True, 256, "dq"): ((3, 8), (128, 32, 8, 2), "one stage spills 160-176 B inside the key loop before 3.9; "
                                                     "two stages spill 8 B, outside every inner loop (198 KB of "
                                                     "shared memory, < 227 KB)"),
-    (9, False, 64, "dkdv"): ((3, 6), (16, 16, 4, 1), "fp32 16 x 32 tile spills 16 B on sm_90 on 3.6; 16 x 16 "
-                                                     "spills none"),
+    (9, False, 64, "dkdv"): ((3, 8), (16, 16, 4, 1), "fp32 16 x 32 tile spills 16 B on sm_90 on 3.6 and 3.8; "
+                                                     "16 x 16 spills none"),
     (9, False, 128, "dkdv"): ((3, 6), (16, 32, 8, 1), "fp32 16 x 16 tile spills 16 B on sm_90 on 3.6; 16 x 32 "
                                                       "spills none and takes fewer instructions per (query, key) "
                                                       "pair"),
-    (8, False, 64, "dkdv"): ((3, 6), (16, 16, 4, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
+    (8, False, 64, "dkdv"): ((3, 8), (16, 16, 4, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
     (8, False, 128, "dkdv"): ((3, 6), (16, 32, 8, 1), "the sm_90 fp32 tile (one fp32 table serves both archs)"),
 }
 

@@ -59,10 +59,11 @@ def _attention_budget(name: str, head_dim: int, dot16: bool, arch: int, variant:
     v36 = TRITON < (3, 7)
     if variant and name == "fwd":
         # the Gemma-2 variant's sigmoid-tanh and window masks add live registers to the
-        # 183-register d128 tile (full sweep: 16 B sm_90, 80 B sm_80 on 3.9; 36 B sm_90 on 3.6,
-        # none of it in a loop); retune on the GPU
-        return {90: 40 if v36 else 16, 80: 80}, "softcap + window registers on the d128 forward tile", v36
-    if name == "dkdv" and head_dim == 64 and not dot16 and arch == 80 and not v36:
+        # 183-register d128 tile (full sweep: 16 B sm_90, 80 B sm_80 on 3.9; 36 B sm_90 on 3.6
+        # and 3.7, none of it in a loop on 3.6); retune on the GPU
+        older = TRITON < (3, 8)
+        return {90: 40 if older else 16, 80: 80}, "softcap + window registers on the d128 forward tile", older
+    if name == "dkdv" and head_dim == 64 and not dot16 and arch == 80 and TRITON >= (3, 9):
         # fp32 inputs (not the training path): 4 B on sm_80; the 16 x 16 tile spills 20 B on sm_90
         return {80: 8}, "fp32 d64 dK/dV FMA tile on sm_80", False
     if name == "dkdv" and head_dim == 256 and dot16 and arch == 90:

@@ -26,6 +26,7 @@ def test_attention_takes_the_older_triton_tiles_up_to_their_last_release(compile
     compiled((3, 8))
     assert attention._configs(256, torch.bfloat16, 90)["dq"] == (128, 32, 8, 2)  # through 3.8
     assert attention._configs(64, torch.bfloat16, 90)["dkdv"] == (64, 128, 8, 2)  # 3.6 only
+    assert attention._configs(64, torch.float32, 90)["dkdv"] == (16, 16, 4, 1)  # through 3.8
     compiled((3, 6))
     hopper = attention._configs(64, torch.bfloat16, 90)
     assert hopper["dkdv"] == (32, 128, 8, 2) and hopper["fwd"] == attention._HOPPER_16BIT[64]["fwd"]
@@ -49,6 +50,8 @@ def test_lora_leaves_out_the_tiles_an_older_triton_spills(compiled):
     compiled((3, 6))
     assert tiles(80) == newest - {big} and big in tiles(90)  # only that tile, only on sm_80
     assert "6.8 KB" in lora.tile_notes()[0]
+    compiled((3, 8))
+    assert tiles(80) == newest and lora.tile_notes() == []  # through 3.7
 
 
 def test_the_version_is_read_from_triton(monkeypatch):
