@@ -21,6 +21,7 @@ commands:
   inspect [CONFIG.yaml] [--key value ...] [--n N] [--index I] [--tokens] [--color | --no-color]
           print rendered examples (trained tokens highlighted) and dataset statistics
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
+          [--base-weights exact|original]
           merge a LoRA / QLoRA adapter into its base model
   bench   how to run the benchmarks
 
@@ -210,6 +211,8 @@ def cmd_merge(args: Sequence[str]) -> int:
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     parser.add_argument("--overwrite", action="store_true", help="replace what --output already holds")
+    parser.add_argument("--base-weights", default="exact", dest="base_weights",
+                        help="QLoRA: exact (the 4-bit base as training saw it, default) | original (16-bit checkpoint)")
     options = parser.parse_args(list(args))
     from fastsft.preflight import check_writable
     from fastsft.errors import ConfigError
@@ -227,8 +230,12 @@ def cmd_merge(args: Sequence[str]) -> int:
     _quiet_library_bars()
     from fastsft.train.merge import merge_adapter
 
-    out = merge_adapter(options.adapter, options.output, dtype=options.dtype, base=options.base)
-    print(f"merged model written to {out}")
+    from fastsft.export.drift import drift_line
+
+    report = merge_adapter(options.adapter, options.output, dtype=options.dtype, base=options.base,
+                           base_weights=options.base_weights, overwrite=options.overwrite)
+    print(drift_line(report))
+    print(f"merged model written to {options.output} (report: merge_report.json)")
     return EXIT_OK
 
 
