@@ -22,6 +22,8 @@ commands:
           print rendered examples (trained tokens highlighted) and dataset statistics
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
           [--base-weights exact|original]
+  export  gguf MODEL_DIR --output FILE.gguf [--type f16|bf16|q8_0|f32] [--overwrite]
+          write a merged Llama-family model as GGUF (llama.cpp / Ollama)
           merge a LoRA / QLoRA adapter into its base model
   bench   how to run the benchmarks
 
@@ -239,6 +241,26 @@ def cmd_merge(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: Sequence[str]) -> int:
+    """issue 26: `fastsft export gguf MODEL_DIR --output FILE [--type f16|bf16|q8_0|f32] [--overwrite]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastsft export", description="export a merged model (GGUF)")
+    parser.add_argument("format", choices=["gguf"])
+    parser.add_argument("model", help="a merged model folder (fastsft merge --output) or a full run's output_dir")
+    parser.add_argument("--output", required=True, help="the .gguf file to write")
+    parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32")
+    parser.add_argument("--overwrite", action="store_true")
+    options = parser.parse_args(list(args))
+    from fastsft.errors import ConfigError
+    from fastsft.export.gguf_writer import export_gguf
+
+    if not os.path.isfile(os.path.join(options.model, "config.json")):
+        raise ConfigError(f"{options.model!r} holds no config.json: export a merged model (fastsft merge first)")
+    print(f"GGUF written to {export_gguf(options.model, options.output, options.type, options.overwrite)}")
+    return EXIT_OK
+
+
 def cmd_bench(args: Sequence[str]) -> int:
     print("Benchmarks run from a checkout of the repository:\n"
           "  python -m benchmarks.kernels --help   # per-kernel timings (GPU; --smoke for a tiny CPU run)\n"
@@ -246,7 +268,7 @@ def cmd_bench(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench}
 
 
 def _version() -> str:
@@ -286,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"fastsft: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
-    if command != "merge" and any(a in ("-h", "--help") for a in rest):
+    if command not in ("merge", "export") and any(a in ("-h", "--help") for a in rest):
         print(_command_help(command))
         return EXIT_OK
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
