@@ -21,7 +21,10 @@ commands:
   inspect [CONFIG.yaml] [--key value ...] [--n N] [--index I] [--tokens] [--color | --no-color]
           print rendered examples (trained tokens highlighted) and dataset statistics
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
+          [--base-weights exact|original]
           merge a LoRA / QLoRA adapter into its base model
+  export  gguf MODEL_DIR --output FILE.gguf [--type f16|bf16|q8_0|f32] [--overwrite]
+          write a merged Llama-family model as GGUF (llama.cpp / Ollama)
   plan    CONFIG.yaml [--gpu-memory 80GB] [--max-context | --max-batch] [--recipe fastsft,hf]
           trace one training step on the CPU (no GPU, no weights): peak memory, FLOPs, max context
   bench   how to run the benchmarks
@@ -240,6 +243,8 @@ def cmd_merge(args: Sequence[str]) -> int:
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     parser.add_argument("--overwrite", action="store_true", help="replace what --output already holds")
+    parser.add_argument("--base-weights", default="exact", dest="base_weights",
+                        help="QLoRA: exact (the 4-bit base as training saw it, default) | original (16-bit checkpoint)")
     options = parser.parse_args(list(args))
     from fastsft.preflight import check_writable
     from fastsft.errors import ConfigError
@@ -257,8 +262,32 @@ def cmd_merge(args: Sequence[str]) -> int:
     _quiet_library_bars()
     from fastsft.train.merge import merge_adapter
 
-    out = merge_adapter(options.adapter, options.output, dtype=options.dtype, base=options.base)
-    print(f"merged model written to {out}")
+    from fastsft.export.drift import drift_line
+
+    report = merge_adapter(options.adapter, options.output, dtype=options.dtype, base=options.base,
+                           base_weights=options.base_weights, overwrite=options.overwrite)
+    print(drift_line(report))
+    print(f"merged model written to {options.output} (report: merge_report.json)")
+    return EXIT_OK
+
+
+def cmd_export(args: Sequence[str]) -> int:
+    """issue 26: `fastsft export gguf MODEL_DIR --output FILE [--type f16|bf16|q8_0|f32] [--overwrite]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastsft export", description="export a merged model (GGUF)")
+    parser.add_argument("format", choices=["gguf"])
+    parser.add_argument("model", help="a merged model folder (fastsft merge --output) or a full run's output_dir")
+    parser.add_argument("--output", required=True, help="the .gguf file to write")
+    parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32")
+    parser.add_argument("--overwrite", action="store_true")
+    options = parser.parse_args(list(args))
+    from fastsft.errors import ConfigError
+    from fastsft.export.gguf_writer import export_gguf
+
+    if not os.path.isfile(os.path.join(options.model, "config.json")):
+        raise ConfigError(f"{options.model!r} holds no config.json: export a merged model (fastsft merge first)")
+    print(f"GGUF written to {export_gguf(options.model, options.output, options.type, options.overwrite)}")
     return EXIT_OK
 
 
@@ -275,7 +304,8 @@ def cmd_plan(args: Sequence[str]) -> int:
     return plan(args)
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "bench": cmd_bench, "plan": cmd_plan}
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
+            "plan": cmd_plan}
 
 
 def _version() -> str:
@@ -319,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"fastsft: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
-    if command != "merge" and any(a in ("-h", "--help") for a in rest):
+    if command not in ("merge", "export") and any(a in ("-h", "--help") for a in rest):
         print(_command_help(command))
         return EXIT_OK
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -1,0 +1,1 @@
+"""Exporting a trained model: exact QLoRA merge, drift report, GGUF."""
