@@ -43,15 +43,22 @@ def project(tmp_path_factory):
         f"model: tiny-llama\nmodel_config: {TINY}\ntokenizer_vocab_size: 300\ndataset: train.jsonl\n"
         f"max_seq_length: 64\nbatch_tokens: 128\nmax_steps: 2\nsave_steps: 2\nprogress_bar: 'off'\nmode: lora\n"
         f"lora_r: 4\noutput_dir: out\n")
-    os.environ["FASTSFT_TRITON_ON_CPU"] = "0"
     from fastsft.cli import main
 
+    # this one training run on the reference path; restored after, so later tests in this worker
+    # keep the suite's interpreter setting
+    old = os.environ.get("FASTSFT_TRITON_ON_CPU")
+    os.environ["FASTSFT_TRITON_ON_CPU"] = "0"
     cwd = os.getcwd()
     os.chdir(root)
     try:
         assert main(["train", "run.yaml"]) == 0
     finally:
         os.chdir(cwd)
+        if old is None:
+            os.environ.pop("FASTSFT_TRITON_ON_CPU", None)
+        else:
+            os.environ["FASTSFT_TRITON_ON_CPU"] = old
     (root / "a_file").write_text("not a folder")
     (root / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     (root / "missing_field.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
