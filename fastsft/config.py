@@ -36,6 +36,7 @@ CHOICES: Dict[str, tuple] = {
     "save_strategy": ("steps", "epoch", "no"),
     "eval_strategy": ("steps", "epoch", "no"),
     "long_context": ("auto", "on", "off"),  # issue 22
+    "dedup": ("report", "drop", "off"),  # issue 25
 }
 
 
@@ -133,6 +134,14 @@ class TrainConfig:
     cpu_ops: str = "patched"  # fastest: on CPU tensors keep each patched op only where it beats transformers' own
     # --- issue 25: quality loop
     gates: Dict[str, Any] = field(default_factory=dict)  # {metric: {min: x, max: y}} checked at the final eval
+    # --- issue 25: early stopping, the best checkpoint, duplicates and contamination
+    early_stopping_patience: Optional[int] = None  # stop after N evals without improvement (None: never)
+    early_stopping_threshold: float = 0.0  # an improvement must beat the best by more than this
+    metric_for_best_model: Optional[str] = None  # any eval metric (default eval_loss)
+    greater_is_better: Optional[bool] = None  # default: False for a name ending in loss, True otherwise
+    load_best_model_at_end: bool = False  # the final model is the best eval's checkpoint
+    dedup: str = "report"  # report | drop | off: duplicates and train/eval overlap before training
+    dedup_threshold: float = 0.85  # near-duplicate: Jaccard similarity of word shingles (MinHash LSH)
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -247,6 +256,8 @@ def _set(values: Dict[str, Any], key: str, value: Any, where: str) -> None:
         raise _unknown_key(key, where)
     if key in ("progress_bar", "long_context") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
+    if key == "dedup" and isinstance(value, bool):  # issue 25: `dedup: off` (YAML 1.1: false)
+        value = "report" if value else "off"
     value = _coerce(key, value, _HINTS[key], where)
     if isinstance(value, str) and value.lower() in VALUE_SYNONYMS.get(key, {}):
         value = VALUE_SYNONYMS[key][value.lower()]  # adamw_torch -> adamw: the same optimizer, another name
@@ -516,6 +527,11 @@ def validate(config: TrainConfig) -> None:
     from fastsft.gates import check_gates  # issue 25
 
     check_gates(config.gates)
+    from fastsft import early_stopping  # issue 25: early stopping, best model, dedup
+    from fastsft.data.dedup import check_dedup
+
+    early_stopping.check_config(config)
+    check_dedup(config)
     if isinstance(config.resume, str) and config.resume.lower() in ("true", "false", "yes", "no", ""):
         config.resume = config.resume.lower() in ("true", "yes")
     if not config.model:

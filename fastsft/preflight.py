@@ -19,6 +19,7 @@ RESUME_FREE_KEYS = {
     "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_strategy", "eval_at_start", "eval_exact_match", "eval_max_new_tokens",
     "eval_max_examples", "eval_batch_size", "logging_steps", "progress_bar", "cpu_threads", "report_to",
     "cache_dir",
+    "early_stopping_patience", "early_stopping_threshold",  # issue 25: a later stop or more patience
 }
 # keys that shape the weights in the checkpoint: they cannot change, whatever the flags
 RESUME_FIXED_KEYS = {

@@ -27,6 +27,7 @@ class Mixture:
     weights: List[float]
     seed: int
     offsets: List[int] = field(default_factory=list)
+    eval_sizes: List[int] = field(default_factory=list)  # issue 25 (dedup): each source's held-out examples
 
     def __post_init__(self):
         self.offsets = [int(x) for x in np.cumsum([0] + list(self.sizes[:-1]))]
@@ -72,12 +73,13 @@ def _merged_stats(parts: List[DataStats], examples, split: str) -> DataStats:
 def prepare_mixture(config, tokenizer) -> tuple:
     """(PreparedData over every source, Mixture); eval: eval_dataset, or each source's eval_fraction."""
     train, evals, train_stats, eval_stats = [], [], [], []
-    sizes = []
+    sizes, eval_sizes = [], []
     for options in source_options(config):
         part = prepare_data(options, tokenizer)
         train.extend(part.train)
         sizes.append(len(part.train))
         train_stats.append(part.stats)
+        eval_sizes.append(len(part.eval))
         if part.eval_stats is not None:
             evals.extend(part.eval)
             eval_stats.append(part.eval_stats)
@@ -89,7 +91,7 @@ def prepare_mixture(config, tokenizer) -> tuple:
     data = PreparedData(train, evals, _merged_stats(train_stats, train, "train"),
                         _merged_stats(eval_stats, evals, "eval") if eval_stats else None)
     weights = [float(entry.get("weight", 1.0)) for entry in config.datasets]
-    return data, Mixture(sizes, weights, config.seed)
+    return data, Mixture(sizes, weights, config.seed, eval_sizes=[] if config.eval_dataset else eval_sizes)
 
 
 def mixture_lines(config, mixture: Mixture) -> List[str]:

@@ -246,6 +246,7 @@ class Trainer:
         run_dir.record(self.output_dir, [run_dir.CHECKPOINTS_DIR, "metrics.jsonl", LOSS_CURVE_FILE, run_dir.CONFIG_FILE]
                        + ([BASE_MODEL_DIR] if staging is not None else [])
                        + [run_dir.TENSORBOARD_DIR if name == "tensorboard" else name for name in reporters(self.config)])
+        self._write_dedup_report()
         cache = self.config.cache_dir
         if cache and os.path.dirname(os.path.abspath(cache)) == os.path.abspath(self.output_dir):
             run_dir.record(self.output_dir, [cache])  # a tokenised-data cache kept inside the run folder
@@ -341,6 +342,12 @@ class Trainer:
         self.last_eval_step: Optional[int] = None
         self.totals = {"tokens": 0, "trained_tokens": 0, "skipped_steps": 0, "elapsed": 0.0}
         self.eval_history: Dict[str, Optional[float]] = {}
+        from fastsft.early_stopping import BestModel  # issue 25
+
+        self.best = BestModel.from_config(config)
+        self.stopped_early: Optional[int] = None
+        self.best_restored: Optional[int] = None
+        self._last_saved_step: Optional[int] = None
         if self.resume_from is not None:
             state = self.dist.load_checkpoint(self.resume_from, model=self.model, optimizer=self.optimizer,
                                          scheduler=self.scheduler, scaler=self.scaler)
@@ -349,6 +356,8 @@ class Trainer:
             self.totals.update(state.get("totals", {}))
             self.eval_history.update(state.get("eval_history", {}))
             self.last_eval_step = state.get("last_eval_step")
+            if self.best is not None:  # issue 25: the best score and step, and the patience counter
+                self.best.load_state(state.get("best_model"))
             self.say(f"resumed from {self.resume_from} at step {self.global_step}")
             if self.resume_changes:
                 self._honour_changes()
@@ -385,6 +394,7 @@ class Trainer:
             from fastsft.data.audit import config_audit_lines  # issue 25: shown before training
 
             self._audit_lines = config_audit_lines(config, self.data, self.tokenizer)
+            self._find_duplicates()  # issue 25: duplicates and train/eval overlap (dedup: drop removes them)
             needs_eval = (config.eval_steps > 0 and config.eval_strategy == "steps") or config.eval_exact_match \
                 or config.eval_strategy == "epoch"
             if needs_eval and not self.data.eval:
@@ -413,6 +423,10 @@ class Trainer:
             self.say(self._threads_line)
         for line in getattr(self, "_audit_lines", []):  # issue 25: the supervision audit
             self.say(line)
+        if getattr(self, "_dedup", None) is not None:
+            from fastsft.data.dedup import REPORT_FILE
+
+            self.say(self._dedup.summary_line(config.dedup, REPORT_FILE))
 
     def _set_cpu_threads(self) -> None:
         """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
@@ -610,6 +624,7 @@ class Trainer:
             self.eval_history["exact_match_start"] = record.get("eval_exact_match")
         self.eval_history["eval_loss"] = record["eval_loss"]
         self.eval_history["exact_match"] = record.get("eval_exact_match")
+        self._track_best(record)  # issue 25
         return record
 
     def train_state(self) -> dict:
@@ -617,6 +632,7 @@ class Trainer:
             "global_step": self.global_step, "epoch": self.stream_data.epoch, "batch_index": self.stream_data.index,
             "totals": dict(self.totals), "eval_history": dict(self.eval_history), "total_steps": self.total_steps,
             "last_eval_step": self.last_eval_step,
+            **({"best_model": self.best.state()} if getattr(self, "best", None) is not None else {}),
         }
 
     def log(self, record: dict) -> None:
@@ -628,11 +644,19 @@ class Trainer:
     def save_checkpoint(self) -> str:
         if self.dist.is_main:
             ckpt.check_free_space(self.output_dir, self.global_step, self.model, self.optimizer)
+        keep_best = self._keeps_best()  # issue 25: save_total_limit never removes the best checkpoint
         path = self.dist.save_checkpoint(
             self.output_dir, step=self.global_step, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            train_state=self.train_state(), config_dict=self._config_dict(), keep=self.config.save_total_limit,
+            train_state=self.train_state(), config_dict=self._config_dict(),
+            keep=0 if keep_best else self.config.save_total_limit,
         )
+        if keep_best and self.dist.is_main:
+            from fastsft.early_stopping import rotate_checkpoints
+
+            rotate_checkpoints(ckpt.list_checkpoints(self.output_dir), self.config.save_total_limit,
+                               protect=self.best.best_step)
+        self._last_saved_step = self.global_step
         self.say(f"checkpoint: {path}")
         return path
 
@@ -689,7 +713,12 @@ class Trainer:
                 if has_eval and config.eval_at_start and self.global_step == 0:
                     self.evaluate()
                 epochs_before = self.stream_data.epochs_passed()
-                while self.global_step < self.total_steps and signals.agreed(self.dist) is None:
+                if self.best is not None and self.best.should_stop():  # issue 25: resumed after an early stop
+                    self.stopped_early = self.global_step
+                    self.say(f"early stopping: the run stopped at step {self.global_step} (no improvement for "
+                             f"{self.best.evals_without_improvement} evals); nothing to train")
+                while self.global_step < self.total_steps and self.stopped_early is None \
+                        and signals.agreed(self.dist) is None:
                     record = self.train_step()
                     if record is None:
                         break  # the data ran out (num_epochs)
@@ -702,8 +731,10 @@ class Trainer:
                     epochs_before = self.stream_data.epochs_passed()
                     if has_eval and self._due(config.eval_strategy, config.eval_steps, epoch_done):
                         self.evaluate()
-                    if self._due(config.save_strategy, config.save_steps, epoch_done):
+                    if self._due(config.save_strategy, config.save_steps, epoch_done) or self._best_unsaved():
                         self.save_checkpoint()
+                    if self._stop_early():  # issue 25
+                        break
                 if signals.agreed(self.dist) is not None:
                     result.status, result.signal = "interrupted", signals.received
                     name = signal.Signals(signals.received).name
@@ -714,6 +745,7 @@ class Trainer:
                 else:
                     if has_eval and self.last_eval_step != self.global_step:
                         self.evaluate()
+                    self._restore_best()  # issue 25: load_best_model_at_end
                     self.save_final()
         finally:
             self.progress.close()
@@ -726,6 +758,91 @@ class Trainer:
         for line in summary_lines(result.summary):
             print(line, file=self.stream, flush=True)
         return result
+
+    # ------------------------------------------------------------------ issue 25: best model, early stopping, dedup
+    def _find_duplicates(self) -> None:
+        from fastsft.data import dedup
+
+        self._dedup = dedup.dedup_run(self.config, self.data, self.mixture)
+        if self._dedup is not None and self.config.dedup == "drop":
+            self.data, self.mixture = dedup.drop_duplicates(self.data, self.mixture, self._dedup)
+
+    def _write_dedup_report(self) -> None:
+        """dedup_report.jsonl: one JSON object per pair (rewritten by every run of the folder)."""
+        if getattr(self, "_dedup", None) is None:
+            return
+        from fastsft.data.dedup import REPORT_FILE, report_path
+
+        run_dir.record(self.output_dir, [REPORT_FILE])
+        self._dedup.write(report_path(self.output_dir))
+
+    def _keeps_best(self) -> bool:
+        return getattr(self, "best", None) is not None and self.config.load_best_model_at_end
+
+    def _track_best(self, record: dict) -> None:
+        if self.best is None:
+            return
+        value = record.get(self.best.metric)
+        if value is None:
+            known = ", ".join(k for k, v in record.items() if k.startswith("eval_") and isinstance(v, (int, float)))
+            raise TrainingError(f"metric_for_best_model: the eval at step {self.global_step} measured no "
+                                f"{self.best.metric!r} (it measured {known})")
+        if getattr(self.dist, "world_size", 1) > 1:  # every rank decides alike: the mean over ranks
+            value = float(self.dist.sum_over_ranks(torch.tensor(float(value), dtype=torch.float64))) \
+                / self.dist.world_size
+        self.best.update(self.global_step, value, record)
+
+    def _best_unsaved(self) -> bool:
+        """load_best_model_at_end: an eval that set a new best writes a checkpoint at its step."""
+        return self._keeps_best() and self.best.best_step == self.global_step \
+            and self._last_saved_step != self.global_step
+
+    def _stop_early(self) -> bool:
+        if self.best is None or not self.best.should_stop():
+            return False
+        self.stopped_early = self.global_step
+        self.say(self.best.stop_line(self.global_step))
+        if self.config.save_strategy != "no" and self._last_saved_step != self.global_step:
+            self.save_checkpoint()  # a resume of this run starts here and trains nothing more
+        return True
+
+    def _restore_best(self) -> None:
+        """The final model becomes the best eval's: its checkpoint's weights are loaded before save_final."""
+        if not self._keeps_best():
+            return
+        best = self.best
+        if best.best_step is None:
+            self.say(f"load_best_model_at_end: no eval after step 0 measured {best.metric}; the final model is the "
+                     f"last one")
+            return
+        if best.best_step != self.global_step:
+            from fastsft.early_stopping import checkpoint_of
+
+            path = checkpoint_of(ckpt.list_checkpoints(self.output_dir), best.best_step)
+            if path is None:
+                self.say(f"load_best_model_at_end: the checkpoint of step {best.best_step} is gone; the final model "
+                         f"is the last one (step {self.global_step})")
+                return
+            self.dist.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      scaler=self.scaler)
+        self.best_restored = best.best_step
+        for key in list(self.eval_history):  # the end-of-run values (and gates) describe the saved model
+            if not key.endswith("_start"):
+                for name in (key, f"eval_{key}"):
+                    if name in best.best_record:
+                        self.eval_history[key] = best.best_record[name]
+                        break
+        self.log({"type": "best_model", "step": self.global_step, "best_step": best.best_step,
+                  "metric_for_best_model": best.metric, "best_metric": best.best_value})
+        self.say(f"load_best_model_at_end: the saved model is step {best.best_step}'s ({best.metric} "
+                 f"{best.best_value:.4g}, the best of {best.evals} evals)")
+
+    def _best_summary(self) -> dict:
+        if getattr(self, "best", None) is None:
+            return {}
+        return {"metric_for_best_model": self.best.metric, "best_metric": self.best.best_value,
+                "best_step": self.best.best_step, "stopped_early_at": self.stopped_early,
+                "saved_model_step": self.best_restored if self.best_restored is not None else self.global_step}
 
     def _due(self, strategy: str, every: int, epoch_done: bool) -> bool:
         """save_strategy / eval_strategy: is a checkpoint (an eval) due after this step?"""
@@ -751,7 +868,7 @@ class Trainer:
             "status": result.status, "steps": self.global_step,
             "first_loss": train_records[0]["loss"] if train_records else None,
             "final_loss": train_records[-1]["loss"] if train_records else None,
-            **self.eval_history,
+            **self.eval_history, **self._best_summary(),
             "skipped_steps": self.totals["skipped_steps"], "tokens": self.totals["tokens"],
             "trained_tokens": self.totals["trained_tokens"],
             "tokens_per_s": self.totals["tokens"] / elapsed if elapsed > 0 else None,

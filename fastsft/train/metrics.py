@@ -153,6 +153,8 @@ def summary_lines(summary: Dict) -> List[str]:
         ("status", "status"), ("steps", "steps"), ("first_loss", "first loss"), ("final_loss", "final loss"),
         ("eval_loss_start", "eval loss (start)"), ("eval_loss", "eval loss (end)"),
         ("exact_match_start", "exact match (start)"), ("exact_match", "exact match (end)"),
+        ("metric_for_best_model", "best-model metric"), ("best_metric", "best value"), ("best_step", "best step"),
+        ("stopped_early_at", "stopped early at"), ("saved_model_step", "saved model step"),  # issue 25
         ("skipped_steps", "skipped steps"), ("tokens", "tokens"), ("trained_tokens", "trained tokens"),
         ("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory MB"), ("elapsed", "time"),
         ("output_dir", "output"),
