@@ -222,15 +222,18 @@ def cmd_inspect(args: Sequence[str]) -> int:
     if config.datasets:
         from fastsft.data.mix import prepare_mixture
 
-        data = prepare_mixture(config, tokenizer)[0]
+        data, mixture = prepare_mixture(config, tokenizer)
     else:
-        data = prepare_data(config.data_options(), tokenizer)
+        data, mixture = prepare_data(config.data_options(), tokenizer), None
     print(inspect_report(data, tokenizer, num_examples=numbers["--n"], color=color,
                          batch_tokens=config.batch_tokens if config.packing else None, seed=config.seed,
                          start_index=numbers["--index"], tokens=tokens))
     from fastsft.data.audit import config_audit_lines  # issue 25
 
     print("\n".join(config_audit_lines(config, data, tokenizer)))
+    from fastsft.data.dedup import inspect_lines  # issue 25: duplicates and train/eval overlap
+
+    print("\n".join(inspect_lines(config, data, mixture)))
     return EXIT_OK
 
 

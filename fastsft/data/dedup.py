@@ -72,7 +72,8 @@ class DedupReport:
     def count(self, scope: str, kind: str) -> int:
         return sum(1 for p in self.pairs if p["scope"] == scope and p["kind"] == kind)
 
-    def summary_line(self, mode: str, report_path: Optional[str] = None) -> str:
+    def summary_line(self, mode: str, report_path: Optional[str] = None, preview: bool = False) -> str:
+        """One line; `preview`: nothing was removed yet (fastsft inspect)."""
         line = (f"dedup: {self.train_count:,} training examples: {self.count('train', 'exact')} exact duplicates, "
                 f"{self.count('train', 'near')} near-duplicates (Jaccard >= {self.threshold:g})")
         if self.eval_count:
@@ -81,7 +82,8 @@ class DedupReport:
         else:
             line += "; no eval split to check for overlap"
         if mode == "drop":
-            line += f"; dropped {len(self.drop)} from the training data (dedup: drop)"
+            line += (f"; training drops {len(self.drop)} (dedup: drop)" if preview else
+                     f"; dropped {len(self.drop)} from the training data (dedup: drop)")
         elif self.drop:
             line += f"; kept (dedup: drop would remove {len(self.drop)})"
         if self.pairs and report_path:
@@ -235,6 +237,15 @@ def dedup_run(config, data, mixture=None) -> Optional[DedupReport]:
         return None
     train, held = run_texts(config, data, mixture)
     return find_duplicates(train, held, config.dedup_threshold, drop=config.dedup == "drop")
+
+
+def inspect_lines(config, data, mixture=None) -> List[str]:
+    """`fastsft inspect`: the summary line the run prints, and the first pairs (nothing is written)."""
+    report = dedup_run(config, data, mixture)
+    if report is None:
+        return ["dedup: off"]
+    return [report.summary_line(config.dedup, f"output_dir/{REPORT_FILE} when training", preview=True)] \
+        + report.example_lines()
 
 
 def drop_duplicates(data, mixture, report: DedupReport) -> tuple:
