@@ -126,3 +126,19 @@ def test_no_tracking_leaves_the_run_as_it_was(tmp_path, monkeypatch):
     result = run(config, monkeypatch)
     assert result.global_step == 4 and "best_step" not in result.summary
     assert load_config(None, model="tiny-llama", dataset="x.jsonl").early_stopping_patience is None
+
+
+def test_cli_bad_input_exits_2_before_anything_is_written(tmp_path, capsys):
+    from fastsft.cli import main
+
+    make_config(tmp_path)  # writes the data
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny-llama\ndataset: {tmp_path / 'data' / 'train.jsonl'}\neval_fraction: 0.2\n"
+                      f"eval_steps: 2\nmetric_for_best_model: bleu\noutput_dir: {tmp_path / 'cli'}\n")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastsft train: config error: config key 'metric_for_best_model': unknown metric 'bleu'; "
+                   "known: exact_match, loss")
+    assert not (tmp_path / "cli").exists()
+    assert main(["train", str(config), "--metric_for_best_model", "loss", "--early_stopping_patience", "0"]) == 2
+    assert "must be a positive integer" in capsys.readouterr().err
