@@ -832,8 +832,10 @@ class Trainer:
                     if name in best.best_record:
                         self.eval_history[key] = best.best_record[name]
                         break
-        self.log({"type": "best_model", "step": self.global_step, "best_step": best.best_step,
-                  "metric_for_best_model": best.metric, "best_metric": best.best_value})
+        if not any(r.get("type") == "best_model" and r.get("step") == self.global_step
+                   for r in self.metrics.records()):  # a resumed finished run logged it already
+            self.log({"type": "best_model", "step": self.global_step, "best_step": best.best_step,
+                      "metric_for_best_model": best.metric, "best_metric": best.best_value})
         self.say(f"load_best_model_at_end: the saved model is step {best.best_step}'s ({best.metric} "
                  f"{best.best_value:.4g}, the best of {best.evals} evals)")
 

@@ -103,6 +103,7 @@ def test_resume_mid_patience_keeps_the_counter(tmp_path, monkeypatch, capsys):
     again = run(make_config(tmp_path, early_stopping_patience=2, load_best_model_at_end=True, max_steps=12,
                             save_steps=2, resume=True), monkeypatch)
     assert again.global_step == 8 and "nothing to train" in capsys.readouterr().err
+    assert [r["step"] for r in records(config.output_dir, "best_model")] == [6, 8]  # the first run's end, then 8
 
 
 @pytest.mark.parametrize("values, message", [
