@@ -143,3 +143,21 @@ def test_cli_bad_input_exits_2_before_anything_is_written(tmp_path, capsys):
     assert not (tmp_path / "cli").exists()
     assert main(["train", str(config), "--metric_for_best_model", "loss", "--early_stopping_patience", "0"]) == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_best_model_rule_nan_and_state():
+    from fastsft.early_stopping import BestModel
+
+    best = BestModel("eval_loss", greater=False, threshold=0.0, patience=2)
+    assert not best.update(0, 0.1, {"eval_loss": 0.1})  # step 0: the baseline is never the best
+    assert best.update(2, 1.0, {"eval_loss": 1.0}) and best.best_step == 2
+    assert not best.update(4, float("nan"), {"eval_loss": float("nan")})  # never an improvement
+    assert best.evals_without_improvement == 1 and not best.should_stop()
+    assert best.update(6, 0.5, {"eval_loss": 0.5, "eval_exact_match": 0.25})
+    assert best.best_record == {"eval_loss": 0.5, "eval_exact_match": 0.25} and best.evals_without_improvement == 0
+    resumed = BestModel("eval_loss", greater=False, patience=2)
+    resumed.load_state(best.state())
+    assert (resumed.best_step, resumed.best_value, resumed.evals) == (6, 0.5, 3)
+    other = BestModel("eval_exact_match", greater=True, patience=2)
+    other.load_state(best.state())  # another metric (--resume_changed_config): tracking starts afresh
+    assert other.best_step is None and other.evals == 0
