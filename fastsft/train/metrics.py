@@ -170,6 +170,10 @@ def summary_lines(summary: Dict) -> List[str]:
         elif isinstance(value, int):
             value = f"{value:,}"
         lines.append(f"  {label:<20} {value}")
+    # issue 25: the other eval metrics and the forgetting probe, after the fixed facts
+    for name in [n for n in summary.get("eval_metric_names") or [] if n != "exact_match"] + ["forgetting"]:
+        if isinstance(summary.get(name), (int, float)):
+            lines.append(f"  {name + ' (end)':<20} {summary[name]:.4g}")
     return lines
 
 
