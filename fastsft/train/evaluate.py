@@ -120,6 +120,17 @@ def reference_replies(tokenizer, examples) -> list:
     return out
 
 
+def held_out_batches(examples, config, pad_token_id) -> List[dict]:
+    """Evaluation batches of `examples` planned like the training data (packing, batch_tokens / batch_size)."""
+    from fastsft.data import collate, plan_batches
+
+    lengths = [len(e.input_ids) for e in examples]
+    plan = plan_batches(lengths, batch_tokens=config.batch_tokens, packing=config.packing,
+                        batch_size=config.batch_size, seed=config.seed, epoch=0)
+    return [collate([examples[i] for i in idx], packing=config.packing, pad_token_id=pad_token_id,
+                    pad_to_multiple_of=config.pad_to_multiple_of) for idx in plan]
+
+
 def autocast_factory(device: torch.device, dtype: torch.dtype, enabled: bool) -> Callable:
     """A zero-argument callable returning the forward's autocast context."""
     if not enabled:

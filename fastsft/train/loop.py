@@ -597,14 +597,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval / save
     def eval_batches(self, examples: Optional[list] = None) -> List[dict]:
-        from fastsft.data import collate, plan_batches
+        from fastsft.train.evaluate import held_out_batches
 
-        examples = self.data.eval if examples is None else examples
-        lengths = [len(e.input_ids) for e in examples]
-        plan = plan_batches(lengths, batch_tokens=self.config.batch_tokens, packing=self.config.packing,
-                            batch_size=self.config.batch_size, seed=self.config.seed, epoch=0)
-        return [collate([examples[i] for i in idx], packing=self.config.packing, pad_token_id=self.pad_token_id,
-                        pad_to_multiple_of=self.config.pad_to_multiple_of) for idx in plan]
+        return held_out_batches(self.data.eval if examples is None else examples, self.config, self.pad_token_id)
 
     def evaluate(self) -> dict:
         from fastsft import eval_metrics
