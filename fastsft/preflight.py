@@ -19,6 +19,8 @@ RESUME_FREE_KEYS = {
     "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_strategy", "eval_at_start", "eval_exact_match", "eval_max_new_tokens",
     "eval_max_examples", "eval_batch_size", "logging_steps", "progress_bar", "cpu_threads", "report_to",
     "cache_dir",
+    # issue 25: how replies are scored changes no weight (forgetting_dataset is not free: its baseline is fixed)
+    "eval_metrics", "eval_do_sample", "eval_temperature", "eval_top_p", "eval_worst_examples",
 }
 # keys that shape the weights in the checkpoint: they cannot change, whatever the flags
 RESUME_FIXED_KEYS = {

@@ -112,3 +112,49 @@ def test_bad_metric_entries_are_one_line_config_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _tiny_model_and_data():
+    import torch
+    from types import SimpleNamespace
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=1,
+                                         pad_token_id=0, bos_token_id=2))
+
+    class Tok:
+        eos_token_id, pad_token_id = 1, 0
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (0, 1)))
+
+    examples = []
+    for k in range(5):  # odd lengths; the reply is the last trained span (ignored tokens elsewhere)
+        ids = [2] + [3 + (k * 7 + j) % 30 for j in range(3 + k)] + [5, 6, 1]
+        labels = [-100] * (len(ids) - 3) + ids[-3:]
+        examples.append(SimpleNamespace(input_ids=ids, labels=labels))
+    examples.append(SimpleNamespace(input_ids=[2, 3], labels=[-100, -100]))  # nothing trained: skipped
+    return model, Tok(), examples
+
+
+def test_generation_is_shared_greedy_or_seeded_and_leaves_the_training_rng_alone():
+    import contextlib
+
+    import torch
+
+    from fastsft.train.evaluate import generate_replies, reference_replies
+
+    model, tok, examples = _tiny_model_and_data()
+    run = dict(device=torch.device("cpu"), autocast=contextlib.nullcontext, max_new_tokens=6, batch_size=2)
+    greedy = generate_replies(model, tok, examples, **run)
+    assert [r.index for r in greedy] == [0, 1, 2, 3, 4] and greedy == generate_replies(model, tok, examples, **run)
+    assert all(r.reference == "5 6" for r in greedy)
+    state = torch.random.get_rng_state()
+    sampled = [generate_replies(model, tok, examples, **run, do_sample=True, temperature=5.0, seed=s)
+               for s in (1, 1, 2)]
+    assert torch.equal(state, torch.random.get_rng_state())  # training's random stream is untouched
+    assert sampled[0] == sampled[1] and [r.reply for r in sampled[0]] != [r.reply for r in sampled[2]]
+    refs = reference_replies(tok, examples)
+    assert [r.reply for r in refs] == ["5 6"] * 5 and refs[0].prompt.startswith("2 3")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -91,8 +92,10 @@ def evaluate_saved(config, model_dir: str, *, base: Optional[str] = None, output
 
         base_path = _adapter_base(model_dir, base)
         check_model_source(base_path, key="--base (the adapter's base model)")
-        model = PeftModel.from_pretrained(_load(base_path, compute, device, config.trust_remote_code),
-                                          model_dir).to(device).eval()
+        with warnings.catch_warnings():  # peft asks transformers for a renamed property: nothing to act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = PeftModel.from_pretrained(_load(base_path, compute, device, config.trust_remote_code),
+                                              model_dir).to(device).eval()
     else:
         model = _load(model_dir, compute, device, config.trust_remote_code)
     autocast = autocast_factory(device, compute, precision.autocast)
