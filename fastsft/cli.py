@@ -1,4 +1,4 @@
-"""The `fastsft` command: train | inspect | merge | bench.
+"""The `fastsft` command: train | inspect | eval | merge | export | plan | bench.
 
 Heavy libraries (torch, transformers) are imported inside the commands so that
 `fastsft --help` and config errors answer quickly.

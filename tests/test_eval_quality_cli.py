@@ -52,7 +52,7 @@ def _evals(out):
 
 
 def test_run_with_metrics_forgetting_and_a_failing_gate(tmp_path, capsys):
-    config = _config(tmp_path, METRICS + "forgetting_dataset: general.jsonl\neval_steps: 1\n"
+    config = _config(tmp_path, METRICS + "forgetting_dataset: general.jsonl\neval_steps: 1\nreport_to: tensorboard\n"
                      "gates: {contains: {min: 2.0}, forgetting: {max: 1000}, eval_words: {min: 0}}\n")
     assert main(["train", config]) == 3
     err = capsys.readouterr().err
@@ -79,6 +79,13 @@ def test_run_with_metrics_forgetting_and_a_failing_gate(tmp_path, capsys):
     manifest = json.loads((out / ".fastsft-manifest.json").read_text())
     assert "eval_worst.md" in manifest and "eval_worst.jsonl" in manifest
     assert "gate contains" in (out / "GATE_FAILED").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    assert {"eval/eval_contains", "eval/eval_words", "eval/eval_forgetting"} <= set(tags)
+    assert [e.value for e in board.Scalars("eval/eval_contains")] == pytest.approx([e["eval_contains"] for e in evals])
 
 
 def test_forgetting_gate_and_baseline_without_eval_at_start(tmp_path, capsys):
