@@ -624,7 +624,7 @@ class Trainer:
                 shown = f"{value:.4g}" if metric.kind == "python" else f"{100 * value:.1f}%"
                 parts.append(f"{metric.name.replace('_', ' ')} {shown}")
             record["eval_examples"] = len(replies)
-            parts[-1] += f" of {len(replies)}"
+            parts[-1] += f" of {len(replies)} replies"
             if replies:
                 parts[-1] += f"  (e.g. expected {replies[0].reference!r}, generated {replies[0].reply!r})"
             self._write_worst(replies, scored["per_reply"])
@@ -820,7 +820,7 @@ class Trainer:
             "status": result.status, "steps": self.global_step,
             "first_loss": train_records[0]["loss"] if train_records else None,
             "final_loss": train_records[-1]["loss"] if train_records else None,
-            **self.eval_history, "eval_metric_names": [m.name for m in self.eval_metric_list],
+            **self.eval_history, "eval_metric_kinds": {m.name: m.kind for m in self.eval_metric_list},
             "skipped_steps": self.totals["skipped_steps"], "tokens": self.totals["tokens"],
             "trained_tokens": self.totals["trained_tokens"],
             "tokens_per_s": self.totals["tokens"] / elapsed if elapsed > 0 else None,
