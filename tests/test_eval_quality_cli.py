@@ -17,7 +17,11 @@ METRIC_FILE = ("def words(prompt, reply, reference):\n"
                "        raise ValueError('cannot score')\n"
                "    return 1.0\n"
                "def text(prompt, reply, reference):\n"
-               "    return 'high'\n")
+               "    return 'high'\n"
+               "def strict(prompt, reply, reference):\n"
+               "    if reply != reference:\n"
+               "        raise KeyError('unexpected reply')\n"
+               "    return 1.0\n")
 
 
 def _chat(k):
@@ -159,3 +163,25 @@ def test_fastsft_eval_bad_input(tmp_path, capsys):
     assert "holds neither adapter_config.json nor config.json" in capsys.readouterr().err
     assert main(["eval", config]) == 2
     assert "usage: fastsft eval CONFIG.yaml --model DIR" in capsys.readouterr().err
+
+
+def test_python_metric_failing_on_a_generated_reply_stops_with_one_line(tmp_path, capsys):
+    # the check before training passes (reference == reply); the untrained model's reply differs at step 0
+    config = _config(tmp_path, "eval_metrics: [{python: 'my_metrics:strict'}]\n")
+    assert main(["train", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastsft train: config error: python metric my_metrics:strict raised on eval example ")
+    assert "KeyError" in err[-1] and not any("Traceback" in line for line in err)
+    assert main(["train", config, "--eval_metrics", "[contains]", "--overwrite"]) == 0
+
+
+def test_forgetting_baseline_survives_resume(tmp_path, capsys):
+    config = _config(tmp_path, "forgetting_dataset: general.jsonl\nsave_steps: 1\nmax_steps: 1\n")
+    text = open(config).read().replace("max_steps: 2\n", "")
+    open(config, "w").write(text)
+    assert main(["train", config]) == 0
+    assert main(["train", config, "--max_steps", "3", "--resume"]) == 0
+    evals = _evals(tmp_path / "out")
+    assert [e["step"] for e in evals] == [0, 1, 3]
+    base = evals[0]["eval_forgetting_loss"]
+    assert evals[2]["eval_forgetting"] == pytest.approx(evals[2]["eval_forgetting_loss"] / base - 1)
