@@ -77,6 +77,10 @@ def apply_gates(gates, summary: dict, output_dir: str, stream) -> bool:
         return False
     for line in failures:
         print(line, file=stream, flush=True)
+    from fastsft import run_dir
+
+    if os.path.isfile(os.path.join(output_dir, run_dir.MANIFEST_FILE)):  # a run folder: --overwrite clears it
+        run_dir.record(output_dir, [GATE_FAILED_FILE])
     with open(marker, "w") as handle:
         handle.write("\n".join(failures) + "\n")
     return False

@@ -82,7 +82,7 @@ def test_run_with_metrics_forgetting_and_a_failing_gate(tmp_path, capsys):
     assert "| # | exact_match | contains |" in (out / "eval_worst.md").read_text()
     manifest = json.loads((out / ".fastsft-manifest.json").read_text())
     assert "eval_worst.md" in manifest and "eval_worst.jsonl" in manifest
-    assert "gate contains" in (out / "GATE_FAILED").read_text()
+    assert "gate contains" in (out / "GATE_FAILED").read_text() and "GATE_FAILED" in manifest
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(out / "tensorboard"))
@@ -185,3 +185,10 @@ def test_forgetting_baseline_survives_resume(tmp_path, capsys):
     assert [e["step"] for e in evals] == [0, 1, 3]
     base = evals[0]["eval_forgetting_loss"]
     assert evals[2]["eval_forgetting"] == pytest.approx(evals[2]["eval_forgetting_loss"] / base - 1)
+
+
+def test_overwrite_clears_a_stale_gate_marker(tmp_path, capsys):
+    assert main(["train", _config(tmp_path, "gates: {eval_loss: {max: 0.0001}}\n")]) == 3
+    assert (tmp_path / "out" / "GATE_FAILED").is_file()
+    assert main(["train", _config(tmp_path), "--overwrite"]) == 0  # no gates this time: nothing re-checks
+    assert not (tmp_path / "out" / "GATE_FAILED").exists()
