@@ -19,7 +19,8 @@ from fastsft.errors import ConfigError
 from fastsft.train.evaluate import (autocast_factory, evaluate_loss, generate_replies, held_out_batches,
                                     reference_replies)
 from fastsft.train.forgetting import describe, prepare_probe, relative_increase
-from fastsft.train.model import BASE_MODEL_DIR, TINY_MODEL, load_tokenizer, resolve_device, resolve_precision
+from fastsft.train.model import (BASE_MODEL_DIR, TINY_MODEL, base_load_kwargs, load_tokenizer, resolve_device,
+                                 resolve_precision)
 
 RESULTS_FILE = "eval_results.json"
 
@@ -54,10 +55,29 @@ def _full_base(config, model_dir: str, base: Optional[str]) -> Optional[str]:
     return config.model
 
 
-def _load(path: str, dtype: torch.dtype, device: torch.device, trust: bool):
+def _as_trained(model, config):
+    """patch_kernels: the kernels the run computed with (its own eval's numbers; bitsandbytes' own 4-bit
+    forward does not run every shape on CPU, fastsft's fused NF4 LoRA path does)."""
+    if not config.patch_kernels:
+        return model
+    import fastsft
+
+    return fastsft.patch_model(model, self_check=False)
+
+
+def _load(path: str, config, device: torch.device, precision, *, as_base: bool):
+    """A model for evaluation. An adapter's base loads as training loaded it (QLoRA: 4-bit), so the numbers
+    match the run's own final eval; a full / merged model in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
+    if as_base:
+        kwargs = base_load_kwargs(config, device, precision)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if "quantization_config" not in kwargs:
+            model.to(device)
+        return model.eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=precision.compute_dtype,
+                                                trust_remote_code=config.trust_remote_code).to(device).eval()
 
 
 def evaluate_saved(config, model_dir: str, *, base: Optional[str] = None, output: Optional[str] = None,
@@ -94,10 +114,13 @@ def evaluate_saved(config, model_dir: str, *, base: Optional[str] = None, output
         check_model_source(base_path, key="--base (the adapter's base model)")
         with warnings.catch_warnings():  # peft asks transformers for a renamed property: nothing to act on
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            model = PeftModel.from_pretrained(_load(base_path, compute, device, config.trust_remote_code),
-                                              model_dir).to(device).eval()
+            base_model = _load(base_path, config, device, precision, as_base=True)
+            model = PeftModel.from_pretrained(base_model, model_dir).eval()
+            if config.mode != "qlora":
+                model.to(device)  # the adapter's weights beside the base's
+        model = _as_trained(model, config)
     else:
-        model = _load(model_dir, compute, device, config.trust_remote_code)
+        model = _as_trained(_load(model_dir, config, device, precision, as_base=False), config)
     autocast = autocast_factory(device, compute, precision.autocast)
     pad = tokenizer.pad_token_id
     results: dict = {"model": os.path.abspath(model_dir), "kind": kind}
@@ -135,7 +158,7 @@ def evaluate_saved(config, model_dir: str, *, base: Optional[str] = None, output
                 say("forgetting: no base model to compare with (pass --base MODEL)")
             else:
                 check_model_source(base_path, key="--base")
-                base_model = _load(base_path, compute, device, config.trust_remote_code)
+                base_model = _as_trained(_load(base_path, config, device, precision, as_base=False), config)
                 before = evaluate_loss(base_model, batches, device=device, autocast=autocast)
                 del base_model
         results["forgetting_loss"] = loss
