@@ -124,10 +124,15 @@ def test_bad_input_exits_2_before_training(tmp_path, capsys, extra, message):
 
 
 def test_fastsft_eval_on_saved_models(tmp_path, capsys):
-    config = _config(tmp_path, METRICS + "forgetting_dataset: general.jsonl\n")
+    config = _config(tmp_path, METRICS + "forgetting_dataset: general.jsonl\nsave_steps: 1\neval_steps: 1\n")
     assert main(["train", config]) == 0
     out = tmp_path / "out"
     train_final = _evals(out)[-1]
+    # a checkpoint is an adapter folder too: its numbers are the run's eval at that step
+    assert main(["eval", config, "--model", str(out / "checkpoints" / "step-1"), "--output",
+                 str(tmp_path / "step1.json")]) == 0
+    step1 = json.loads((tmp_path / "step1.json").read_text())
+    assert step1["eval_loss"] == pytest.approx(_evals(out)[1]["eval_loss"], rel=1e-4)
     capsys.readouterr()
     # the adapter folder: the same numbers as the run's final eval; forgetting against the adapter switched off
     assert main(["eval", config, "--model", str(out)]) == 0

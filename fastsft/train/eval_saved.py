@@ -7,7 +7,9 @@ full model --base (default: the config's model; tiny-llama: DIR/base_model).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
 from typing import Optional
@@ -53,6 +55,18 @@ def _full_base(config, model_dir: str, base: Optional[str]) -> Optional[str]:
         local = os.path.join(model_dir, BASE_MODEL_DIR)
         return local if os.path.isfile(os.path.join(local, "config.json")) else None
     return config.model
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """INFO lines of one logger held back for a block."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _as_trained(model, config):
@@ -141,7 +155,8 @@ def evaluate_saved(config, model_dir: str, *, base: Optional[str] = None, output
         scored = eval_metrics.score_replies(metrics, replies)
         results.update(scored["means"])
         results["eval_examples"] = len(replies)
-        parts += [f"{m.name} {scored['means'][m.name]:.4g}" for m in metrics]
+        parts += [f"{m.name} {scored['means'][m.name]:.4g}" if m.kind == "python" else
+                  f"{m.name} {100 * scored['means'][m.name]:.1f}%" for m in metrics]
         if config.eval_worst_examples > 0 and replies:
             names += [eval_metrics.WORST_MD, eval_metrics.WORST_JSONL]
             rows = eval_metrics.worst_rows(metrics, replies, scored["per_reply"], config.eval_worst_examples)
@@ -150,7 +165,7 @@ def evaluate_saved(config, model_dir: str, *, base: Optional[str] = None, output
         loss = evaluate_loss(model, batches, device=device, autocast=autocast)
         before = None
         if kind == "adapter":
-            with model.disable_adapter():
+            with model.disable_adapter(), _quiet("fastsft"):  # not one "peft path (adapters disabled)" per layer
                 before = evaluate_loss(model, batches, device=device, autocast=autocast)
         else:
             base_path = _full_base(config, model_dir, base)
