@@ -107,6 +107,7 @@ def _load(tmp_path, text):
     ("eval_metrics: [{regex: a, name: loss}]\n", "name 'loss' must be a plain identifier"),
     ("eval_metrics: {contains: 1}\n", "c.yaml: expected a list, got {'contains': 1}"),
     ("gates: {contains: {min: 1}}\n", "gates: unknown metric 'contains'; known: eval_loss, exact_match, forgetting"),
+    ("eval_do_sample: true\neval_top_p: 0\n", "eval_top_p (in (0, 1])"),
 ])
 def test_bad_metric_entries_are_one_line_config_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
