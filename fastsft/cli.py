@@ -1,4 +1,4 @@
-"""The `fastsft` command: train | inspect | merge | bench.
+"""The `fastsft` command: train | inspect | eval | merge | export | plan | bench.
 
 Heavy libraries (torch, transformers) are imported inside the commands so that
 `fastsft --help` and config errors answer quickly.
@@ -20,6 +20,8 @@ commands:
           --nproc N starts N processes through torchrun (DDP / FSDP2, key 'distributed')
   inspect [CONFIG.yaml] [--key value ...] [--n N] [--index I] [--tokens] [--color | --no-color]
           print rendered examples (trained tokens highlighted) and dataset statistics
+  eval    CONFIG.yaml --model DIR [--base MODEL] [--output FILE.json] [--key value ...]
+          a saved model's held-out loss, eval_metrics, forgetting probe and gates, without training
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
           [--base-weights exact|original]
           merge a LoRA / QLoRA adapter into its base model
@@ -237,6 +239,46 @@ def cmd_inspect(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
+EVAL_USAGE = """\
+usage: fastsft eval CONFIG.yaml --model DIR [--base MODEL] [--output FILE.json] [--key value ...]
+
+  --model DIR      a run's output_dir, a checkpoint, a merged model folder or an adapter folder
+  --base MODEL     the base model (default: the adapter's own; a full model: the config's model)
+  --output FILE    the results JSON (default: DIR/eval_results.json; eval_worst.md / .jsonl beside it)
+The config's eval split (eval_dataset / eval_fraction), eval_metrics, forgetting_dataset and gates apply.
+Exit codes: 0 every gate passed, 2 bad input, 3 a gate failed (DIR is marked GATE_FAILED).
+"""
+
+
+def cmd_eval(args: Sequence[str]) -> int:
+    """issue 25: the same metrics and gates as a training run's final eval, on a saved model."""
+    from fastsft.config import load_config
+    from fastsft.data.check import check_config_data
+    from fastsft.errors import ConfigError
+    from fastsft.gates import EXIT_GATE_FAILED, apply_gates, gate_failures
+
+    path, rest = _split_config(args)
+    rest = list(rest)
+    model_dir, base, output = _pop_value(rest, "--model"), _pop_value(rest, "--base"), _pop_value(rest, "--output")
+    if path is None or not model_dir:
+        raise ConfigError("usage: fastsft eval CONFIG.yaml --model DIR (a saved model or adapter folder)")
+    config = load_config(path, rest)
+    from fastsft.train.eval_saved import model_kind
+
+    model_kind(model_dir)  # before any data is read
+    check_config_data(config)
+    _quiet_library_bars()
+    from fastsft.train.eval_saved import evaluate_saved, write_results
+
+    results = evaluate_saved(config, model_dir, base=base, output=output, say=print)
+    failures = gate_failures(config.gates, results)
+    write_results(results, failures)
+    print(f"results written to {results['results_file']}")
+    if config.gates and not apply_gates(config.gates, results, model_dir, sys.stderr):
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
 def cmd_merge(args: Sequence[str]) -> int:
     import argparse
 
@@ -307,7 +349,7 @@ def cmd_plan(args: Sequence[str]) -> int:
     return plan(args)
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
             "plan": cmd_plan}
 
 
@@ -329,6 +371,8 @@ def _command_help(command: str) -> str:
         return TRAIN_USAGE + "\n" + help_text()
     if command == "inspect":
         return INSPECT_USAGE
+    if command == "eval":
+        return EVAL_USAGE
     if command == "plan":
         from fastsft.plan.cli import PLAN_USAGE
 

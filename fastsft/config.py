@@ -142,6 +142,13 @@ class TrainConfig:
     load_best_model_at_end: bool = False  # the final model is the best eval's checkpoint
     dedup: str = "report"  # report | drop | off: duplicates and train/eval overlap before training
     dedup_threshold: float = 0.85  # near-duplicate: Jaccard similarity of word shingles (MinHash LSH)
+    # --- issue 25: held-out metrics and the forgetting probe (fastsft.eval_metrics, fastsft.train.forgetting)
+    eval_metrics: List[Any] = field(default_factory=list)  # exact_match | contains | {regex: P} | json | {python: m:f}
+    eval_do_sample: bool = False  # sample the eval replies (seeded by seed) instead of greedy decoding
+    eval_temperature: float = 1.0  # eval_do_sample: the sampling temperature
+    eval_top_p: float = 1.0  # eval_do_sample: nucleus sampling
+    eval_worst_examples: int = 10  # rows of eval_worst.md / .jsonl (0: none written)
+    forgetting_dataset: Optional[str] = None  # general data whose loss is measured before training and at each eval
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -448,11 +455,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), **val
     config = TrainConfig(**merged)
     config._notes = notes  # lines the trainer prints (where relative paths were found, keys ignored)
     config._written = written
-    for key in ("dataset", "eval_dataset", "output_dir"):
+    config._config_dir = config_dir  # issue 25: python metrics and JSON schemas next to the config
+    for key in ("dataset", "eval_dataset", "output_dir", "forgetting_dataset"):
         value = getattr(config, key)
         if value:
             resolved, base = _resolve_relative(value, config_dir)
-            if key == "dataset" or key == "eval_dataset":
+            if key in ("dataset", "eval_dataset", "forgetting_dataset"):
                 # a relative name that exists nowhere may be a datasets hub name: keep it as written
                 if base is not None and not os.path.exists(resolved):
                     continue
@@ -524,9 +532,13 @@ def _check_datasets(entries: List[Dict[str, Any]]) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Checks that span keys or ranges (types were checked on the way in)."""
-    from fastsft.gates import check_gates  # issue 25
+    from fastsft.eval_metrics import config_metrics  # issue 25
+    from fastsft.gates import check_gates
 
-    check_gates(config.gates)
+    check_gates(config.gates, [m.name for m in config_metrics(config)])
+    if not config.eval_temperature > 0 or not 0 < config.eval_top_p <= 1 or config.eval_worst_examples < 0:
+        raise ConfigError(f"config keys eval_temperature (> 0), eval_top_p (in (0, 1]) and eval_worst_examples (>= 0): "
+                          f"got {config.eval_temperature}, {config.eval_top_p}, {config.eval_worst_examples}")
     from fastsft import early_stopping  # issue 25: early stopping, best model, dedup
     from fastsft.data.dedup import check_dedup
 

@@ -13,7 +13,16 @@ HELP: Dict[str, str] = {
     "model": "required: tiny-llama (a tiny Llama built from the data), a local model directory or a hub name",
     "tokenizer": "tokenizer directory or hub name (default: the model's own)",
     "model_config": "tiny-llama only: LlamaConfig fields to override (hidden_size, num_hidden_layers, ...)",
-    "gates": "issue 25: {metric: {min: x, max: y}} on the final eval (eval_loss, exact_match); a failure exits 3",
+    "gates": "issue 25: {metric: {min: x, max: y}} on the final eval (eval_loss, exact_match, forgetting, "
+             "any eval_metrics name); a failure exits 3",
+    "eval_metrics": "issue 25: metrics on the eval replies: exact_match, contains, {regex: P}, json "
+                    "(or {json: {schema: FILE}}), {python: module:function}; optional name: per entry",
+    "eval_do_sample": "issue 25: sample the eval replies (seeded by seed) instead of greedy decoding",
+    "eval_temperature": "issue 25: eval_do_sample's temperature",
+    "eval_top_p": "issue 25: eval_do_sample's nucleus (top-p)",
+    "eval_worst_examples": "issue 25: rows of eval_worst.md / eval_worst.jsonl, worst by the first metric (0: none)",
+    "forgetting_dataset": "issue 25: general data (text or chat) whose loss is measured before training and at "
+                          "each eval; forgetting = loss / loss before - 1",
     "tokenizer_vocab_size": "tiny-llama only: vocabulary of the BPE tokenizer trained on the data",
     "trust_remote_code": "let transformers run the model repository's own code",
     "mode": "lora | qlora (4-bit base + LoRA) | full fine-tuning",

@@ -2,7 +2,7 @@
 
 `metric_for_best_model` names any number of the eval record (eval_loss by default; `loss` and `exact_match`
 are read as `eval_loss` and `eval_exact_match`, as transformers prefixes `eval_`). `greater_is_better`
-defaults to False for a name ending in `loss`, True otherwise. As in transformers' EarlyStoppingCallback,
+defaults to False for a name ending in `loss` or `forgetting`, True otherwise. As in transformers' EarlyStoppingCallback,
 an eval resets the patience counter only when it beats the best by more than `early_stopping_threshold`,
 while the best model follows every strict improvement. The eval at step 0 (eval_at_start) is the
 untrained baseline and is not a candidate.
@@ -28,22 +28,20 @@ def record_key(name: str) -> str:
 
 
 def _extra_metric_names(config) -> List[str]:
-    """Metrics another part of the eval adds by name (config key eval_metrics, issue 25 item 1):
-    `contains`, `{regex: ...}`, ... are read from the eval record as eval_<name>."""
-    names = []
-    for entry in getattr(config, "eval_metrics", None) or []:
-        if isinstance(entry, str):
-            names.append(entry.split(":", 1)[0].strip())
-        elif isinstance(entry, dict) and entry:
-            names.append(str(next(iter(entry))))
-    return [record_key(n) for n in names if n]
+    """The record keys of the config's eval_metrics (eval_<name>) and of the forgetting probe."""
+    from fastsft.eval_metrics import config_metrics
+
+    names = [record_key(m.name) for m in config_metrics(config)]
+    if getattr(config, "forgetting_dataset", None):
+        names += ["eval_forgetting", "eval_forgetting_loss"]
+    return names
 
 
 def known_metrics(config) -> Dict[str, Optional[str]]:
     """Every record key this config's evals produce -> the key that must be on for it (None: always)."""
     known = dict(BUILTIN_METRICS)
     for key in _extra_metric_names(config):
-        known.setdefault(key, None)
+        known[key] = None  # listed in eval_metrics: measured whatever eval_exact_match says
     return known
 
 
@@ -59,7 +57,7 @@ def metric_name(config) -> str:
 def greater_is_better(config) -> bool:
     if config.greater_is_better is not None:
         return bool(config.greater_is_better)
-    return not metric_name(config).endswith("loss")
+    return not metric_name(config).endswith(("loss", "forgetting"))  # lower is better for both
 
 
 def _periodic_evals(config) -> bool:

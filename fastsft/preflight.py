@@ -20,6 +20,8 @@ RESUME_FREE_KEYS = {
     "eval_max_examples", "eval_batch_size", "logging_steps", "progress_bar", "cpu_threads", "report_to",
     "cache_dir",
     "early_stopping_patience", "early_stopping_threshold",  # issue 25: a later stop or more patience
+    # issue 25: how replies are scored changes no weight (forgetting_dataset is not free: its baseline is fixed)
+    "eval_metrics", "eval_do_sample", "eval_temperature", "eval_top_p", "eval_worst_examples",
 }
 # keys that shape the weights in the checkpoint: they cannot change, whatever the flags
 RESUME_FIXED_KEYS = {

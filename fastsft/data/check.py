@@ -29,6 +29,8 @@ def config_sources(config) -> Iterator[Source]:
     if config.eval_dataset:
         yield Source("eval_dataset", config.eval_dataset, config.dataset_split, config.dataset_format,
                      config.dataset_text_field)
+    if getattr(config, "forgetting_dataset", None):  # issue 25: the forgetting probe's data (format detected)
+        yield Source("forgetting_dataset", config.forgetting_dataset, "train", "auto", config.dataset_text_field)
 
 
 def check_source(source: Source) -> Optional[int]:
@@ -47,6 +49,6 @@ def check_config_data(config) -> Optional[int]:
     total: Optional[int] = 0
     for source in config_sources(config):
         count = check_source(source)
-        if source.key != "eval_dataset":
+        if source.key not in ("eval_dataset", "forgetting_dataset"):
             total = None if count is None or total is None else total + count
     return total

@@ -23,7 +23,7 @@ from fastsft import run_dir
 from fastsft.errors import ConfigError, DataError
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.batch import batch_to_device, output_vocab_size
-from fastsft.train.evaluate import autocast_factory, evaluate_loss, exact_match
+from fastsft.train.evaluate import autocast_factory, evaluate_loss, generate_replies, reference_replies
 from fastsft.train.metrics import (LOSS_CURVE_FILE, MetricsWriter, Progress, open_reporters, peak_memory_mb,
                                    plot_loss_curve, summary_lines)
 from fastsft.train.model import (BASE_MODEL_DIR, TINY_MODEL, build_tiny_base, count_parameters, load_model,
@@ -395,12 +395,14 @@ class Trainer:
 
             self._audit_lines = config_audit_lines(config, self.data, self.tokenizer)
             self._find_duplicates()  # issue 25: duplicates and train/eval overlap (dedup: drop removes them)
+            self._setup_quality()  # issue 25: eval_metrics and the forgetting probe, before anything is written
             needs_eval = (config.eval_steps > 0 and config.eval_strategy == "steps") or config.eval_exact_match \
-                or config.eval_strategy == "epoch"
-            if needs_eval and not self.data.eval:
+                or config.eval_strategy == "epoch" or bool(config.eval_metrics)
+            if needs_eval and not self.data.eval and (self.forgetting is None or config.eval_exact_match
+                                                      or config.eval_metrics):
                 raise ConfigError(
-                    "evaluation (eval_steps / eval_exact_match) needs a held-out split: set 'eval_dataset' or "
-                    "'eval_fraction'"
+                    "evaluation (eval_steps / eval_exact_match / eval_metrics) needs a held-out split: set "
+                    "'eval_dataset' or 'eval_fraction'"
                 )
             from fastsft.train import long_context
 
@@ -427,6 +429,21 @@ class Trainer:
             from fastsft.data.dedup import REPORT_FILE
 
             self.say(self._dedup.summary_line(config.dedup, REPORT_FILE))
+
+    def _setup_quality(self) -> None:
+        """issue 25: the eval metrics (python ones called on every held-out reference first, so one that raises
+        or returns a non-number stops the run here) and the forgetting probe's data."""
+        from fastsft.eval_metrics import check_python_metrics, config_metrics
+
+        config = self.config
+        self.eval_metric_list = config_metrics(config) if self.data.eval else []
+        examples = self.data.eval[: config.eval_max_examples or None]
+        check_python_metrics(self.eval_metric_list, reference_replies(self.tokenizer, examples))
+        self.forgetting = None
+        if config.forgetting_dataset:
+            from fastsft.train.forgetting import prepare_probe
+
+            self.forgetting = prepare_probe(config, self.tokenizer)
 
     def _set_cpu_threads(self) -> None:
         """cpu_threads, or by default the cores no other work keeps busy (never more than torch's default,
@@ -467,6 +484,7 @@ class Trainer:
                 self.last_eval_step = self.global_step
                 self.eval_history["eval_loss"] = record.get("eval_loss")
                 self.eval_history["exact_match"] = record.get("eval_exact_match")
+                self._remember_eval(record)  # issue 25: every eval metric and forgetting
 
     def _sync_lr(self) -> None:
         """The learning rate of the next update (number global_step, 0-based) from the schedule of *this*
@@ -592,40 +610,89 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ eval / save
-    def eval_batches(self) -> List[dict]:
-        from fastsft.data import collate, plan_batches
+    def eval_batches(self, examples: Optional[list] = None) -> List[dict]:
+        from fastsft.train.evaluate import held_out_batches
 
-        lengths = [len(e.input_ids) for e in self.data.eval]
-        plan = plan_batches(lengths, batch_tokens=self.config.batch_tokens, packing=self.config.packing,
-                            batch_size=self.config.batch_size, seed=self.config.seed, epoch=0)
-        return [collate([self.data.eval[i] for i in idx], packing=self.config.packing, pad_token_id=self.pad_token_id,
-                        pad_to_multiple_of=self.config.pad_to_multiple_of) for idx in plan]
+        return held_out_batches(self.data.eval if examples is None else examples, self.config, self.pad_token_id)
 
     def evaluate(self) -> dict:
+        from fastsft import eval_metrics
+
         record = {"type": "eval", "step": self.global_step}
-        record["eval_loss"] = evaluate_loss(self.model, self.eval_batches(), device=self.device, autocast=self.autocast)
-        text = f"eval @ step {self.global_step}: loss {record['eval_loss']:.4f}"
-        if self.config.eval_exact_match:
-            examples = self.data.eval[: self.config.eval_max_examples or None]
-            score, samples = exact_match(self.dist.unwrap(self.model), self.tokenizer, examples, device=self.device,
-                                         autocast=self.autocast, max_new_tokens=self.config.eval_max_new_tokens,
-                                         batch_size=self.config.eval_batch_size)
-            record["eval_exact_match"] = score
-            record["eval_examples"] = len(samples)
-            text += f", exact match {100 * score:.1f}% of {len(samples)}"
-            if samples:
-                s = samples[0]
-                text += f"  (e.g. expected {s['expected']!r}, generated {s['generated']!r})"
+        parts = []
+        if self.data.eval:
+            record["eval_loss"] = evaluate_loss(self.model, self.eval_batches(), device=self.device,
+                                                autocast=self.autocast)
+            parts.append(f"loss {record['eval_loss']:.4f}")
+        if self.eval_metric_list:  # one generation per example, shared by every metric
+            config = self.config
+            replies = generate_replies(
+                self.dist.unwrap(self.model), self.tokenizer, self.data.eval[: config.eval_max_examples or None],
+                device=self.device, autocast=self.autocast, max_new_tokens=config.eval_max_new_tokens,
+                batch_size=config.eval_batch_size, do_sample=config.eval_do_sample,
+                temperature=config.eval_temperature, top_p=config.eval_top_p, seed=config.seed)
+            scored = eval_metrics.score_replies(self.eval_metric_list, replies)
+            for metric in self.eval_metric_list:
+                value = scored["means"][metric.name]
+                record[f"eval_{metric.name}"] = value
+                shown = f"{value:.4g}" if metric.kind == "python" else f"{100 * value:.1f}%"
+                parts.append(f"{metric.name.replace('_', ' ')} {shown}")
+            record["eval_examples"] = len(replies)
+            parts[-1] += f" of {len(replies)} replies"
+            if replies:
+                parts[-1] += f"  (e.g. expected {replies[0].reference!r}, generated {replies[0].reply!r})"
+            self._write_worst(replies, scored["per_reply"])
+        if self.forgetting is not None:
+            parts.append(self._probe_forgetting(record))
         self.log(record)
-        self.say(text)
+        self.say(f"eval @ step {self.global_step}: " + ", ".join(parts))
         self.last_eval_step = self.global_step
         if self.global_step == 0:  # the untrained model's baseline (eval_at_start)
-            self.eval_history["eval_loss_start"] = record["eval_loss"]
+            self.eval_history["eval_loss_start"] = record.get("eval_loss")
             self.eval_history["exact_match_start"] = record.get("eval_exact_match")
-        self.eval_history["eval_loss"] = record["eval_loss"]
-        self.eval_history["exact_match"] = record.get("eval_exact_match")
+        self._remember_eval(record)
         self._track_best(record)  # issue 25
         return record
+
+    def _remember_eval(self, record: dict) -> None:
+        """The latest eval's values under their plain names (eval_loss, exact_match, contains, forgetting):
+        the summary and the gates read them."""
+        for key, value in record.items():
+            if key.startswith("eval_") and key != "eval_examples":
+                self.eval_history[key if key == "eval_loss" else key[len("eval_"):]] = value
+
+    def _probe_forgetting(self, record: dict) -> str:
+        """issue 25: the probe's loss now; at step 0 it is the baseline every later eval is compared with."""
+        from fastsft.train.forgetting import describe, relative_increase
+
+        if getattr(self, "_forgetting_batches", None) is None:
+            self._forgetting_batches = self.eval_batches(self.forgetting)
+        loss = evaluate_loss(self.model, self._forgetting_batches, device=self.device, autocast=self.autocast)
+        if self.global_step == 0:
+            self.eval_history["forgetting_loss_start"] = loss
+        record["eval_forgetting_loss"] = loss
+        increase = relative_increase(loss, self.eval_history.get("forgetting_loss_start"))
+        if increase is not None:
+            record["eval_forgetting"] = increase
+        return describe(loss, increase)
+
+    def _forgetting_baseline(self) -> None:
+        """The probe before the first step when no eval runs at step 0 (eval_at_start: false)."""
+        record = {"type": "eval", "step": 0}
+        text = self._probe_forgetting(record)
+        self.log(record)
+        self.say(f"forgetting probe @ step 0 (baseline): {text}")
+
+    def _write_worst(self, replies: list, per_reply: list) -> None:
+        """eval_worst.md / .jsonl next to the model: the N lowest-scoring replies by the first metric."""
+        from fastsft import eval_metrics
+
+        count = self.config.eval_worst_examples
+        if not self.dist.is_main or count <= 0 or not replies:
+            return
+        run_dir.record(self.output_dir, [eval_metrics.WORST_MD, eval_metrics.WORST_JSONL])
+        rows = eval_metrics.worst_rows(self.eval_metric_list, replies, per_reply, count)
+        eval_metrics.write_worst(self.output_dir, rows, self.eval_metric_list, self.global_step)
 
     def train_state(self) -> dict:
         return {
@@ -703,7 +770,7 @@ class Trainer:
         if not hasattr(self, "model"):
             self.setup()
         config = self.config
-        has_eval = bool(self.data.eval)
+        has_eval = bool(self.data.eval) or self.forgetting is not None
         self.progress = Progress(total=self.total_steps, initial=self.global_step, mode=config.progress_bar,
                                  logging_steps=config.logging_steps, stream=self.stream)
         result = TrainResult(status="completed", global_step=self.global_step, output_dir=self.output_dir)
@@ -712,6 +779,8 @@ class Trainer:
             with _SignalCatcher() as signals:
                 if has_eval and config.eval_at_start and self.global_step == 0:
                     self.evaluate()
+                elif self.forgetting is not None and self.global_step == 0:
+                    self._forgetting_baseline()  # issue 25: forgetting needs the untrained model's probe loss
                 epochs_before = self.stream_data.epochs_passed()
                 if self.best is not None and self.best.should_stop():  # issue 25: resumed after an early stop
                     self.stopped_early = self.global_step
@@ -870,7 +939,8 @@ class Trainer:
             "status": result.status, "steps": self.global_step,
             "first_loss": train_records[0]["loss"] if train_records else None,
             "final_loss": train_records[-1]["loss"] if train_records else None,
-            **self.eval_history, **self._best_summary(),
+            **self.eval_history, "eval_metric_kinds": {m.name: m.kind for m in self.eval_metric_list},
+            **self._best_summary(),
             "skipped_steps": self.totals["skipped_steps"], "tokens": self.totals["tokens"],
             "trained_tokens": self.totals["trained_tokens"],
             "tokens_per_s": self.totals["tokens"] / elapsed if elapsed > 0 else None,

@@ -172,6 +172,15 @@ def summary_lines(summary: Dict) -> List[str]:
         elif isinstance(value, int):
             value = f"{value:,}"
         lines.append(f"  {label:<20} {value}")
+    # issue 25: the other eval metrics and the forgetting probe, after the fixed facts
+    kinds = dict(summary.get("eval_metric_kinds") or {}, forgetting="forgetting")
+    for name, kind in kinds.items():
+        value = summary.get(name)
+        if name == "exact_match" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        shown = f"{value:.4g}" if kind == "python" else f"{100 * value:+.1f}%" if kind == "forgetting" \
+            else f"{100 * value:.1f}%"
+        lines.append(f"  {name + ' (end)':<20} {shown}")
     return lines
 
 

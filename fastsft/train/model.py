@@ -110,6 +110,14 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
     """The base model in the mode's dtype (QLoRA: 4-bit through BitsAndBytesConfig), then LoRA and checkpointing."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(path, **base_load_kwargs(config, device, precision))
+    if config.mode != "qlora":
+        model.to(device)
+    return finish_model(model, config, device)
+
+
+def base_load_kwargs(config, device: torch.device, precision: Precision) -> dict:
+    """from_pretrained's arguments for the base as training loads it (`fastsft eval` loads it the same way)."""
     kwargs = dict(trust_remote_code=config.trust_remote_code)
     if config.mode == "qlora":
         from transformers import BitsAndBytesConfig
@@ -135,10 +143,7 @@ def load_model(path: str, config, device: torch.device, precision: Precision) ->
         kwargs["dtype"] = precision.compute_dtype
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights; autocast computes in bf16/fp16
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if config.mode != "qlora":
-        model.to(device)
-    return finish_model(model, config, device)
+    return kwargs
 
 
 def finish_model(model: torch.nn.Module, config, device: Optional[torch.device] = None) -> torch.nn.Module:

@@ -161,3 +161,20 @@ def test_best_model_rule_nan_and_state():
     other = BestModel("eval_exact_match", greater=True, patience=2)
     other.load_state(best.state())  # another metric (--resume_changed_config): tracking starts afresh
     assert other.best_step is None and other.evals == 0
+
+
+def test_metrics_from_eval_metrics_and_the_probe_are_known(tmp_path):
+    """metric_for_best_model may name any eval_metrics entry or the forgetting probe; lower forgetting is better."""
+    from fastsft import early_stopping
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(json.dumps({"text": "general text for the probe"}) + "\n")
+    config = make_config(tmp_path, eval_metrics=["contains", {"regex": "^a", "name": "starts_a"}],
+                         forgetting_dataset=str(probe), metric_for_best_model="starts_a")
+    known = early_stopping.known_metrics(config)
+    assert {"eval_contains", "eval_starts_a", "eval_forgetting", "eval_exact_match"} <= set(known)
+    assert early_stopping.greater_is_better(config)
+    config = make_config(tmp_path, eval_metrics=["exact_match"], metric_for_best_model="exact_match")
+    assert early_stopping.metric_name(config) == "eval_exact_match"  # listed in eval_metrics: no flag needed
+    config = make_config(tmp_path, forgetting_dataset=str(probe), metric_for_best_model="forgetting")
+    assert not early_stopping.greater_is_better(config)
