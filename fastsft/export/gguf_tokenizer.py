@@ -68,14 +68,14 @@ def add_tokenizer(writer, model_dir: str, vocab_size: int) -> str:
     import gguf
     from transformers import AutoTokenizer
 
-    path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         raise ConfigError(f"GGUF export: {model_dir!r} holds no tokenizer.json (a fast tokenizer is needed)")
-    with open(path, encoding="utf-8") as handle:
-        spec = json.load(handle)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # the tokenizer as loaded, not tokenizer.json: transformers' class for a family may set its own
+    # pre-tokenizer (Qwen2's split regex) over the file's, and training used the loaded one
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
         raise ConfigError(f"GGUF export: tokenizer model {spec['model']['type']!r} is not supported (BPE only)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ConfigError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())}, beyond the model's "

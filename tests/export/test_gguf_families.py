@@ -1,0 +1,155 @@
+"""GGUF round trip for every family patch_model supports: export a tiny model (fp32 weights far from their init,
+norms included) to f16 / bf16 / q8_0, load it back with transformers' own GGUF loader, compare logits; the
+tokenizer (byte-level BPE or SentencePiece-style) round-trips a chat rendering token for token."""
+import json
+
+import pytest
+import torch
+
+from fastsft.export.gguf_writer import export_gguf
+
+from fastsft.tiny_families import CHAT, FAMILIES
+
+# max |logit difference| / max |logit| over 2 x 33 tokens. The tiny models are random and deep in
+# their nonlinear range (logits ~8-15), so weight rounding is amplified: measured on this CPU (fp32 weights in)
+# f16 <= 0.0035, bf16 <= 0.038, q8_0 <= 0.122 (Phi-3, Mistral). Bounds about 2x those.
+BOUNDS = {"f16": 0.008, "bf16": 0.08, "q8_0": 0.25}
+# how each 2-D weight must be stored (q8_0 rows here are all multiples of 32)
+STORED = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+
+
+def _load_back(folder, name):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+
+def _tensor_types(path):
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_round_trip(family, family_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = family_dir(family)
+    ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    ids = torch.randint(5, ref.config.vocab_size - 3, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = ref(ids).logits
+    scale = float(a.abs().max())
+    assert scale > 1.0  # not a comparison of near-zero logits
+    for qtype, bound in BOUNDS.items():
+        out = tmp_path / f"{family}-{qtype}.gguf"
+        export_gguf(str(source), str(out), qtype)
+        back = _load_back(tmp_path, out.name)
+        assert type(back).__name__ == type(ref).__name__ or family == "mistral"  # llama.cpp: Mistral is llama
+        with torch.no_grad():
+            b = back(ids).logits
+        assert b.shape == a.shape
+        rel = float((a - b).abs().max()) / scale
+        assert rel <= bound, f"{family} {qtype}: max |logit diff| {rel:.3g} of the largest logit"
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+        types = _tensor_types(out)
+        assert types["blk.0.ffn_down.weight"] == STORED[qtype] and types["blk.0.attn_norm.weight"] == "F32"
+        assert ("output.weight" in types) == (not ref.config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_tokenizer_round_trip(family, family_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    source = family_dir(family)
+    out = tmp_path / "m.gguf"
+    export_gguf(str(source), str(out), "f16")
+    tok, back = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert back.apply_chat_template(CHAT, tokenize=False) == text
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+    prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    assert back(prompt)["input_ids"] == tok(prompt)["input_ids"]
+    assert (back.eos_token_id, back.bos_token_id) == (tok.eos_token_id, tok.bos_token_id)
+    assert back.decode(tok(text)["input_ids"], skip_special_tokens=True) == tok.decode(
+        tok(text)["input_ids"], skip_special_tokens=True)
+
+
+def test_tied_llama_has_no_output_tensor(family_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = family_dir("llama", tied=True)
+    ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    assert ref.config.tie_word_embeddings
+    out = tmp_path / "tied.gguf"
+    export_gguf(str(source), str(out), "f16")
+    assert "output.weight" not in _tensor_types(out)
+    back = _load_back(tmp_path, out.name)
+    assert back.config.tie_word_embeddings
+    ids = torch.randint(5, 200, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ref(ids).logits, back(ids).logits
+    assert float((a - b).abs().max()) <= BOUNDS["f16"] * float(a.abs().max())
+
+
+def _fields(path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.t")}
+
+
+def test_family_metadata_llama_cpp_reads(family_dir, tmp_path):
+    """What transformers' loader does not read back but llama.cpp does: checked in the file itself."""
+    gemma2 = family_dir("gemma2")
+    export_gguf(str(gemma2), str(tmp_path / "g.gguf"), "f16")
+    fields = _fields(tmp_path / "g.gguf")
+    assert fields["general.architecture"] == "gemma2"
+    assert fields["gemma2.attn_logit_softcapping"] == 50.0 and fields["gemma2.final_logit_softcapping"] == 30.0
+    assert fields["gemma2.attention.sliding_window"] == 8 and fields["gemma2.attention.key_length"] == 256
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is False
+    qwen3 = family_dir("qwen3")
+    export_gguf(str(qwen3), str(tmp_path / "q.gguf"), "f16")
+    fields = _fields(tmp_path / "q.gguf")
+    assert fields["qwen3.attention.key_length"] == 128 and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.eos_token_id"] == 2 and "<|im_start|>" in fields["tokenizer.chat_template"]
+    phi3 = family_dir("phi3")
+    export_gguf(str(phi3), str(tmp_path / "p.gguf"), "f16")
+    fields = _fields(tmp_path / "p.gguf")
+    assert fields["phi3.rope.dimension_count"] == 16 and fields["tokenizer.ggml.add_space_prefix"] is True
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    mistral = family_dir("mistral")
+    export_gguf(str(mistral), str(tmp_path / "m.gguf"), "f16")
+    fields = _fields(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.add_bos_token"] is True  # a Llama-2-style tokenizer starts with <s>
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "llama"
+
+
+def _edited_copy(folder, tmp_path, **changes):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("family,changes,message", [
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope scaling 'linear'"),
+    ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar=64"),
+    ("gemma3_text", {"layer_types": ["full_attention", "full_attention"]}, "layer_types"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "soft-capping"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
+    ("llama", {"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+])
+def test_refused_settings(family, changes, message, family_dir, tmp_path, capsys):
+    from fastsft.cli import main
+
+    folder = _edited_copy(family_dir(family), tmp_path, **changes)
+    out = tmp_path / "x.gguf"
+    assert main(["export", "gguf", str(folder), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
