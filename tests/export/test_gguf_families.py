@@ -123,6 +123,10 @@ def test_family_metadata_llama_cpp_reads(family_dir, tmp_path):
     fields = _fields(tmp_path / "m.gguf")
     assert fields["tokenizer.ggml.add_bos_token"] is True  # a Llama-2-style tokenizer starts with <s>
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "llama"
+    assert fields["llama.context_length"] == 256
+    windowed = _edited_copy(mistral, tmp_path, sliding_window=64)
+    export_gguf(str(windowed), str(tmp_path / "w.gguf"), "f16")
+    assert _fields(tmp_path / "w.gguf")["llama.context_length"] == 64  # full attention = the window up to 64
 
 
 def _edited_copy(folder, tmp_path, **changes):
