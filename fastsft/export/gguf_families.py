@@ -37,6 +37,27 @@ def rope_settings(config, layer_type: str = "full_attention") -> dict:
             "partial": float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))}
 
 
+def rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    return dict(params[layer_type]) if isinstance(params.get(layer_type), dict) else params
+
+
+def extra_tensors(config) -> dict:
+    """GGUF tensors with no HF counterpart. Llama-3.1-style rope ("llama3"): llama.cpp divides each rope
+    frequency by the factor in `rope_freqs`; the factors are transformers' own default / llama3 frequencies."""
+    if rope_settings(config)["type"] != "llama3":
+        return {}
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, attention_scaling = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    if attention_scaling != 1.0:
+        raise ConfigError(f"GGUF export: llama3 rope with attention scaling {attention_scaling} is not supported")
+    dim = scaled.shape[0] * 2
+    default = 1.0 / (rope_settings(config)["theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return {"rope_freqs.weight": (default / scaled.float()).numpy().astype(np.float32)}
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -113,11 +134,13 @@ def family_of(config) -> Family:
         hint = " (a multimodal Gemma-3: save its language model alone)" if model_type == "gemma3" else ""
         raise ConfigError(f"GGUF export of model_type {model_type!r} is not supported{hint}; supported: "
                           f"{', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
     rope = rope_settings(config)
-    if rope["type"] != "default":
+    known = ("default", "linear", "llama3") if family.arch == "LLAMA" else ("default", "linear")
+    if rope["type"] not in known:
         raise ConfigError(f"GGUF export of {model_type}: rope scaling {rope['type']!r} is not supported yet "
-                          f"(transformers' GGUF loader cannot read it back, so it could not be checked)")
-    return FAMILIES[model_type]
+                          f"(supported: {', '.join(known)})")
+    return family
 
 
 def write_hparams(writer, config, family: Family) -> None:
@@ -134,6 +157,11 @@ def write_hparams(writer, config, family: Family) -> None:
     writer.add_rope_freq_base(rope["theta"])
     writer.add_rope_dimension_count(int(head_dim * rope["partial"]))
     writer.add_vocab_size(config.vocab_size)
+    if rope["type"] == "linear":  # llama.cpp: freq_scale = 1 / factor, as transformers divides inv_freq
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
     if family.key_length:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

@@ -72,6 +72,8 @@ def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bo
                 raise ConfigError(f"GGUF export: no GGUF name for tensor {hf_name!r} ({config.model_type})")
             data = families.transform(hf_name, tensor.float().numpy(), config, family)
             _add_tensor(writer, gguf, name, data, qtype)
+        for name, data in families.extra_tensors(config).items():
+            writer.add_tensor(name, data)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -141,7 +141,8 @@ def _edited_copy(folder, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("family,changes,message", [
-    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope scaling 'linear'"),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 64}}, "rope scaling 'yarn'"),
     ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar=64"),
     ("gemma3_text", {"layer_types": ["full_attention", "full_attention"]}, "layer_types"),
     ("gemma3_text", {"final_logit_softcapping": 30.0}, "soft-capping"),
@@ -153,7 +154,52 @@ def test_refused_settings(family, changes, message, family_dir, tmp_path, capsys
 
     folder = _edited_copy(family_dir(family), tmp_path, **changes)
     out = tmp_path / "x.gguf"
+    capsys.readouterr()  # the fixture's own output
     assert main(["export", "gguf", str(folder), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+])
+def test_llama_rope_scaling(rope, tmp_path):
+    """Llama-3.1-style and linear rope scaling, as llama.cpp reads them: llama3 as the `rope_freqs` factors (each
+    rope frequency divided by its factor), linear as rope.scaling.{type,factor}. transformers' GGUF loader reads
+    neither, so the check is on the file: the frequencies llama.cpp derives equal the source model's, and with
+    those restored the loaded-back weights give the source's logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from fastsft.tiny_families import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer("bpe")
+    ref = build_model("llama", tokenizer, rope_parameters=rope)
+    source = tmp_path / "src"
+    ref.save_pretrained(source), tokenizer.save_pretrained(source)
+    out = tmp_path / "rope.gguf"
+    export_gguf(str(source), str(out), "f16")
+    reader = gguf.GGUFReader(str(out))
+    inv_freq = ref.model.rotary_emb.inv_freq.double()
+    theta, dim = reader.fields["llama.rope.freq_base"].contents(), reader.fields["llama.rope.dimension_count"].contents()
+    llama_cpp = 1.0 / (theta ** (torch.arange(0, dim, 2).double() / dim))  # its base frequencies
+    if rope["rope_type"] == "llama3":
+        factors = {t.name: t for t in reader.tensors}["rope_freqs.weight"].data
+        llama_cpp = llama_cpp / torch.from_numpy(factors.copy()).double()
+        assert (torch.from_numpy(factors.copy()) > 1).any() and (torch.from_numpy(factors.copy()) == 1).any()
+    else:
+        assert reader.fields["llama.rope.scaling.type"].contents() == "linear"
+        llama_cpp = llama_cpp / reader.fields["llama.rope.scaling.factor"].contents()
+    assert torch.allclose(llama_cpp, inv_freq, rtol=1e-6)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    back.model.rotary_emb.inv_freq.copy_(ref.model.rotary_emb.inv_freq)  # what the loader cannot read
+    ids = torch.randint(5, 250, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ref(ids).logits, back(ids).logits
+    assert float((a - b).abs().max()) <= BOUNDS["f16"] * float(a.abs().max())
+    with torch.no_grad():  # and the scaling matters: without it the logits move far more
+        back.model.rotary_emb.inv_freq.copy_(1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim)))
+        assert float((a - back(ids).logits).abs().max()) > 5 * float((a - b).abs().max())
