@@ -23,7 +23,7 @@ commands:
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
           [--base-weights exact|original]
           merge a LoRA / QLoRA adapter into its base model
-  export  gguf MODEL_OR_RUN_DIR --output FILE.gguf [--type f16|bf16|q8_0|f32] [--overwrite] [--base MODEL]
+  export  gguf MODEL_OR_RUN_DIR --output FILE.gguf [--type f16|bf16|q8_0|f32|q4_0|...] [--overwrite]
           write a model (Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3) as GGUF for llama.cpp / Ollama;
           a LoRA / QLoRA run folder is merged on the way
   plan    CONFIG.yaml [--gpu-memory 80GB] [--max-context | --max-batch] [--recipe fastsft,hf]
@@ -282,7 +282,7 @@ def cmd_export(args: Sequence[str]) -> int:
     parser.add_argument("model", help="a merged model folder, a full run's output_dir, or a LoRA/QLoRA run folder "
                                       "or checkpoint (merged on the way)")
     parser.add_argument("--output", required=True, help="the .gguf file to write")
-    parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32")
+    parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32 | q5_1 | q5_0 | q4_1 | q4_0")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--base", default=None, help="adapter: its base model (default: the one it records)")
     parser.add_argument("--base-weights", default="exact", dest="base_weights",

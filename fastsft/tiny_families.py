@@ -73,6 +73,9 @@ def build_tokenizer(kind: str):
     return tok
 
 
+GAIN = 1.0  # weights ~ N(0, GAIN^2 / fan_in): activations keep their scale through the layers, as in a trained model
+
+
 def build_model(family: str, tokenizer, seed: int = 0, **extra):
     """A 2-layer model with weights far from their init (norms too: the Gemma +1 offset must show)."""
     import transformers
@@ -92,5 +95,5 @@ def build_model(family: str, tokenizer, seed: int = 0, **extra):
             if param.ndim == 1:
                 param.add_(torch.randn_like(param) * 0.3)
             else:
-                param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5 * 4)
+                param.normal_(0.0, GAIN / param.shape[-1] ** 0.5)
     return model

@@ -6,13 +6,19 @@ output name, and an existing file is kept unless --overwrite.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 
 from fastsft.errors import ConfigError
 
-TYPES = ("f32", "f16", "bf16", "q8_0")
+# every type the gguf package can quantize in Python that llama.cpp runs on any model (its ternary TQ types
+# are for BitNet weights only, and its K-quants have no Python quantizer)
+TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# 4/5-bit files keep the embedding and output projection at q8_0 (llama.cpp's quantize keeps output higher too)
+_HIGH_PRECISION = ("token_embd.weight", "output.weight")
+log = logging.getLogger("fastsft.export")
 
 
 def check_request(out_path: str, qtype: str, overwrite: bool) -> None:
@@ -61,9 +67,10 @@ def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bo
         # Mistral, which gguf's tensor maps do not know
         writer.add_name(f"{os.path.basename(os.path.abspath(model_dir))} (fastsft export)")
         families.write_hparams(writer, config, family)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "f32"
+                             else getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.upper()}"))
         add_tokenizer(writer, model_dir, config.vocab_size)
+        kept_f16 = []
         for hf_name, tensor in state.items():
             if "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
                 continue  # a tied model has no output.weight: llama.cpp (and the loader) reuse token_embd
@@ -71,7 +78,11 @@ def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bo
             if name is None:
                 raise ConfigError(f"GGUF export: no GGUF name for tensor {hf_name!r} ({config.model_type})")
             data = families.transform(hf_name, tensor.float().numpy(), config, family)
-            _add_tensor(writer, gguf, name, data, qtype)
+            if not _add_tensor(writer, gguf, name, data, qtype):
+                kept_f16.append(name)
+        if kept_f16:
+            log.info("GGUF %s: %d tensor(s) with rows not a multiple of 32 kept in f16 (%s)", qtype, len(kept_f16),
+                     ", ".join(kept_f16[:3]) + (", ..." if len(kept_f16) > 3 else ""))
         for name, data in families.extra_tensors(config).items():
             writer.add_tensor(name, data)
         writer.write_header_to_file()
@@ -85,15 +96,20 @@ def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bo
     return out_path
 
 
-def _add_tensor(writer, gguf, name: str, data: np.ndarray, qtype: str) -> None:
+def _add_tensor(writer, gguf, name: str, data: np.ndarray, qtype: str) -> bool:
+    """Add one tensor in `qtype`; False when a block type had to keep it in f16 instead."""
     T = gguf.GGMLQuantizationType
     if data.ndim == 1 or qtype == "f32":  # norms and biases stay f32, as llama.cpp's converter keeps them
         writer.add_tensor(name, data.astype(np.float32))
-    elif qtype == "f16":
+        return True
+    if qtype == "f16":
         writer.add_tensor(name, data.astype(np.float16))
-    else:
-        kind = T.BF16 if qtype == "bf16" else T.Q8_0
-        if kind == T.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
-            writer.add_tensor(name, data.astype(np.float16))  # a row not divisible into 32-blocks
-            return
-        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        return True
+    kind = getattr(T, qtype.upper())
+    if qtype.startswith(("q4", "q5")) and name in _HIGH_PRECISION:
+        kind = T.Q8_0
+    if kind != T.BF16 and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        writer.add_tensor(name, data.astype(np.float16))  # a row not divisible into 32-blocks
+        return False
+    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    return True
