@@ -69,11 +69,21 @@ def context_length(config) -> int:
     return min(config.max_position_embeddings, window) if window else config.max_position_embeddings
 
 
+# llama.cpp scales Gemma queries by 1/sqrt(head_dim), except for the 27B models, which it tells by their layer
+# count and scales by 1/sqrt(hidden / heads) (their query_pre_attn_scalar)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
 def _gemma_checks(config, name: str) -> None:
     head_dim = head_dim_of(config)
-    if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
-        raise ConfigError(f"GGUF export of {name}: query_pre_attn_scalar={config.query_pre_attn_scalar} differs from "
-                          f"head_dim={head_dim}; llama.cpp scales queries by 1/sqrt(head_dim), so it is refused")
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    if config.num_hidden_layers == _GEMMA_27B_LAYERS[name]:
+        llama_cpp, rule = config.hidden_size // config.num_attention_heads, "hidden_size / heads (27B)"
+    else:
+        llama_cpp, rule = head_dim, "head_dim"
+    if scalar != llama_cpp:
+        raise ConfigError(f"GGUF export of {name}: query_pre_attn_scalar={scalar} is not {rule}={llama_cpp}, "
+                          f"the scale llama.cpp uses for this shape; refused")
 
 
 def _layer_types_must_be(config, expected: list, name: str, why: str) -> None:

@@ -147,7 +147,7 @@ def _edited_copy(folder, tmp_path, **changes):
 @pytest.mark.parametrize("family,changes,message", [
     ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                    "original_max_position_embeddings": 64}}, "rope scaling 'yarn'"),
-    ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar=64"),
+    ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar=64 is not head_dim=256"),
     ("gemma3_text", {"layer_types": ["full_attention", "full_attention"]}, "layer_types"),
     ("gemma3_text", {"final_logit_softcapping": 30.0}, "soft-capping"),
     ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
@@ -235,3 +235,24 @@ def test_low_bit_types_on_llama(family_dir, tmp_path):
         assert 0 < kl <= max_kl, f"{qtype}: mean KL {kl:.3g}"
         previous = max(previous, kl)
     assert previous > 1e-3  # the bits are really dropped (a q8_0 file measures ~3e-4)
+
+
+def test_gemma_27b_attention_scale_follows_llama_cpp():
+    """llama.cpp knows the 27B Gemmas by their layer count and scales their queries by hidden / heads."""
+    from transformers import AutoConfig
+
+    from fastsft.errors import ConfigError
+    from fastsft.export.gguf_families import family_of, write_hparams
+
+    class Writer:  # records what would be written
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    for model_type, layers, hidden, heads, head_dim in (("gemma2", 46, 4608, 32, 128), ("gemma3_text", 62, 5376, 32, 128)):
+        shape = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
+                     num_key_value_heads=16, intermediate_size=64, vocab_size=300)
+        good = AutoConfig.for_model(model_type, query_pre_attn_scalar=hidden // heads, **shape)
+        write_hparams(Writer(), good, family_of(good))  # accepted
+        bad = AutoConfig.for_model(model_type, query_pre_attn_scalar=head_dim, **shape)
+        with pytest.raises(ConfigError, match=f"hidden_size / heads \\(27B\\)={hidden // heads}"):
+            write_hparams(Writer(), bad, family_of(bad))
