@@ -32,16 +32,61 @@ def check_request(out_path: str, qtype: str, overwrite: bool) -> None:
         raise ConfigError(f"--output {out_path!r}: folder {parent!r} does not exist")
 
 
-def _state(model_dir: str) -> dict:
-    from safetensors.torch import load_file
+class _Weights:
+    """The folder's safetensors, read one tensor at a time (an 8B model is never all in memory)."""
 
-    state = {}
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(model_dir, name)))
-    if not state:
-        raise ConfigError(f"{model_dir!r} holds no .safetensors weights")
-    return state
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        self.files, self.where = [], {}
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                handle = safe_open(os.path.join(model_dir, name), framework="pt")
+                self.files.append(handle)
+                for key in handle.keys():
+                    self.where[key] = handle
+        if not self.where:
+            raise ConfigError(f"{model_dir!r} holds no .safetensors weights")
+
+    def shape(self, key: str) -> list:
+        return list(self.where[key].get_slice(key).get_shape())
+
+    def load(self, key: str) -> np.ndarray:
+        return self.where[key].get_tensor(key).float().numpy()
+
+
+def _storage(gguf, name: str, shape: list, qtype: str):
+    """The ggml type a tensor is stored in; its rows must split into the type's blocks (else f16)."""
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or qtype == "f32":  # norms and biases stay f32, as llama.cpp's converter keeps them
+        return T.F32
+    if qtype == "f16":
+        return T.F16
+    kind = T.Q8_0 if qtype.startswith(("q4", "q5")) and name in _HIGH_PRECISION else getattr(T, qtype.upper())
+    if kind != T.BF16 and shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        return T.F16
+    return kind
+
+
+def _encode(gguf, data: np.ndarray, kind) -> np.ndarray:
+    T = gguf.GGMLQuantizationType
+    if kind == T.F32:
+        return data.astype(np.float32)
+    if kind == T.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, kind)
+
+
+def _declare(writer, gguf, name: str, shape: list, kind) -> None:
+    """Tensor info ahead of the data, so the data can be written one tensor at a time."""
+    T = gguf.GGMLQuantizationType
+    count = int(np.prod(shape))
+    if kind in (T.F32, T.F16):
+        dtype = np.float32 if kind == T.F32 else np.float16
+        writer.add_tensor_info(name, shape, np.dtype(dtype), count * np.dtype(dtype).itemsize)
+    else:
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
 
 
 def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bool = False) -> str:
@@ -54,12 +99,27 @@ def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bo
     check_request(out_path, qtype, overwrite)
     config = AutoConfig.from_pretrained(model_dir)
     family = families.family_of(config)
-    state = _state(model_dir)
+    weights = _Weights(model_dir)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if "lm_head.weight" not in state and not tied:
+    if "lm_head.weight" not in weights.where and not tied:
         raise ConfigError(f"{model_dir!r} has no lm_head.weight and its embeddings are not tied")
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    plan = []  # (GGUF name, HF name or the data itself, storage type), in file order
+    for hf_name in weights.where:
+        if "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
+            continue  # a tied model has no output.weight: llama.cpp (and the loader) reuse token_embd
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"GGUF export: no GGUF name for tensor {hf_name!r} ({config.model_type})")
+        plan.append((name, hf_name, _storage(gguf, name, weights.shape(hf_name), qtype)))
+    for name, data in families.extra_tensors(config).items():
+        plan.append((name, data, gguf.GGMLQuantizationType.F32))
+    kept_f16 = [name for name, _, kind in plan if qtype not in ("f32", "f16") and kind == gguf.GGMLQuantizationType.F16]
+    if kept_f16:
+        log.info("GGUF %s: %d tensor(s) with rows not a multiple of the block size kept in f16 (%s)", qtype,
+                 len(kept_f16), ", ".join(kept_f16[:3]) + (", ..." if len(kept_f16) > 3 else ""))
+
     tmp = f"{out_path}.tmp-{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
@@ -70,46 +130,20 @@ def export_gguf(model_dir: str, out_path: str, qtype: str = "f16", overwrite: bo
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "f32"
                              else getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.upper()}"))
         add_tokenizer(writer, model_dir, config.vocab_size)
-        kept_f16 = []
-        for hf_name, tensor in state.items():
-            if "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
-                continue  # a tied model has no output.weight: llama.cpp (and the loader) reuse token_embd
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise ConfigError(f"GGUF export: no GGUF name for tensor {hf_name!r} ({config.model_type})")
-            data = families.transform(hf_name, tensor.float().numpy(), config, family)
-            if not _add_tensor(writer, gguf, name, data, qtype):
-                kept_f16.append(name)
-        if kept_f16:
-            log.info("GGUF %s: %d tensor(s) with rows not a multiple of 32 kept in f16 (%s)", qtype, len(kept_f16),
-                     ", ".join(kept_f16[:3]) + (", ..." if len(kept_f16) > 3 else ""))
-        for name, data in families.extra_tensors(config).items():
-            writer.add_tensor(name, data)
+        for name, source, kind in plan:
+            shape = list(source.shape) if isinstance(source, np.ndarray) else weights.shape(source)
+            _declare(writer, gguf, name, shape, kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for name, source, kind in plan:
+            data = source if isinstance(source, np.ndarray) else \
+                families.transform(source, weights.load(source), config, family)
+            writer.write_tensor_data(_encode(gguf, data, kind))
         writer.close()
         os.replace(tmp, out_path)
     finally:
+        writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)
     return out_path
-
-
-def _add_tensor(writer, gguf, name: str, data: np.ndarray, qtype: str) -> bool:
-    """Add one tensor in `qtype`; False when a block type had to keep it in f16 instead."""
-    T = gguf.GGMLQuantizationType
-    if data.ndim == 1 or qtype == "f32":  # norms and biases stay f32, as llama.cpp's converter keeps them
-        writer.add_tensor(name, data.astype(np.float32))
-        return True
-    if qtype == "f16":
-        writer.add_tensor(name, data.astype(np.float16))
-        return True
-    kind = getattr(T, qtype.upper())
-    if qtype.startswith(("q4", "q5")) and name in _HIGH_PRECISION:
-        kind = T.Q8_0
-    if kind != T.BF16 and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
-        writer.add_tensor(name, data.astype(np.float16))  # a row not divisible into 32-blocks
-        return False
-    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-    return True
