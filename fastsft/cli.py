@@ -283,7 +283,7 @@ def cmd_export(args: Sequence[str]) -> int:
                                       "or checkpoint (merged on the way)")
     parser.add_argument("--output", required=True, help="the .gguf file to write")
     parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32 | q5_1 | q5_0 | q4_1 | q4_0")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--base", default=None, help="adapter: its base model (default: the one it records)")
     parser.add_argument("--base-weights", default="exact", dest="base_weights",
                         help="QLoRA adapter: exact (the 4-bit base as training saw it, default) | original")
@@ -296,6 +296,7 @@ def cmd_export(args: Sequence[str]) -> int:
     if not os.path.isdir(options.model):
         raise ConfigError(f"{options.model!r} is not a folder (a merged model, or a run's output_dir)")
     _quiet_library_bars()
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs the temporary file's name
     path = export_gguf_from(options.model, options.output, options.type, overwrite=options.overwrite,
                             base=options.base, base_weights=options.base_weights, merge_dtype=options.merge_dtype)
     print(f"GGUF written to {path}")
