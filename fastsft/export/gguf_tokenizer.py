@@ -118,19 +118,20 @@ def add_tokenizer(writer, model_dir: str, vocab_size: int) -> str:
     special_vocab.add_special_token.update(bos=add_bos, eos=add_eos)
     if tokenizer.chat_template and special_vocab.chat_template is None:
         special_vocab.chat_template = tokenizer.chat_template
+    end_of_turn = _end_of_turn(model_dir, tokenizer)
+    if end_of_turn is not None and "eot" not in special_vocab.special_token_ids:
+        special_vocab.special_token_ids["eot"] = end_of_turn
     special_vocab.add_to_gguf(writer, quiet=True)
-    _add_end_of_turn(writer, model_dir, tokenizer)
     return "llama" if sentencepiece else "gpt2"
 
 
-def _add_end_of_turn(writer, model_dir: str, tokenizer) -> None:
+def _end_of_turn(model_dir: str, tokenizer):
     """A generation_config listing several EOS ids (Llama-3: <|end_of_text|> and <|eot_id|>): the first that is
     not the tokenizer's EOS becomes llama.cpp's end-of-turn token, so chat mode stops on it too."""
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
-        return
+        return None
     with open(path, encoding="utf-8") as handle:
         eos = json.load(handle).get("eos_token_id")
     others = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i != tokenizer.eos_token_id]
-    if others:
-        writer.add_eot_token_id(int(others[0]))
+    return int(others[0]) if others else None

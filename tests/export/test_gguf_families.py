@@ -117,6 +117,13 @@ def test_family_metadata_llama_cpp_reads(family_dir, tmp_path):
     fields = _fields(tmp_path / "q.gguf")
     assert fields["qwen3.attention.key_length"] == 128 and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.eos_token_id"] == 2 and "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert "tokenizer.ggml.eot_token_id" not in fields
+    # Llama-3 style: generation_config lists a second stop id; llama.cpp gets it as the end-of-turn token
+    two_stops = _edited_copy(qwen3, tmp_path)
+    (two_stops / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    export_gguf(str(two_stops), str(tmp_path / "e.gguf"), "f16")
+    eot = _fields(tmp_path / "e.gguf")
+    assert eot["tokenizer.ggml.eos_token_id"] == 2 and eot["tokenizer.ggml.eot_token_id"] == 3
     phi3 = family_dir("phi3")
     export_gguf(str(phi3), str(tmp_path / "p.gguf"), "f16")
     fields = _fields(tmp_path / "p.gguf")
@@ -136,7 +143,7 @@ def test_family_metadata_llama_cpp_reads(family_dir, tmp_path):
 def _edited_copy(folder, tmp_path, **changes):
     import shutil
 
-    copy = tmp_path / "edited"
+    copy = tmp_path / f"edited-{len(list(tmp_path.glob('edited-*')))}"
     shutil.copytree(folder, copy)
     config = json.loads((copy / "config.json").read_text())
     config.update(changes)
