@@ -137,3 +137,29 @@ def test_export_refuses_an_adapter_whose_base_is_gone(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist; pass --base DIR" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".fastsft-merge")]
+
+
+@pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
+def test_export_from_a_full_run_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fastsft.demo_data import make_records, write_jsonl
+
+    train, _ = make_records(16, 1, seed=4)
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    (tmp_path / "run.yaml").write_text(
+        "model: tiny-llama\nmodel_config: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+        "num_attention_heads: 4, num_key_value_heads: 2}\ntokenizer_vocab_size: 300\ndataset: train.jsonl\n"
+        "max_seq_length: 64\nbatch_tokens: 128\nmax_steps: 2\nprogress_bar: 'off'\nmode: full\n"
+        f"learning_rate: 0.01\neval_at_start: false\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    out = tmp_path / "gguf" / "full.gguf"
+    out.parent.mkdir()
+    assert main(["export", "gguf", str(tmp_path / "out"), "--output", str(out), "--type", "f32"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(5, 250, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = ref(ids).logits, back(ids).logits
+    assert float(a.abs().max()) > 0.1
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())  # f32: exact up to summation order
