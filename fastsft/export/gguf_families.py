@@ -21,6 +21,7 @@ class Family:
     permute_qk: bool = False  # llama.cpp's llama graph ropes adjacent pairs; HF rotates halves
     norm_plus_one: bool = False  # Gemma computes x * (1 + w); llama.cpp stores 1 + w
     key_length: bool = False  # head_dim is not hidden / heads in general: write it
+    window_as_context: bool = False  # an all-layer sliding window the GGUF architecture cannot express
     extra: Optional[Callable] = None  # family metadata and checks: extra(writer, config)
 
 
@@ -62,10 +63,10 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def context_length(config) -> int:
-    """max_position_embeddings, capped at the sliding window of a model whose every layer slides (Mistral,
-    Phi-3): llama.cpp's graphs for them attend fully, which equals the window up to that length."""
-    window = getattr(config, "sliding_window", None)
+def context_length(config, family: Family) -> int:
+    """max_position_embeddings; for Mistral, capped at its sliding window: llama.cpp's llama graph attends
+    fully, which equals the window up to that length."""
+    window = getattr(config, "sliding_window", None) if family.window_as_context else None
     return min(config.max_position_embeddings, window) if window else config.max_position_embeddings
 
 
@@ -129,7 +130,8 @@ def _qwen2(writer, config) -> None:
 
 FAMILIES = {
     "llama": Family("LLAMA", permute_qk=True),
-    "mistral": Family("LLAMA", permute_qk=True),  # llama.cpp converts Mistral as the llama architecture
+    # llama.cpp converts Mistral as the llama architecture
+    "mistral": Family("LLAMA", permute_qk=True, window_as_context=True),
     "qwen2": Family("QWEN2", extra=_qwen2),
     "qwen3": Family("QWEN3", key_length=True),
     "gemma2": Family("GEMMA2", norm_plus_one=True, key_length=True, extra=_gemma2),
@@ -157,7 +159,7 @@ def write_hparams(writer, config, family: Family) -> None:
     """The hyper-parameters llama.cpp reads for this architecture."""
     head_dim = head_dim_of(config)
     rope = rope_settings(config)
-    writer.add_context_length(context_length(config))
+    writer.add_context_length(context_length(config, family))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)

@@ -111,6 +111,7 @@ def test_family_metadata_llama_cpp_reads(family_dir, tmp_path):
     assert fields["general.architecture"] == "gemma2"
     assert fields["gemma2.attn_logit_softcapping"] == 50.0 and fields["gemma2.final_logit_softcapping"] == 30.0
     assert fields["gemma2.attention.sliding_window"] == 8 and fields["gemma2.attention.key_length"] == 256
+    assert fields["gemma2.context_length"] == 256  # full layers see the whole context: not capped at the window
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is False
     qwen3 = family_dir("qwen3")
     export_gguf(str(qwen3), str(tmp_path / "q.gguf"), "f16")
