@@ -264,3 +264,34 @@ def test_gemma_27b_attention_scale_follows_llama_cpp():
         bad = AutoConfig.for_model(model_type, query_pre_attn_scalar=head_dim, **shape)
         with pytest.raises(ConfigError, match=f"hidden_size / heads \\(27B\\)={hidden // heads}"):
             write_hparams(Writer(), bad, family_of(bad))
+
+
+def test_llama_with_attention_biases(tmp_path):
+    """q/k biases are permuted with their rows (llama.cpp's rope pairs; its llama graph adds optional biases).
+    transformers' loader has no key for attention_bias, so the source config is passed to it."""
+    from transformers import AutoModelForCausalLM
+
+    from fastsft.tiny_families import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer("bpe")
+    ref = build_model("llama", tokenizer, attention_bias=True)
+    assert ref.model.layers[0].self_attn.q_proj.bias is not None
+    ref.save_pretrained(tmp_path / "src"), tokenizer.save_pretrained(tmp_path / "src")
+    export_gguf(str(tmp_path / "src"), str(tmp_path / "b.gguf"), "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="b.gguf", config=ref.config, dtype=torch.float32)
+    ids = torch.randint(5, 250, (1, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a, b = ref(ids).logits, back(ids).logits
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+
+
+def test_phi3_partial_rotary_is_written(family_dir, tmp_path):
+    import gguf
+
+    from transformers import AutoConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    phi3 = _edited_copy(family_dir("phi3"), tmp_path, rope_parameters=rope)
+    assert AutoConfig.from_pretrained(phi3).rope_parameters["partial_rotary_factor"] == 0.5
+    export_gguf(str(phi3), str(tmp_path / "p.gguf"), "f16")
+    assert gguf.GGUFReader(str(tmp_path / "p.gguf")).fields["phi3.rope.dimension_count"].contents() == 8
