@@ -2,7 +2,7 @@
 tensor transforms its converter applies (studied in llama.cpp's convert_hf_to_gguf.py, written here anew).
 
 Families: those `patch_model` supports (Llama, Mistral, Qwen2, Qwen3, Gemma-2, Gemma-3 text, Phi-3). A setting
-llama.cpp would silently compute differently (rope scaling, a Gemma attention scale that is not 1/sqrt(head_dim),
+llama.cpp would silently compute differently (YaRN or longrope scaling, a Gemma query scale other than its own,
 a non-standard sliding-window layout, ...) is refused in one line instead of written wrong.
 """
 from __future__ import annotations
