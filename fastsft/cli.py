@@ -25,8 +25,9 @@ commands:
   merge   --adapter DIR --output DIR [--base MODEL] [--dtype auto|fp32|bf16|fp16] [--overwrite]
           [--base-weights exact|original]
           merge a LoRA / QLoRA adapter into its base model
-  export  gguf MODEL_DIR --output FILE.gguf [--type f16|bf16|q8_0|f32] [--overwrite]
-          write a merged Llama-family model as GGUF (llama.cpp / Ollama)
+  export  gguf MODEL_OR_RUN_DIR --output FILE.gguf [--type f16|bf16|q8_0|f32|q4_0|...] [--overwrite]
+          write a model (Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3) as GGUF for llama.cpp / Ollama;
+          a LoRA / QLoRA run folder is merged on the way
   plan    CONFIG.yaml [--gpu-memory 80GB] [--max-context | --max-batch] [--recipe fastsft,hf]
           trace one training step on the CPU (no GPU, no weights): peak memory, FLOPs, max context
   bench   how to run the benchmarks
@@ -317,22 +318,33 @@ def cmd_merge(args: Sequence[str]) -> int:
 
 
 def cmd_export(args: Sequence[str]) -> int:
-    """issue 26: `fastsft export gguf MODEL_DIR --output FILE [--type f16|bf16|q8_0|f32] [--overwrite]`."""
+    """issue 26: `fastsft export gguf SOURCE --output FILE [--type f16|bf16|q8_0|f32] [--overwrite]`; SOURCE is a
+    merged model, a full run, or a LoRA / QLoRA run folder (merged on the way)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fastsft export", description="export a merged model (GGUF)")
+    parser = argparse.ArgumentParser(prog="fastsft export", description="export a model as GGUF (llama.cpp, Ollama)")
     parser.add_argument("format", choices=["gguf"])
-    parser.add_argument("model", help="a merged model folder (fastsft merge --output) or a full run's output_dir")
+    parser.add_argument("model", help="a merged model folder, a full run's output_dir, or a LoRA/QLoRA run folder "
+                                      "or checkpoint (merged on the way)")
     parser.add_argument("--output", required=True, help="the .gguf file to write")
-    parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--type", default="f16", help="f16 | bf16 | q8_0 | f32 | q5_1 | q5_0 | q4_1 | q4_0")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--base", default=None, help="adapter: its base model (default: the one it records)")
+    parser.add_argument("--base-weights", default="exact", dest="base_weights",
+                        help="QLoRA adapter: exact (the 4-bit base as training saw it, default) | original")
+    parser.add_argument("--merge-dtype", default="fp32", dest="merge_dtype",
+                        help="adapter: dtype of the temporary merged model (fp32 default | bf16 | fp16)")
     options = parser.parse_args(list(args))
     from fastsft.errors import ConfigError
-    from fastsft.export.gguf_writer import export_gguf
+    from fastsft.export.from_run import export_gguf_from
 
-    if not os.path.isfile(os.path.join(options.model, "config.json")):
-        raise ConfigError(f"{options.model!r} holds no config.json: export a merged model (fastsft merge first)")
-    print(f"GGUF written to {export_gguf(options.model, options.output, options.type, options.overwrite)}")
+    if not os.path.isdir(options.model):
+        raise ConfigError(f"{options.model!r} is not a folder (a merged model, or a run's output_dir)")
+    _quiet_library_bars()
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs the temporary file's name
+    path = export_gguf_from(options.model, options.output, options.type, overwrite=options.overwrite,
+                            base=options.base, base_weights=options.base_weights, merge_dtype=options.merge_dtype)
+    print(f"GGUF written to {path}")
     return EXIT_OK
 
 
