@@ -135,3 +135,26 @@ def test_what_the_trainer_refuses_is_one_line_and_exit_2(tmp_path, capsys, keys,
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_plan_table_sequence_parallel_row(tmp_path, monkeypatch):
+    """benchmarks/plan_table.py --cases sp: the line through two traces, the crossing traced and fitting,
+    rendered as its own row next to ALST's published figure (plumbing, on the tiny model)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_plan_table_sp", os.path.join(REPO, "benchmarks", "plan_table.py"))
+    plan_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_table)
+    path = write_config(tmp_path, patch_kernels=False)
+    monkeypatch.setattr(plan_table, "SP_CASE", ("tiny QLoRA", path, ("--sequence_parallel", "2", "--offload_activations",
+                                                                     "true", "--mlp_tile_tokens", "256")))
+    monkeypatch.setattr(plan_table, "SP_FIT_AT", (256, 512))
+    monkeypatch.setattr(plan_table, "SP_GPU", "48MB")
+    sp = plan_table.run_sequence_parallel(Margin(reserve_bytes=0, slack=0.0))
+    assert sp["max_context"] == 2 * sp["tokens_per_rank"] > 1024
+    assert sp["step"]["peak_bytes"] <= sp["budget_bytes"] == 48 * 2 ** 20
+    assert abs(sp["line_error_at_max"]) < 0.01  # the peak is linear in the length
+    assert sp["step"]["sequence_parallel"]["host_bytes_all_ranks"] == 2 * sp["step"]["host_bytes"] > 0
+    text = plan_table.sequence_parallel_markdown(sp)
+    assert "traced on CPU, not measured on a GPU" in text and "ALST: 3,700,000" in text
+    assert f"| tiny QLoRA | 2 x 48MB | sequence_parallel: 2, offload_activations: true" in text
