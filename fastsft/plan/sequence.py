@@ -40,9 +40,10 @@ def check(config, arch, recipe: str) -> None:
                           f"trace sequence parallelism with --recipe fastsft")
     if not config.packing:
         raise ConfigError("config key 'sequence_parallel' needs packing: true (the packed token stream is split)")
-    if config.mode == "full":
-        raise ConfigError("config key 'sequence_parallel': fastsft plan models it for lora / qlora (DDP, weights "
-                          "replicated on every GPU); full fine-tuning's FSDP2 sharding is not modelled")
+    if config.mode == "full" or config.distributed == "fsdp":
+        raise ConfigError("config key 'sequence_parallel': fastsft plan models it for lora / qlora under DDP (weights "
+                          "replicated on every GPU); FSDP2's sharding (full fine-tuning, distributed: fsdp) is not "
+                          "modelled")
     from fastsft.distributed.sequence import check_heads
     from fastsft.patch.families import _FAMILIES
 

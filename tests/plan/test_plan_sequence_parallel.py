@@ -126,7 +126,8 @@ def test_max_context_is_the_sequence_over_n_gpus(tmp_path, capsys):
     ({"sequence_parallel": 3}, [], "3 must divide the model's 4 attention heads"),
     ({"sequence_parallel": 2, "packing": False}, [], "needs packing: true"),
     ({"sequence_parallel": 2}, ["--recipe", "hf"], "the hf recipe has no sequence exchange"),
-    ({"sequence_parallel": 2, "mode": "full"}, [], "full fine-tuning's FSDP2 sharding is not modelled"),
+    ({"sequence_parallel": 2, "mode": "full"}, [], "FSDP2's sharding (full fine-tuning, distributed: fsdp)"),
+    ({"sequence_parallel": 2, "distributed": "fsdp"}, [], "FSDP2's sharding"),
     ({"sequence_parallel": 2, "model_config": dict(TINY, model_type="gpt_neox")}, [], "gpt_neox model family"),
     ({"sequence_parallel": 0}, [], "'sequence_parallel'"),
 ])
