@@ -77,20 +77,37 @@ def rank_shard(host: dict, size: int, rank: int = 0) -> dict:
 
 @contextlib.contextmanager
 def fake_group(size: int):
-    """A SequenceGroup of `size` ranks over torch's fake process group (this process is rank 0)."""
+    """A SequenceGroup of `size` ranks over torch's fake process group (this process is rank 0).
+
+    In a process of its own (`fastsft plan`) the fake group is the default one; inside a distributed run
+    (the trainer's long_context planner on a torchrun rank) the default group is the run's, so the fake
+    group stands beside it, registered under a name of its own (torch's private c10d registry)."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from fastsft.distributed.ulysses import SequenceGroup
 
-    if dist.is_initialized():
-        raise ConfigError("fastsft plan traces sequence_parallel in a process of its own (a process group "
-                          "exists already: run the plan outside torchrun)")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+        try:
+            yield SequenceGroup(dist.group.WORLD, size, 0)
+        finally:
+            dist.destroy_process_group()
+        return
+    from torch._C._distributed_c10d import (FakeProcessGroup, ProcessGroup, _register_process_group,
+                                            _unregister_process_group)
+
+    name = f"fastsft_plan_fake_{size}_{id(object())}"
+    group = ProcessGroup(FakeStore(), 0, size)
+    group._register_backend(torch.device("cpu"), ProcessGroup.BackendType.CUSTOM,
+                            FakeProcessGroup._create_internal(0, size))
+    group._set_default_backend(ProcessGroup.BackendType.CUSTOM)
+    group._set_group_name(name)
+    _register_process_group(name, group)
     try:
-        yield SequenceGroup(dist.group.WORLD, size, 0)
+        yield SequenceGroup(group, size, 0)
     finally:
-        dist.destroy_process_group()
+        _unregister_process_group(name)
 
 
 @contextlib.contextmanager
@@ -133,7 +150,7 @@ def describe(step) -> Optional[str]:
     info = getattr(step, "sequence_parallel", None)
     if not info:
         return None
-    return (f"  sequence parallel: {info['size']} ranks; per GPU (one rank): {info['rank_tokens']:,} of the "
+    return (f"  sequence parallel: {info['size']} ranks; the figures above are one GPU's (one rank): {info['rank_tokens']:,} of the "
             f"{info['total_tokens']:,} tokens outside attention, all {info['total_tokens']:,} tokens x "
             f"heads/{info['size']} inside it (Ulysses all-to-all); DDP gradient buckets "
             f"{info['ddp_bucket_bytes'] / 2 ** 30:.2f} GiB included; host memory of all {info['size']} ranks "

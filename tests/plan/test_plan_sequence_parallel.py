@@ -117,7 +117,7 @@ def test_max_context_is_the_sequence_over_n_gpus(tmp_path, capsys):
     code = main(["plan", write_config(tmp_path, "cli.yaml", patch_kernels=False, offload_activations=True),
                  "--sequence_parallel", "2", "--seq-len", "1024", "--json", str(out)])
     text = capsys.readouterr().out
-    assert code == 0 and "sequence parallel: 2 ranks" in text and "512 of the 1,024 tokens" in text
+    assert code == 0 and "sequence parallel: 2 ranks; the figures above are one GPU" in text and "512 of the 1,024 tokens" in text
     step = json.loads(out.read_text())["recipes"]["fastsft"]["step"]
     assert step["host_bytes"] > 0 and step["sequence_parallel"]["host_bytes_all_ranks"] == 2 * step["host_bytes"]
 
@@ -159,3 +159,21 @@ def test_plan_table_sequence_parallel_row(tmp_path, monkeypatch):
     text = plan_table.sequence_parallel_markdown(sp)
     assert "traced on CPU, not measured on a GPU" in text and "ALST: 3,700,000" in text
     assert f"| tiny QLoRA | 2 x 48MB | sequence_parallel: 2, offload_activations: true" in text
+
+
+def test_traces_inside_a_distributed_run(tmp_path):
+    """The trainer's long_context planner traces on a torchrun rank, whose default process group is the
+    run's: the fake group then stands beside it, and the trace is the same."""
+    import torch.distributed as dist
+
+    config = load_plan_config(write_config(tmp_path, sequence_parallel=2))
+    alone = PreparedModel(config, "fastsft").trace(512)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        inside = PreparedModel(config, "fastsft").trace(512)
+        assert dist.get_world_size() == 1  # the run's group is untouched
+    finally:
+        dist.destroy_process_group()
+    assert inside.peak_bytes == alone.peak_bytes and inside.sequence_parallel == alone.sequence_parallel
+    assert exchanged_shape(inside) == exchanged_shape(alone) == [2, 256, 4, 64]
