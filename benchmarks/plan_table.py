@@ -112,7 +112,11 @@ def run_sequence_parallel(margin) -> dict:
     while confirm.peak_bytes > budget:  # the line was optimistic: 1% shorter until a trace fits
         per_rank = int(per_rank * 0.99)
         confirm = state.trace(per_rank * n)
+    from fastsft.plan.step import kernels_traceable
+
+    kernels = "traced as operators" if config.patch_kernels and kernels_traceable() else "off"
     return {"name": name, "config": path, "overrides": list(overrides), "sequence_parallel": n, "gpu": SP_GPU,
+            "kernels": kernels,
             "budget_bytes": budget, "max_context": per_rank * n, "tokens_per_rank": per_rank,
             "linear_fit": {"a_bytes": intercept, "b_bytes_per_rank_token": slope,
                            "traces": [{"total_tokens": s.seq_len, "peak_bytes": s.peak_bytes} for s in fit]},
@@ -124,6 +128,8 @@ def sequence_parallel_markdown(sp: dict) -> str:
     gib = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
     step, pub = sp["step"], sp["published"]
     settings = ", ".join(f"{k.lstrip('-')}: {v}" for k, v in zip(sp["overrides"][::2], sp["overrides"][1::2]))
+    settings += f", fastsft kernels {sp['kernels']}"
+    host_per_token = step["sequence_parallel"]["host_bytes_all_ranks"] / step["sequence_parallel"]["total_tokens"]
     return "\n".join([
         "", f"Sequence parallelism (Ulysses): one GPU of a group of {sp['sequence_parallel']}, the longest sequence "
             f"the group fits (batch 1). **{LABEL}** (`python -m benchmarks.plan_table --cases sp`: a line through "
@@ -135,8 +141,10 @@ def sequence_parallel_markdown(sp: dict) -> str:
         f"{pub['tokens']:,} on {pub['gpus']} |", "",
         f"Published: {pub['source']}; not the same recipe (ALST's Llama-8B run is DeepSpeed's, not QLoRA), so the "
         f"figures are side by side, not a like-for-like ratio. Per GPU: {gib(sp['linear_fit']['a_bytes'])} GiB + "
-        f"{sp['linear_fit']['b_bytes_per_rank_token'] / 1024:.1f} KiB per token of its shard; the offloaded "
-        f"checkpoints need the host memory shown (pinned, all ranks of the node).", ""])
+        f"{sp['linear_fit']['b_bytes_per_rank_token'] / 1024:.1f} KiB per token of its shard (the traced peak at the "
+        f"max context is {100 * sp['line_error_at_max']:+.2f}% off that line). The offloaded checkpoints take "
+        f"{host_per_token / 1024:.0f} KiB of pinned host memory per token of the sequence (all ranks): a node with "
+        f"less host memory than the column shows reaches its limit there first.", ""])
 
 
 def markdown(report: dict) -> str:

@@ -159,6 +159,7 @@ def test_plan_table_sequence_parallel_row(tmp_path, monkeypatch):
     text = plan_table.sequence_parallel_markdown(sp)
     assert "traced on CPU, not measured on a GPU" in text and "ALST: 3,700,000" in text
     assert f"| tiny QLoRA | 2 x 48MB | sequence_parallel: 2, offload_activations: true" in text
+    assert "fastsft kernels off" in text and "KiB of pinned host memory per token" in text
 
 
 def test_traces_inside_a_distributed_run(tmp_path):
