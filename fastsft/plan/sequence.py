@@ -10,8 +10,8 @@ and under FakeTensorMode nothing moves. Every rank of the group holds the same s
 N), so rank 0's peak is the per-GPU peak.
 
 Also on each GPU: DDP's gradient buckets (LoRA / QLoRA are wrapped in DDP; its buckets are a copy of the
-trainable gradients, allocated at wrap time), added to the gradients. Full fine-tuning (FSDP2 shards the
-weights over the world) is not modelled and is refused.
+trainable gradients, allocated at wrap time), added to the gradients. FSDP2 (full fine-tuning, or
+`distributed: fsdp`: weights sharded over the world) is not modelled and is refused.
 """
 from __future__ import annotations
 
