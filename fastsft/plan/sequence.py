@@ -150,7 +150,8 @@ def describe(step) -> Optional[str]:
     info = getattr(step, "sequence_parallel", None)
     if not info:
         return None
-    return (f"  sequence parallel: {info['size']} ranks; the figures above are one GPU's (one rank): {info['rank_tokens']:,} of the "
+    return (f"  sequence parallel: {info['size']} ranks; the figures above are one GPU's (one rank): "
+            f"{info['rank_tokens']:,} of the "
             f"{info['total_tokens']:,} tokens outside attention, all {info['total_tokens']:,} tokens x "
             f"heads/{info['size']} inside it (Ulysses all-to-all); DDP gradient buckets "
             f"{info['ddp_bucket_bytes'] / 2 ** 30:.2f} GiB included; host memory of all {info['size']} ranks "
