@@ -81,6 +81,72 @@ def run_case(path: str, recipe: str, margin, overrides=()) -> dict:
     return out
 
 
+# --- issue 23: sequence parallelism (one GPU of an N-way Ulysses group), kept apart from the single-GPU rows
+SP_CASE = ("Llama-3.1-8B QLoRA r=32", "examples/plan/llama-3.1-8b-qlora.yaml",
+           ("--sequence_parallel", "8", "--offload_activations", "true", "--mlp_tile_tokens", "8192"))
+SP_GPU = "80GB"
+SP_FIT_AT = (16384, 32768)  # tokens per rank of the two traces the line a + b * L goes through
+SP_JSON = "sequence_parallel.json"
+ALST_PUBLISHED = {"tokens": 3_700_000, "gpus": "8 x H100 80GB (one node)",
+                  "source": "Arctic Long Sequence Training (ALST), Snowflake, arXiv 2506.13996 (June 2025): Llama-8B, "
+                            "Ulysses SP + tiled MLP / loss + activation checkpoint offload, DeepSpeed"}
+
+
+def run_sequence_parallel(margin) -> dict:
+    """Max context of the SP case at 8 x SP_GPU. A trace at millions of tokens takes minutes (MLP tiles x
+    layers), and the traced peak is linear in the length: two short traces give a + b * L per rank, the
+    crossing with the budget is traced once to confirm it fits (a traced answer, not the line's)."""
+    from fastsft.plan import load_plan_config, parse_size, prepare
+
+    name, path, overrides = SP_CASE
+    config = load_plan_config(os.path.join(REPO, path), list(overrides))
+    n = config.sequence_parallel
+    started = time.perf_counter()
+    state = prepare(config, "fastsft")
+    fit = [state.trace(r * n) for r in SP_FIT_AT]
+    slope = (fit[1].peak_bytes - fit[0].peak_bytes) / (SP_FIT_AT[1] - SP_FIT_AT[0])
+    intercept = fit[0].peak_bytes - slope * SP_FIT_AT[0]
+    budget = margin.budget(parse_size(SP_GPU))
+    per_rank = int((budget - intercept) // slope)
+    confirm = state.trace(per_rank * n)
+    while confirm.peak_bytes > budget:  # the line was optimistic: 1% shorter until a trace fits
+        per_rank = int(per_rank * 0.99)
+        confirm = state.trace(per_rank * n)
+    from fastsft.plan.step import kernels_traceable
+
+    kernels = "traced as operators" if config.patch_kernels and kernels_traceable() else "off"
+    return {"name": name, "config": path, "overrides": list(overrides), "sequence_parallel": n, "gpu": SP_GPU,
+            "kernels": kernels,
+            "budget_bytes": budget, "max_context": per_rank * n, "tokens_per_rank": per_rank,
+            "linear_fit": {"a_bytes": intercept, "b_bytes_per_rank_token": slope,
+                           "traces": [{"total_tokens": s.seq_len, "peak_bytes": s.peak_bytes} for s in fit]},
+            "line_error_at_max": (confirm.peak_bytes - (intercept + slope * per_rank)) / confirm.peak_bytes,
+            "step": confirm.to_dict(), "published": ALST_PUBLISHED, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def sequence_parallel_markdown(sp: dict) -> str:
+    gib = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
+    step, pub = sp["step"], sp["published"]
+    settings = ", ".join(f"{k.lstrip('-')}: {v}" for k, v in zip(sp["overrides"][::2], sp["overrides"][1::2]))
+    settings += f", fastsft kernels {sp['kernels']}"
+    host_per_token = step["sequence_parallel"]["host_bytes_all_ranks"] / step["sequence_parallel"]["total_tokens"]
+    return "\n".join([
+        "", f"Sequence parallelism (Ulysses): one GPU of a group of {sp['sequence_parallel']}, the longest sequence "
+            f"the group fits (batch 1). **{LABEL}** (`python -m benchmarks.plan_table --cases sp`: a line through "
+            f"two traces, the crossing traced to confirm it fits; same margin).", "",
+        "| model / method | GPUs | settings | max context (tokens) | per-GPU peak there (GiB) | host memory, all "
+        "ranks (GiB) | published |", "|---|---|---|---:|---:|---:|---|",
+        f"| {sp['name']} | {sp['sequence_parallel']} x {sp['gpu']} | {settings} | {sp['max_context']:,} | "
+        f"{gib(step['peak_bytes'])} | {gib(step['sequence_parallel']['host_bytes_all_ranks'])} | ALST: "
+        f"{pub['tokens']:,} on {pub['gpus']} |", "",
+        f"Published: {pub['source']}; not the same recipe (ALST's Llama-8B run is DeepSpeed's, not QLoRA), so the "
+        f"figures are side by side, not a like-for-like ratio. Per GPU: {gib(sp['linear_fit']['a_bytes'])} GiB + "
+        f"{sp['linear_fit']['b_bytes_per_rank_token'] / 1024:.1f} KiB per token of its shard (the traced peak at the "
+        f"max context is {100 * sp['line_error_at_max']:+.2f}% off that line). The offloaded checkpoints take "
+        f"{host_per_token / 1024:.0f} KiB of pinned host memory per token of the sequence (all ranks): a node with "
+        f"less host memory than the column shows reaches its limit there first.", ""])
+
+
 def markdown(report: dict) -> str:
     gib = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
     lines = [f"Peak memory at one {PEAK_AT}-token document (GiB) and the longest document that fits (tokens, "
@@ -154,17 +220,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "plan"))
     parser.add_argument("--readme", default=os.path.join(REPO, "README.md"),
                         help="README whose plan-table markers receive the table ('' to leave it)")
-    parser.add_argument("--cases", default="all", help="comma list of case numbers (1-based) or 'all'")
+    parser.add_argument("--cases", default="all", help="comma list of case numbers (1-based), 'all', or 'sp' "
+                        "(only the sequence-parallel row: 8 GPUs, written to sequence_parallel.json)")
     parser.add_argument("--no-calibration", action="store_true")
     parser.add_argument("--render-only", action="store_true",
                         help="re-write the table, PNG and README from --out's plan_table.json (no tracing)")
     args = parser.parse_args(argv)
     if args.render_only:
+        args.keep_plot = True
         with open(os.path.join(args.out, "plan_table.json")) as handle:
             return write_outputs(json.load(handle), args)
     from fastsft.plan import Margin
 
     margin = Margin()
+    if args.cases == "sp":  # issue 23: only the sequence-parallel row; the single-GPU rows are re-rendered
+        sp = run_sequence_parallel(margin)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, SP_JSON), "w") as handle:
+            json.dump(sp, handle, indent=1)
+        print(f"{sp['name']}, sequence_parallel {sp['sequence_parallel']}: max context {sp['max_context']:,} tokens "
+              f"at {sp['sequence_parallel']} x {sp['gpu']} ({sp['seconds']} s)", flush=True)
+        with open(os.path.join(args.out, "plan_table.json")) as handle:
+            return write_outputs(json.load(handle), args)
     picked = CASES if args.cases == "all" else [CASES[int(i) - 1] for i in args.cases.split(",")]
     note = fastsft_recipe_note()
     report = {"label": LABEL, "margin": margin.describe(), "fastsft_note": note, "cases": [],
@@ -195,9 +272,14 @@ def write_outputs(report: dict, args) -> int:
     with open(os.path.join(args.out, "plan_table.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     table = markdown(report)
+    sp_path = os.path.join(args.out, SP_JSON)  # issue 23: the sequence-parallel row, traced apart (--cases sp)
+    if os.path.isfile(sp_path):
+        with open(sp_path) as handle:
+            table += sequence_parallel_markdown(json.load(handle))
     with open(os.path.join(args.out, "README.md"), "w") as handle:
         handle.write("# fastsft plan: memory and max context of 8B recipes\n\n" + table)
-    plot(report, os.path.join(args.out, "plan_table.png"))
+    if not getattr(args, "keep_plot", False):  # --cases sp leaves the single-GPU plot as it is
+        plot(report, os.path.join(args.out, "plan_table.png"))
     if args.readme and update_readme(args.readme, table):
         print(f"table written into {args.readme}")
     print(table)

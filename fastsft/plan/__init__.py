@@ -21,11 +21,16 @@ __all__ = ["load_plan_config", "prepare", "plan_step", "max_context", "max_batch
 
 def max_context(config, gpu_bytes: int, *, recipe: str = "fastsft", margin: Margin = None, batch: int = 1,
                 model_state=None, tolerance: float = 0.01) -> SearchResult:
-    """The longest sequence (tokens per document, `batch` documents) whose step fits `gpu_bytes`."""
+    """The longest sequence (tokens per document, `batch` documents) whose step fits `gpu_bytes`; with
+    sequence_parallel N, per GPU, the sequence a multiple of N (searched in tokens per rank)."""
+    from fastsft.plan.sequence import scale_search, size_of
+
     state = model_state or prepare(config, recipe)
     budget = (margin or Margin()).budget(gpu_bytes)
-    return search_max(lambda n: state.trace(n, batch).peak_bytes, budget, start=(1024, 2048), low=2,
-                      tolerance=tolerance)
+    unit = size_of(config)
+    found = search_max(lambda n: state.trace(n * unit, batch).peak_bytes, budget, start=(1024, 2048),
+                       low=max(1, 2 // unit), tolerance=tolerance)
+    return scale_search(found, unit)
 
 
 def max_batch(config, gpu_bytes: int, seq_len: int, *, recipe: str = "fastsft", margin: Margin = None,

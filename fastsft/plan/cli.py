@@ -31,6 +31,8 @@ cached hub config.json.
   --reserve SIZE        memory a trace cannot see: CUDA context, cuBLAS workspace (default 1GiB)
   --slack F             allocator slack, a fraction of the traced peak (default 0.05)
   --json PATH           where the JSON goes (default fastsft-plan.json)
+  --sequence_parallel N (or sequence_parallel: N) one GPU of an N-way Ulysses group: its L/N tokens, the
+                        all-to-all around attention; --max-context then gives the sequence over N GPUs
 """
 
 
@@ -171,6 +173,10 @@ def cmd_plan(args: Sequence[str]) -> int:
                                     if kernels_off else "") + ":")
         for line in step_lines(step):
             print(line)
+        from fastsft.plan.sequence import describe as describe_sequence
+
+        if describe_sequence(step):
+            print(describe_sequence(step))
         if gpu is not None:
             budget = margin.budget(gpu)
             fits = step.peak_bytes <= budget
@@ -180,7 +186,8 @@ def cmd_plan(args: Sequence[str]) -> int:
         if want_context:
             found = max_context(config, gpu, recipe=recipe, margin=margin, model_state=state)
             entry["max_context"] = found.to_dict()
-            print(f"  max context at {gpu_text}: {found.best:,} tokens (batch 1; {len(found.traces)} traces"
+            over = f" over {config.sequence_parallel} GPUs" if config.sequence_parallel > 1 else ""
+            print(f"  max context at {gpu_text}{over}: {found.best:,} tokens (batch 1; {len(found.traces)} traces"
                   f"{', linear fit ' + gib(found.fit[0]) + ' + ' + f'{found.fit[1] / 2**20:.3f} MiB/token' if found.fit else ''})")
         if want_batch:
             found = max_batch(config, gpu, seq, recipe=recipe, margin=margin, model_state=state)

@@ -53,6 +53,7 @@ class StepPlan:
     trace_seconds: float
     flops_uncounted_ops: list = field(default_factory=list)  # custom operators without a FLOP formula
     largest_2d: Dict[str, list] = field(default_factory=dict)  # op -> largest output shape (tests)
+    sequence_parallel: dict = field(default_factory=dict)  # N > 1: one rank's layout (fastsft.plan.sequence)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -146,8 +147,13 @@ class PreparedModel:
         self.fake = fake
         self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         started = time.perf_counter()
+        from fastsft.plan import sequence
+        from fastsft.plan.build import architecture
+
+        sequence.check(config, architecture(config), recipe)  # sequence_parallel: what the trainer refuses
         with self.mode, torch.device("cpu"), _quiet_logs():
             self.model, self.arch = build_model(config, recipe, self.compute)
+            sequence.prepare_model(self.model, config)  # one rank's model: attention with the exchange
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             if not self.params:
                 raise ConfigError("the model has no trainable parameters (check 'mode' and 'lora_target_modules')")
@@ -185,11 +191,16 @@ class PreparedModel:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def run_real(self, seq_len: int, batch: int = 1, around=contextlib.nullcontext) -> None:
-        """The step on real tensors (fake=False), inside `around()` (e.g. a profiler)."""
+    def run_real(self, seq_len: int, batch: int = 1, around=contextlib.nullcontext, group=None) -> None:
+        """The step on real tensors (fake=False), inside `around()` (e.g. a profiler); sequence_parallel:
+        this rank's shard, exchanging over `group` (a real ulysses.SequenceGroup)."""
+        from fastsft.plan import sequence
+
         if self.fake:
             raise ValueError("run_real needs PreparedModel(..., fake=False)")
         host = make_batch(self.recipe, seq_len, batch, self.vocab)
+        if sequence.size_of(self.config) > 1:
+            host = sequence.rank_shard(host, group.size, group.rank)
         inputs = _fake_inputs(host, None)
         autocast = (torch.autocast("cpu", dtype=self.compute) if self.compute != torch.float32
                     else contextlib.nullcontext())
@@ -197,7 +208,7 @@ class PreparedModel:
         class _Phase:
             phase = ""
 
-        with real_run_paths(self.recipe), _quiet_logs(), around():
+        with real_run_paths(self.recipe), _quiet_logs(), around(), sequence.exchange(self.config, group):
             self._step(inputs, seq_len * batch, autocast, contextlib.nullcontext(), _Phase())
 
     def _untraceable(self, exc) -> str:
@@ -222,6 +233,7 @@ class PreparedModel:
     def trace(self, seq_len: int, batch: int = 1) -> StepPlan:
         from torch.distributed._tools.mod_tracker import ModTracker
 
+        from fastsft.plan import sequence
         from fastsft.plan.tracker import MemoryTracker, offload_to_host
 
         config, recipe = self.config, self.recipe
@@ -230,11 +242,13 @@ class PreparedModel:
         accumulation = max(1, config.gradient_accumulation_steps)
         started = time.perf_counter()
         host = make_batch(recipe, seq_len, batch, self.vocab)
+        if sequence.size_of(config) > 1:  # rank 0's shard; the trained-token count stays the window's
+            host = sequence.rank_shard(host, sequence.size_of(config))
         autocast = (torch.autocast("cpu", dtype=self.compute) if self.compute != torch.float32
                     else contextlib.nullcontext())
         mod_tracker = ModTracker()
         tracker = MemoryTracker(mod_tracker)
-        with self.mode, torch.device("cpu"), real_run_paths(recipe), _quiet_logs():
+        with sequence.exchange(config), self.mode, torch.device("cpu"), real_run_paths(recipe), _quiet_logs():
             inputs = _fake_inputs(host, self.mode)
             if accumulation > 1:  # the window's earlier micro-batches left their gradients
                 for p in self.params:
@@ -264,7 +278,7 @@ class PreparedModel:
         flops = tracker.flops
         micro = flops["forward"] + flops["backward"]
         trainable = cats.get("trainable", 0) + cats.get("grads", 0) + cats.get("optimizer_state", 0)
-        return StepPlan(
+        step = StepPlan(
             recipe=recipe, mode=config.mode, seq_len=seq_len, batch=batch, accumulation=accumulation,
             tokens_per_step=seq_len * batch * accumulation, peak_bytes=peak.bytes,
             weights_bytes=cats.get("weights", 0), trainable_bytes=trainable,
@@ -278,6 +292,7 @@ class PreparedModel:
             flops_uncounted_ops=sorted(tracker.uncounted_ops),
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
         )
+        return sequence.per_rank(step, config, self.params) if sequence.size_of(config) > 1 else step
 
 
 def _loss_2024(model, inputs: dict):
