@@ -53,6 +53,7 @@ class StepPlan:
     trace_seconds: float
     flops_uncounted_ops: list = field(default_factory=list)  # custom operators without a FLOP formula
     largest_2d: Dict[str, list] = field(default_factory=dict)  # op -> largest output shape (tests)
+    mlp_tiles_folded: int = 0  # identical MLP tile bodies accounted without being re-run (fold.py)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -219,9 +220,12 @@ class PreparedModel:
         for state in self.optimizer.state.values():
             tracker.register((v for v in state.values() if torch.is_tensor(v)), "optimizer_state")
 
-    def trace(self, seq_len: int, batch: int = 1) -> StepPlan:
+    def trace(self, seq_len: int, batch: int = 1, *, fold_tiles: bool = True) -> StepPlan:
+        """`fold_tiles`: run each tiled MLP's identical tiles once (fold.py; same peak and FLOPs, a
+        1M-token trace in seconds); False runs every tile (the test comparing both)."""
         from torch.distributed._tools.mod_tracker import ModTracker
 
+        from fastsft.plan.fold import folded_tiles
         from fastsft.plan.tracker import MemoryTracker, offload_to_host
 
         config, recipe = self.config, self.recipe
@@ -249,8 +253,9 @@ class PreparedModel:
             offload = offload_to_host(tracker) if config.offload_activations else contextlib.nullcontext()
             from torch._subclasses.fake_tensor import DataDependentOutputException
 
+            folding = folded_tiles(tracker) if fold_tiles else contextlib.nullcontext()
             try:
-                with mod_tracker, tracker, tracker.module_depth():
+                with mod_tracker, tracker, tracker.module_depth(), folding as folder:
                     self._step(inputs, num_items, autocast, offload, tracker)
             except DataDependentOutputException as exc:
                 raise ConfigError(self._untraceable(exc)) from (exc if os.environ.get("FASTSFT_PLAN_DEBUG") else None)
@@ -277,6 +282,7 @@ class PreparedModel:
             trace_seconds=time.perf_counter() - started,
             flops_uncounted_ops=sorted(tracker.uncounted_ops),
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
+            mlp_tiles_folded=folder.folded if folder is not None else 0,
         )
 
 

@@ -55,6 +55,7 @@ class MemoryTracker(TorchDispatchMode):
         self.max_numel_2d: Dict[str, tuple] = {}  # op -> largest output shape (tests look for L x L tensors)
         self._flop_registry = None
         self.uncounted_ops = set()  # custom operators whose FLOPs no formula gives
+        self.flop_scale = 1  # > 1 while one traced op stands for that many identical ones (fold.py)
 
     # ---------------------------------------------------------------- storages
     def register(self, tensors: Iterable[torch.Tensor], category: str, where: str = DEVICE) -> None:
@@ -145,7 +146,7 @@ class MemoryTracker(TorchDispatchMode):
             if namespace in ("fastsft", "bitsandbytes") and "quantize" not in func.__name__:
                 self.uncounted_ops.add(str(func.overloadpacket))
             return
-        flops = formula(*args, **kwargs, out_val=out)
+        flops = formula(*args, **kwargs, out_val=out) * self.flop_scale
         if self.phase == "backward" and self.forward_depth > 0:
             self.flops["recompute"] += flops
         else:
