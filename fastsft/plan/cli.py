@@ -30,6 +30,8 @@ cached hub config.json.
   --max-batch           with --gpu-memory: the most documents of --seq-len tokens per micro-batch that fit
   --reserve SIZE        memory a trace cannot see: CUDA context, cuBLAS workspace (default 1GiB)
   --slack F             allocator slack, a fraction of the traced peak (default 0.05)
+  --breakdown           what is alive at the peak, grouped (op, module, dtype, shape with L for the tokens),
+                        with bytes per token; with --max-context, at the longest context found
   --json PATH           where the JSON goes (default fastsft-plan.json)
 """
 
@@ -96,6 +98,17 @@ def step_lines(step) -> List[str]:
     return lines
 
 
+def breakdown_of(state, seq: int, rows: int) -> dict:
+    """Trace `rows` x `seq` tokens recording every storage; print and return what is alive at the peak."""
+    from fastsft.plan.breakdown import lines
+
+    step = state.trace(seq, rows, breakdown=True)
+    print(f"  breakdown at {rows} x {seq:,} tokens (peak {gib(step.peak_bytes)}, at {step.peak_op}, {step.peak_phase}):")
+    for line in lines(step.breakdown["rows"], step.breakdown["tokens"]):
+        print(line)
+    return step.breakdown
+
+
 def describe(config, arch) -> str:
     layers = getattr(arch, "num_hidden_layers", "?")
     what = {"lora": f"LoRA r={config.lora_r}", "qlora": f"QLoRA r={config.lora_r} ({config.bnb_4bit_quant_type})",
@@ -127,6 +140,7 @@ def cmd_plan(args: Sequence[str]) -> int:
     reserve_text = _take(rest, "--reserve")
     slack_text = _take(rest, "--slack")
     json_path = _take(rest, "--json") or "fastsft-plan.json"
+    want_breakdown = _take(rest, "--breakdown", flag=True)
     margin = Margin()
     if reserve_text is not None:
         margin.reserve_bytes = parse_size(reserve_text, "--reserve") if reserve_text.strip() not in ("0", "0GB") else 0
@@ -186,6 +200,9 @@ def cmd_plan(args: Sequence[str]) -> int:
             found = max_batch(config, gpu, seq, recipe=recipe, margin=margin, model_state=state)
             entry["max_batch"] = found.to_dict()
             print(f"  max micro-batch at {gpu_text}: {found.best} x {seq:,} tokens ({len(found.traces)} traces)")
+        if want_breakdown:
+            at = entry.get("max_context", {}).get("best") or seq
+            entry["breakdown"] = breakdown_of(state, at, rows if at == seq else 1)
         report["recipes"][recipe] = entry
     if len(recipes) > 1:
         peaks = {r: report["recipes"][r]["step"]["peak_bytes"] for r in recipes}
