@@ -194,8 +194,9 @@ def cmd_plan(args: Sequence[str]) -> int:
         if want_context:
             found = max_context(config, gpu, recipe=recipe, margin=margin, model_state=state)
             entry["max_context"] = found.to_dict()
+            fit = found.local_fit or found.fit
             print(f"  max context at {gpu_text}: {found.best:,} tokens (batch 1; {len(found.traces)} traces"
-                  f"{', linear fit ' + gib(found.fit[0]) + ' + ' + f'{found.fit[1] / 2**20:.3f} MiB/token' if found.fit else ''})")
+                  f"{', peak there ' + gib(fit[0]) + ' + ' + f'{fit[1] / 1024:.1f} KiB/token' if fit else ''})")
         if want_batch:
             found = max_batch(config, gpu, seq, recipe=recipe, margin=margin, model_state=state)
             entry["max_batch"] = found.to_dict()
