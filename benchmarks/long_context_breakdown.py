@@ -4,12 +4,12 @@ For a plan config, the step's traced peak at two context lengths under each sett
 checkpointing alone, + MLP tiles, + offloaded checkpoints -- and the per-token slope of each line:
 the bytes per token that tiling and offload remove. Written to benchmarks/results/plan/ as JSON.
 
-    python -m benchmarks.long_context_breakdown examples/plan/llama-3.1-8b-qlora.yaml --tile 4096 \
-        --lengths 2048 4096 [--set patch_kernels=false]
+    python -m benchmarks.long_context_breakdown examples/plan/llama-3.1-8b-qlora.yaml --tile 8192 \
+        --lengths 65536 131072 [--set key=value]
 
-Figures are CPU traces of allocations, not GPU measurements. Until fastsft_kernels' ops are
-torch.library operators (issue 29), the fastsft recipe traces with patch_kernels: false (transformers'
-own loss, whose logits dominate the intercept but not the slopes' differences).
+With the last setting (tiles + offload) it also records what is alive at the peak of the longer
+trace, grouped, with each group's bytes per token (`fastsft plan --breakdown`'s table). Figures are
+CPU traces of allocations (the fastsft kernels traced as torch.library operators), not GPU measurements.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import time
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--tile", type=int, default=4096)
-    parser.add_argument("--lengths", type=int, nargs=2, default=(2048, 4096))
+    parser.add_argument("--tile", type=int, default=8192)
+    parser.add_argument("--lengths", type=int, nargs=2, default=(65536, 131072))
     parser.add_argument("--set", action="append", default=[], help="key=value config overrides")
     parser.add_argument("--out", default="benchmarks/results/plan")
     args = parser.parse_args(argv)
@@ -51,6 +51,10 @@ def main(argv=None) -> int:
         rows[name] = {"traces": [t for _, _, t in traced], "bytes_per_token": (p2 - p1) / (n2 - n1)}
         print(f"{name:20s} peaks {[p for _, p, _ in traced]}  {rows[name]['bytes_per_token'] / 1024:.1f} KiB/token "
               f"at {traced[-1][2]['peak_phase']} {traced[-1][2]['peak_op']} {traced[-1][2]['peak_module']}", flush=True)
+    alive = peaks.state.trace(args.lengths[1], 1, breakdown=True).breakdown  # tiles + offload are set
+    from fastsft.plan.breakdown import lines
+
+    print("\n".join(lines(alive["rows"], alive["tokens"])))
     result = {
         "what": "traced peak of one training step (fastsft plan, FakeTensorMode on CPU), not a GPU measurement",
         "config": args.config, "overrides": args.set, "tile_tokens": args.tile, "lengths": list(args.lengths),
@@ -59,6 +63,7 @@ def main(argv=None) -> int:
             "tiled_mlp": rows["checkpointing"]["bytes_per_token"] - rows["tiled_mlp"]["bytes_per_token"],
             "offload": rows["tiled_mlp"]["bytes_per_token"] - rows["tiled_mlp+offload"]["bytes_per_token"],
         },
+        "alive_at_peak": alive,
         "seconds": round(time.perf_counter() - started, 1),
     }
     os.makedirs(args.out, exist_ok=True)

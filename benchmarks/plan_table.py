@@ -27,6 +27,14 @@ CASES = (  # (name, config file)
     ("Llama-3.1-8B full bf16", "examples/plan/llama-3.1-8b-full.yaml"),
     ("Qwen3-8B QLoRA r=32", "examples/plan/qwen3-8b-qlora.yaml"),
 )
+# issue 22: fastsft's long-context settings (overlapped offload of the checkpoints + MLP tiles), QLoRA r=32
+LONG_CONTEXT = ["--offload_activations", "true", "--mlp_tile_tokens", "8192"]
+LONG_CASES = (  # (name, config file, the 2x-Unsloth targets in tokens per GPU size, or None)
+    ("Llama-3.1-8B QLoRA r=32", "examples/plan/llama-3.1-8b-qlora.yaml", {"24GB": 157000, "80GB": 685000}),
+    ("Qwen3-8B QLoRA r=32", "examples/plan/qwen3-8b-qlora.yaml", None),
+)
+LONG_LABEL = "fastsft long context (offload + MLP tiles of 8192)"
+UNSLOTH_PUBLISHED = {"24GB": 78475, "80GB": 342733}  # unsloth.ai/blog/llama3-3, Unsloth column
 # Unsloth's published HF + FA2 max context for Llama-3.1-8B QLoRA (r=32, all linear, batch 1), in tokens
 PUBLISHED_HF_FA2 = {"80GB": 28454, "24GB": 5789}
 PUBLISHED_SOURCE = ("unsloth.ai/blog/llama3-3 (Dec 2024): Llama 3.1 8B max context, HF + FA2 column; 4-bit QLoRA "
@@ -73,9 +81,12 @@ def run_case(path: str, recipe: str, margin, overrides=()) -> dict:
     step = cached.steps[PEAK_AT]
     out = {"recipe": recipe, "overrides": list(overrides), "peak_at": PEAK_AT, "step": step.to_dict(),
            "max_context": {}}
+    out["host_bytes"] = {}
     for gpu in GPUS:
         found = search_max(cached.peak, margin.budget(parse_size(gpu)), start=(1024, 2048), low=2)
         out["max_context"][gpu] = found.best
+        # host memory the run needs there (offloaded checkpoints: pinned host memory)
+        out["host_bytes"][gpu] = cached.steps[found.best].host_bytes if found.best else 0
     out["traces"] = sorted(cached.peaks.items())
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
@@ -160,6 +171,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {case['name']} | {row['label']} | {gib(row['step']['peak_bytes'])} | {ctx} |")
     if report.get("fastsft_note"):
         lines += ["", f"fastsft column: {report['fastsft_note']}."]
+    if report.get("long_context"):
+        lines += [""] + long_context_markdown(report["long_context"])
     cal = report.get("calibration")
     if cal:
         lines += ["", f"Calibration, Llama-3.1-8B QLoRA r=32 all linear, batch 1, padded (tokens; {LABEL}; "
@@ -171,6 +184,50 @@ def markdown(report: dict) -> str:
                 f"{row['max_context'][g]:,} ({row['max_context'][g] / PUBLISHED_HF_FA2[g]:.2f}x)"
                 for g in PUBLISHED_HF_FA2) + " |")
     return "\n".join(lines) + "\n"
+
+
+def long_context_markdown(cases: list) -> List[str]:
+    """Issue 22's table: the long-context rows' max context, host memory there, and the 2x-Unsloth targets."""
+    gib = lambda b: f"{b / 2 ** 30:.0f}"  # noqa: E731
+    lines = [f"Long context on one GPU (issue 22), batch 1, {LABEL}: `{' '.join(LONG_CONTEXT)}`; the host "
+             f"memory is the pinned memory the offloaded checkpoints take at that length. Targets: twice "
+             f"Unsloth's published Llama-3.1-8B QLoRA figures ({UNSLOTH_PUBLISHED['24GB']:,} on 24 GB, "
+             f"{UNSLOTH_PUBLISHED['80GB']:,} on 80 GB).", "",
+             "| model / method | GPU | max context (tokens) | host memory (GiB) | per token at the peak | target | |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for case in cases:
+        row = case["row"]
+        for gpu in ("24GB", "80GB"):
+            best = row["max_context"][gpu]
+            target = (case.get("targets") or {}).get(gpu)
+            verdict = "" if not target else ("met" if best >= target else f"gap {target - best:,}")
+            per_token = row.get("per_token_bytes", {}).get(gpu)
+            lines.append(f"| {case['name']} | {gpu} | {best:,} | {gib(row['host_bytes'][gpu])} | "
+                         f"{f'{per_token / 1024:.1f} KiB' if per_token else '-'} | "
+                         f"{f'{target:,}' if target else '-'} | {verdict} |")
+    return lines
+
+
+def run_long_context(margin, picked=LONG_CASES) -> list:
+    """fastsft with its long-context settings: max context, host memory, the peak's bytes per token."""
+    out = []
+    for name, path, targets in picked:
+        row = run_case(path, "fastsft", margin, LONG_CONTEXT)
+        row["label"] = LONG_LABEL
+        # the slope of the traced peak at the longest contexts found (linear there: MLP tiles are fixed)
+        peaks = sorted(row["traces"])
+        row["per_token_bytes"] = {}
+        for gpu in ("24GB", "80GB"):
+            best = row["max_context"][gpu]
+            near = [(n, p) for n, p in peaks if n > 8192 and n != best]
+            if best and near:
+                n0, p0 = min(near, key=lambda t: abs(t[0] - best))
+                pb = dict(peaks)[best]
+                row["per_token_bytes"][gpu] = (pb - p0) / (best - n0)
+        print(f"{name} / {row['label']}: max context {row['max_context']}, host "
+              f"{ {g: round(b / 2 ** 30, 1) for g, b in row['host_bytes'].items()} } GiB ({row['seconds']} s)", flush=True)
+        out.append({"name": name, "config": path, "targets": targets, "row": row})
+    return out
 
 
 def plot(report: dict, path: str) -> None:
@@ -223,6 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cases", default="all", help="comma list of case numbers (1-based), 'all', or 'sp' "
                         "(only the sequence-parallel row: 8 GPUs, written to sequence_parallel.json)")
     parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--no-long-context", action="store_true", help="leave out issue 22's long-context rows")
     parser.add_argument("--render-only", action="store_true",
                         help="re-write the table, PNG and README from --out's plan_table.json (no tracing)")
     args = parser.parse_args(argv)
@@ -256,6 +314,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{name} / {row['label']}: peak@{PEAK_AT} {row['step']['peak_bytes'] / 2 ** 30:.2f} GiB, "
                   f"max context {row['max_context']} ({row['seconds']} s)", flush=True)
         report["cases"].append({"name": name, "config": path, "rows": rows})
+    if not args.no_long_context:
+        names = {name for name, _ in picked}
+        report["long_context"] = run_long_context(margin, [c for c in LONG_CASES if c[0] in names])
+        by_name = {case["name"]: case for case in report["cases"]}
+        for long_case in report["long_context"]:  # the same row in the main table, under its model
+            if long_case["name"] in by_name:
+                by_name[long_case["name"]]["rows"].append(long_case["row"])
     if not args.no_calibration:
         report["calibration"] = []
         for recipe in ("hf", "hf2024"):

@@ -30,6 +30,8 @@ cached hub config.json.
   --max-batch           with --gpu-memory: the most documents of --seq-len tokens per micro-batch that fit
   --reserve SIZE        memory a trace cannot see: CUDA context, cuBLAS workspace (default 1GiB)
   --slack F             allocator slack, a fraction of the traced peak (default 0.05)
+  --breakdown           what is alive at the peak, grouped (op, module, dtype, shape with L for the tokens),
+                        with bytes per token; with --max-context, at the longest context found
   --json PATH           where the JSON goes (default fastsft-plan.json)
   --sequence_parallel N (or sequence_parallel: N) one GPU of an N-way Ulysses group: its L/N tokens, the
                         all-to-all around attention; --max-context then gives the sequence over N GPUs
@@ -98,6 +100,17 @@ def step_lines(step) -> List[str]:
     return lines
 
 
+def breakdown_of(state, seq: int, rows: int) -> dict:
+    """Trace `rows` x `seq` tokens recording every storage; print and return what is alive at the peak."""
+    from fastsft.plan.breakdown import lines
+
+    step = state.trace(seq, rows, breakdown=True)
+    print(f"  breakdown at {rows} x {seq:,} tokens (peak {gib(step.peak_bytes)}, at {step.peak_op}, {step.peak_phase}):")
+    for line in lines(step.breakdown["rows"], step.breakdown["tokens"]):
+        print(line)
+    return step.breakdown
+
+
 def describe(config, arch) -> str:
     layers = getattr(arch, "num_hidden_layers", "?")
     what = {"lora": f"LoRA r={config.lora_r}", "qlora": f"QLoRA r={config.lora_r} ({config.bnb_4bit_quant_type})",
@@ -129,6 +142,7 @@ def cmd_plan(args: Sequence[str]) -> int:
     reserve_text = _take(rest, "--reserve")
     slack_text = _take(rest, "--slack")
     json_path = _take(rest, "--json") or "fastsft-plan.json"
+    want_breakdown = _take(rest, "--breakdown", flag=True)
     margin = Margin()
     if reserve_text is not None:
         margin.reserve_bytes = parse_size(reserve_text, "--reserve") if reserve_text.strip() not in ("0", "0GB") else 0
@@ -186,13 +200,17 @@ def cmd_plan(args: Sequence[str]) -> int:
         if want_context:
             found = max_context(config, gpu, recipe=recipe, margin=margin, model_state=state)
             entry["max_context"] = found.to_dict()
+            fit = found.local_fit or found.fit
             over = f" over {config.sequence_parallel} GPUs" if config.sequence_parallel > 1 else ""
             print(f"  max context at {gpu_text}{over}: {found.best:,} tokens (batch 1; {len(found.traces)} traces"
-                  f"{', linear fit ' + gib(found.fit[0]) + ' + ' + f'{found.fit[1] / 2**20:.3f} MiB/token' if found.fit else ''})")
+                  f"{', peak there ' + gib(fit[0]) + ' + ' + f'{fit[1] / 1024:.1f} KiB/token' if fit else ''})")
         if want_batch:
             found = max_batch(config, gpu, seq, recipe=recipe, margin=margin, model_state=state)
             entry["max_batch"] = found.to_dict()
             print(f"  max micro-batch at {gpu_text}: {found.best} x {seq:,} tokens ({len(found.traces)} traces)")
+        if want_breakdown:
+            at = entry.get("max_context", {}).get("best") or seq
+            entry["breakdown"] = breakdown_of(state, at, rows if at == seq else 1)
         report["recipes"][recipe] = entry
     if len(recipes) > 1:
         peaks = {r: report["recipes"][r]["step"]["peak_bytes"] for r in recipes}

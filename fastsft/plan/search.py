@@ -56,11 +56,16 @@ class SearchResult:
     budget_bytes: int
     traces: List[Tuple[int, int]] = field(default_factory=list)  # (value, peak bytes) in trace order
     fit: Optional[Tuple[float, float]] = None  # (a, b): peak = a + b * value from the first two traces
+    # (a, b) through the answer's trace and the farthest trace at least half its value: the line where the
+    # answer is (the first two traces may sit below a threshold: MLP tiles, loss chunks)
+    local_fit: Optional[Tuple[float, float]] = None
 
     def to_dict(self) -> dict:
         return {"best": self.best, "budget_bytes": self.budget_bytes,
                 "traces": [{"value": v, "peak_bytes": p} for v, p in self.traces],
-                "linear_fit": {"a_bytes": self.fit[0], "b_bytes_per_unit": self.fit[1]} if self.fit else None}
+                "linear_fit": {"a_bytes": self.fit[0], "b_bytes_per_unit": self.fit[1]} if self.fit else None,
+                "local_fit": ({"a_bytes": self.local_fit[0], "b_bytes_per_unit": self.local_fit[1]}
+                              if self.local_fit else None)}
 
 
 def search_max(peak_of: Callable[[int], int], budget: int, *, start: Tuple[int, int] = (1024, 2048),
@@ -133,4 +138,10 @@ def search_max(peak_of: Callable[[int], int], budget: int, *, start: Tuple[int, 
         else:
             fails = guess
     result.best = fits
+    if fits in seen:
+        near = [(v, p) for v, p in seen.items() if v != fits and v >= fits / 2]
+        if near:
+            v, p = max(near, key=lambda t: abs(t[0] - fits))
+            slope = (seen[fits] - p) / (fits - v)
+            result.local_fit = (seen[fits] - slope * fits, slope)
     return result

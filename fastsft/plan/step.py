@@ -1,7 +1,7 @@
 """One optimizer step of a config, traced under FakeTensorMode: peak device memory and its parts.
 
 What runs is what `fastsft train` runs (Trainer.compute_loss / accumulate / train_step): the forward
-under autocast (and save_on_cpu when offload_activations), backward, gradient clipping, the optimizer's
+under autocast (and, with offload_activations, fastsft's overlapped offload: fastsft.train.offload), backward, gradient clipping, the optimizer's
 step, zero_grad. The trace is the steady state of a run: the optimizer state exists before the step (as
 from step 2 on), and with gradient accumulation the gradients of the window's earlier micro-batches
 are alive while the last one runs.
@@ -54,6 +54,8 @@ class StepPlan:
     flops_uncounted_ops: list = field(default_factory=list)  # custom operators without a FLOP formula
     largest_2d: Dict[str, list] = field(default_factory=dict)  # op -> largest output shape (tests)
     sequence_parallel: dict = field(default_factory=dict)  # N > 1: one rank's layout (fastsft.plan.sequence)
+    mlp_tiles_folded: int = 0  # identical MLP tile bodies accounted without being re-run (fold.py)
+    breakdown: Optional[dict] = None  # what is alive at the peak, per token (trace(..., breakdown=True))
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -230,11 +232,15 @@ class PreparedModel:
         for state in self.optimizer.state.values():
             tracker.register((v for v in state.values() if torch.is_tensor(v)), "optimizer_state")
 
-    def trace(self, seq_len: int, batch: int = 1) -> StepPlan:
+    def trace(self, seq_len: int, batch: int = 1, *, fold_tiles: bool = True, breakdown: bool = False) -> StepPlan:
+        """`fold_tiles`: run each tiled MLP's identical tiles once (fold.py; same peak and FLOPs, a
+        1M-token trace in seconds); False runs every tile (the test comparing both). `breakdown`: group
+        what is alive at the peak, with its bytes per token (StepPlan.breakdown; fastsft/plan/breakdown.py)."""
         from torch.distributed._tools.mod_tracker import ModTracker
 
         from fastsft.plan import sequence
-        from fastsft.plan.tracker import MemoryTracker, offload_to_host
+        from fastsft.plan.fold import folded_tiles
+        from fastsft.plan.tracker import MemoryTracker, offload_to_host, overlapped_offload
 
         config, recipe = self.config, self.recipe
         if seq_len < 2 or batch < 1:
@@ -248,6 +254,7 @@ class PreparedModel:
                     else contextlib.nullcontext())
         mod_tracker = ModTracker()
         tracker = MemoryTracker(mod_tracker)
+        tracker.record = breakdown
         with sequence.exchange(config), self.mode, torch.device("cpu"), real_run_paths(recipe), _quiet_logs():
             inputs = _fake_inputs(host, self.mode)
             if accumulation > 1:  # the window's earlier micro-batches left their gradients
@@ -260,11 +267,17 @@ class PreparedModel:
                     tracker.reclassify(p.grad, "grads")
             handles = tracker.grad_hooks(self.params)
             num_items = seq_len * batch * accumulation
-            offload = offload_to_host(tracker) if config.offload_activations else contextlib.nullcontext()
+            if not config.offload_activations:
+                offload = contextlib.nullcontext()
+            elif recipe == "fastsft":  # the trainer's own offload (fastsft.train.loop)
+                offload = overlapped_offload(tracker, self.model)
+            else:  # transformers' save_on_cpu
+                offload = offload_to_host(tracker)
             from torch._subclasses.fake_tensor import DataDependentOutputException
 
+            folding = folded_tiles(tracker) if fold_tiles else contextlib.nullcontext()
             try:
-                with mod_tracker, tracker, tracker.module_depth():
+                with mod_tracker, tracker, tracker.module_depth(), folding as folder:
                     self._step(inputs, num_items, autocast, offload, tracker)
             except DataDependentOutputException as exc:
                 raise ConfigError(self._untraceable(exc)) from (exc if os.environ.get("FASTSFT_PLAN_DEBUG") else None)
@@ -291,8 +304,18 @@ class PreparedModel:
             trace_seconds=time.perf_counter() - started,
             flops_uncounted_ops=sorted(tracker.uncounted_ops),
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
+            mlp_tiles_folded=folder.folded if folder is not None else 0,
+            breakdown=_breakdown(tracker, seq_len * batch) if breakdown else None,
         )
         return sequence.per_rank(step, config, self.params) if sequence.size_of(config) > 1 else step
+
+
+def _breakdown(tracker, tokens: int) -> dict:
+    from fastsft.plan.breakdown import group_live, summary
+
+    live = tracker.live_at_peak()
+    rows = group_live(live, tokens)
+    return {"tokens": tokens, "live_bytes": sum(life.nbytes for life in live), **summary(rows), "rows": rows}
 
 
 def _loss_2024(model, inputs: dict):

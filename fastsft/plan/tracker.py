@@ -34,6 +34,22 @@ class Peak:
     module: str = ""
     phase: str = ""
     op_output_bytes: int = 0  # what the op at the peak allocated
+    op_index: int = -1  # the dispatched op at the peak, counted from 0
+
+
+@dataclass
+class Life:
+    """One storage: its size and where it came from, and the op indices of its allocation and death."""
+    nbytes: int
+    category: str
+    where: str
+    op: str  # the op whose output it is ("existing": there before the step)
+    module: str
+    shape: tuple  # of the tensor that first showed the storage
+    dtype: str
+    born: int
+    freed: Optional[int]
+    phase: str
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -55,6 +71,13 @@ class MemoryTracker(TorchDispatchMode):
         self.max_numel_2d: Dict[str, tuple] = {}  # op -> largest output shape (tests look for L x L tensors)
         self._flop_registry = None
         self.uncounted_ops = set()  # custom operators whose FLOPs no formula gives
+        self.flop_scale = 1  # > 1 while one traced op stands for that many identical ones (fold.py)
+        self.ops = 0  # ops dispatched so far
+        # record=True: every storage's life (op and module that made it, shape, dtype, op indices of its
+        # allocation and death) for the live set at the peak (fastsft/plan/breakdown.py)
+        self.record = False
+        self.lives: list = []
+        self._op_name = "existing"
 
     # ---------------------------------------------------------------- storages
     def register(self, tensors: Iterable[torch.Tensor], category: str, where: str = DEVICE) -> None:
@@ -73,6 +96,8 @@ class MemoryTracker(TorchDispatchMode):
             self.by_category[info[1]] -= info[0]
             self.by_category[category] += info[0]
         info[1] = category
+        if len(info) > 3:
+            info[3].category = category
 
     def _add(self, t: torch.Tensor, category: str, where: str) -> int:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
@@ -85,6 +110,11 @@ class MemoryTracker(TorchDispatchMode):
         self._next += 1
         self._seen[st] = (key, where)
         self._info[key] = [nbytes, category, where]
+        if self.record:
+            life = Life(nbytes, category, where, self._op_name, self._module() if self._op_name != "existing" else "",
+                        tuple(t.shape), str(t.dtype).replace("torch.", ""), self.ops, None, self.phase)
+            self._info[key].append(life)
+            self.lives.append(life)
         self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
         self.live[where] += nbytes
         if where == DEVICE:
@@ -94,7 +124,9 @@ class MemoryTracker(TorchDispatchMode):
         return nbytes if where == DEVICE else 0
 
     def _free(self, key: int) -> None:
-        nbytes, category, where = self._info.pop(key)
+        nbytes, category, where, *life = self._info.pop(key)
+        if life:
+            life[0].freed = self.ops
         self._refs.pop(key, None)
         self.live[where] -= nbytes
         if where == DEVICE:
@@ -110,6 +142,7 @@ class MemoryTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         added = 0
+        self._op_name = str(func.overloadpacket)
         category = self._category()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -122,9 +155,17 @@ class MemoryTracker(TorchDispatchMode):
                         self.max_numel_2d[name] = shape
         if self.live[DEVICE] > self.peak.bytes:
             self.peak = Peak(self.live[DEVICE], dict(self.by_category), str(func.overloadpacket),
-                             self._module(), self.phase, added)
+                             self._module(), self.phase, added, self.ops)
         self._count_flops(func, args, kwargs, out)
+        self.ops += 1
+        self._op_name = "existing"
         return out
+
+    def live_at_peak(self) -> list:
+        """The device storages alive right after the op at the peak (record=True only)."""
+        at = self.peak.op_index
+        return [life for life in self.lives if life.where == DEVICE and life.born <= at
+                and (life.freed is None or life.freed > at)]
 
     def _module(self) -> str:
         if self.module_tracker is None:
@@ -145,7 +186,7 @@ class MemoryTracker(TorchDispatchMode):
             if namespace in ("fastsft", "bitsandbytes") and "quantize" not in func.__name__:
                 self.uncounted_ops.add(str(func.overloadpacket))
             return
-        flops = formula(*args, **kwargs, out_val=out)
+        flops = formula(*args, **kwargs, out_val=out) * self.flop_scale
         if self.phase == "backward" and self.forward_depth > 0:
             self.flops["recompute"] += flops
         else:
@@ -186,11 +227,14 @@ def _gemm_4bit_flops(a, b, shape, *args, out_val=None, **kwargs) -> int:
 
 
 def _flop_formulas() -> dict:
-    """torch.utils.flop_counter's formulas, plus the ops it lacks that a planned step runs: the CPU
-    flash-attention kernels SDPA picks for fake CPU tensors (their GPU twins' formulas: same argument
-    order) and bitsandbytes' 4-bit matmul."""
+    """torch.utils.flop_counter's formulas (and fastsft/plan/flops.py's for the fastsft:: operators), plus
+    the ops it lacks that a planned step runs: the CPU flash-attention kernels SDPA picks for fake CPU
+    tensors (their GPU twins' formulas: same argument order) and bitsandbytes' 4-bit matmul."""
     from torch.utils.flop_counter import flop_registry
 
+    from fastsft.plan.flops import register
+
+    register()  # the fastsft:: operators' formulas (fastsft/plan/flops.py)
     formulas = dict(flop_registry)
     aten = torch.ops.aten
     for cpu, gpu in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
@@ -238,3 +282,22 @@ def offload_to_host(tracker: MemoryTracker):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+def overlapped_offload(tracker: MemoryTracker, model):
+    """fastsft's own offload (fastsft.train.offload, what `fastsft train` runs with offload_activations):
+    its copies to host memory counted as host, and its prefetch one layer ahead in backward counted
+    on the device (two layers' checkpoints there at once), as on a GPU; its stream operations are
+    no-ops on CPU."""
+    from fastsft.train.offload import OverlappedOffload, decoder_layers
+
+    class Traced(OverlappedOffload):
+        def _pack(self, t):
+            previous = tracker.where
+            tracker.where = HOST
+            try:
+                return super()._pack(t)
+            finally:
+                tracker.where = previous
+
+    return Traced(torch.device("cpu"), decoder_layers(model))

@@ -178,6 +178,8 @@ def finish_model(model: torch.nn.Module, config, device: Optional[torch.device] 
                 model = get_peft_model(model, lora)
         except ValueError as exc:
             raise ConfigError(f"LoRA options (lora_*): {exc}") from None
+    if config.gradient_checkpointing:
+        drop_input_require_grads(model)
     if config.patch_kernels:
         import fastsft
 
@@ -215,6 +217,35 @@ def prepare_quantized_base(model: torch.nn.Module, gradient_checkpointing: bool)
         param.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', peft's
+
+
+def drop_input_require_grads(model: torch.nn.Module) -> int:
+    """Remove the forward hooks that make the input embeddings' output require grad.
+
+    transformers' gradient_checkpointing_enable and peft's get_peft_model add them for reentrant
+    checkpointing, which needs an input that requires grad. fastsft checkpoints with use_reentrant=False:
+    the adapters inside each layer make its output require grad. With the hook, the embeddings'
+    output becomes a leaf that requires grad: autograd keeps it on the device for the whole backward
+    (hidden_size values per token: 8 KiB per token at 8B, alive at the long-context peak even with
+    offloaded checkpoints) and the backward computes and stores its gradient, which nothing reads.
+    Returns the number of hooks removed."""
+    removed = 0
+    for module in model.modules():
+        hooks = getattr(module, "_forward_hooks", None)
+        if not hooks:
+            continue
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
+                del hooks[key]
+                removed += 1
+    for module in model.modules():  # their handles: disable_input_require_grads would find nothing to remove
+        if getattr(module, "_require_grads_hooks", None):
+            module._require_grads_hooks = []
+        module.__dict__.pop("_require_grads_hook", None)
+    return removed
 
 
 def prepare_base(config, output_dir: str, resuming: bool) -> str:
