@@ -96,7 +96,7 @@ HELP: Dict[str, str] = {
     "loss_chunk_tokens": "token rows per logits chunk of the fused loss (default: from free memory)",
     # --- issue 27
     "self_check": "true | false | auto: each patched op checked on the first batch; one over the error rule runs PyTorch's",
-    "cpu_ops": "patched | fastest: on CPU tensors, keep each patched op only where it is faster than transformers' own",
+    "cpu_ops": "fastest | patched: on CPU tensors keep each patched op only where it is faster than transformers' own (default), or all",
 }
 
 

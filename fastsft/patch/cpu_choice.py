@@ -122,6 +122,19 @@ def time_ops(calls: Dict[str, tuple]) -> List[Tuple[str, float, float]]:
     return out
 
 
+def _agree_across_ranks(timings: List[Tuple[str, float, float]]) -> List[Tuple[str, float, float]]:
+    """Under torch.distributed every rank takes the same choice: the timings summed over the ranks
+    (each rank timing on its own would let noise pick different code per rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return timings
+    timings = sorted(timings)
+    total = torch.tensor([[m, t] for _, m, t in timings], dtype=torch.float64)
+    dist.all_reduce(total)
+    return [(name, float(m), float(t)) for (name, _, _), (m, t) in zip(timings, total.tolist())]
+
+
 def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
     """Time the ops of one forward of `model`; switch back the components whose patched op is slower."""
     from . import patch_model, patch_state
@@ -130,7 +143,7 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
         out = model(*args, **kwargs)
     del out
     with torch.autocast("cpu", enabled=False):
-        timings = time_ops(calls)
+        timings = _agree_across_ranks(time_ops(calls))
     per_component: Dict[str, List[Tuple[float, float]]] = {}
     for name, mine, theirs in timings:
         per_component.setdefault(OP_COMPONENT[name], []).append((mine, theirs))
@@ -138,7 +151,7 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
                     if sum(m for m, _ in pairs) > sum(t for _, t in pairs))
     kept = sorted(c for c in per_component if c not in slower)
     logger.info("CPU ops: PyTorch's reference runs on CPU tensors; patched where faster: %s; transformers' own "
-                "where faster: %s (%s)", ", ".join(kept) or "none", ", ".join(slower) or "none",
+                "where faster: %s (%s; cpu_ops: patched keeps every patch)", ", ".join(kept) or "none", ", ".join(slower) or "none",
                 ", ".join(f"{n} {m * 1e3:.1f} vs {t * 1e3:.1f} ms" for n, m, t in timings))
     if slower:
         state = patch_state(model)
