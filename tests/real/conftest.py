@@ -168,3 +168,22 @@ def run_model(model, batch, dtype=None, *, logits=True):
         with torch.no_grad(), ctx:
             out = model(**plain).logits.float()
     return loss.detach().float(), out, grads
+
+
+def error_table(title: str, rows: dict) -> str:
+    """A figure the lead can paste: one row per run, errors relative to the fp32 oracle
+    (rows: {label: {"loss", "logits" or None, "grad_norm", "grads": {name: err}}})."""
+    lines = [title, f"  {'':<16}{'loss':>10}{'logits':>10}{'all grads':>11}{'grad max':>10}{'grad median':>13}"]
+    for label, e in rows.items():
+        grads = sorted(e["grads"].values())
+        logits = f"{e['logits']:.2e}" if e.get("logits") is not None else "-"
+        lines.append(f"  {label:<16}{e['loss']:>10.2e}{logits:>10}{e['grad_norm']:>11.2e}{grads[-1]:>10.2e}"
+                     f"{grads[len(grads) // 2]:>13.2e}")
+    return "\n".join(lines)
+
+
+def worst_gradient_ratios(fast: dict, torch16: dict, k: int = 3) -> str:
+    """The k LoRA gradients whose patched error is the largest multiple of PyTorch's own (same dtype)."""
+    ratios = sorted(((fast["grads"][n] / torch16["grads"][n], n) for n in torch16["grads"]), reverse=True)[:k]
+    return "  worst per-gradient ratios (patched / unpatched bf16 error): " + "; ".join(
+        f"{name} {ratio:.2f}x ({fast['grads'][name]:.2e} vs {torch16['grads'][name]:.2e})" for ratio, name in ratios)

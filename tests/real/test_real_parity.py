@@ -23,7 +23,7 @@ import torch
 import fastsft
 from fastsft_kernels.testing import rel_err
 
-from .conftest import model_inputs, packed_batch, run_model, with_lora  # noqa: F401
+from .conftest import error_table, model_inputs, packed_batch, run_model, with_lora, worst_gradient_ratios  # noqa: F401
 
 pytestmark = pytest.mark.real
 
@@ -80,18 +80,14 @@ def _errors(result, oracle):
     }
 
 
-def _describe(errors):
-    grads = errors["grads"].values()
-    text = f"loss {errors['loss']:.2e}, all grads {errors['grad_norm']:.2e}, per grad max {max(grads):.2e} median {sorted(grads)[len(grads) // 2]:.2e}"
-    return text + (f", logits {errors['logits']:.2e}" if errors["logits"] is not None else "")
-
-
 def test_bf16_patched_within_twice_pytorch_bf16_error(results, record_property):
     torch16 = _errors(results["torch_bf16"], results["oracle"])
     fast16 = _errors(results["fast_bf16"], results["oracle"])
     tokens, docs, trained = results["tokens"]
-    record_property("figure", f"{tokens} tokens ({docs} docs, {trained} trained), 30 layers, reference path, "
-                              f"error vs fp32: unpatched bf16 {_describe(torch16)}; patched bf16 {_describe(fast16)}")
+    record_property("figure", error_table(
+        f"parity, 30 layers + LoRA r8, PyTorch reference ops, {tokens} tokens ({docs} docs packed, {trained} trained), "
+        f"error vs unpatched fp32:", {"unpatched bf16": torch16, "patched bf16": fast16})
+        + "\n" + worst_gradient_ratios(fast16, torch16))
     assert fast16["logits"] <= 2 * torch16["logits"], (fast16["logits"], torch16["logits"])
     assert fast16["grad_norm"] <= 2 * torch16["grad_norm"], (fast16["grad_norm"], torch16["grad_norm"])
     # single tensors and the scalar loss are noisier than the aggregate: each LoRA gradient and the
@@ -106,7 +102,8 @@ def test_bf16_patched_within_twice_pytorch_bf16_error(results, record_property):
 def test_fp32_patched_matches_unpatched(results, record_property):
     torch16 = _errors(results["torch_bf16"], results["oracle"])
     fast32 = _errors(results["fast_fp32"], results["oracle"])
-    record_property("figure", f"30 layers, reference path, patched fp32 vs unpatched fp32: {_describe(fast32)}")
+    record_property("figure", error_table("parity, 30 layers, reference ops, patched fp32 vs unpatched fp32:",
+                                          {"patched fp32": fast32}))
     assert fast32["loss"] <= 1e-2 * torch16["loss"] + 1e-6
     assert fast32["logits"] <= 1e-2 * torch16["logits"]
     for name, err in fast32["grads"].items():
@@ -115,6 +112,7 @@ def test_fp32_patched_matches_unpatched(results, record_property):
 
 def test_packed_row_equals_documents_alone(results, record_property):
     fast32 = _errors(results["fast_fp32"], results["alone"])
-    record_property("figure", f"patched packed row vs unpatched documents one by one (fp32): {_describe(fast32)}")
+    record_property("figure", error_table("packing, 30 layers fp32: patched packed row vs unpatched documents one by one:",
+                                          {"patched packed": fast32}))
     assert fast32["loss"] <= 1e-5
     assert max(fast32["grads"].values()) <= 1e-4
