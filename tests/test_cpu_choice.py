@@ -100,3 +100,33 @@ def test_trainer_default_is_fastest_on_cpu_and_patched_forces_every_patch(tmp_pa
     else:
         assert lines == []
         assert state == {"cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu"}
+
+
+_AGREE_RANK = """
+import json, sys
+import torch.distributed as dist
+from fastsft.patch import cpu_choice
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=rank, world_size=2)
+# rank 0 finds the patched rms_norm faster, rank 1 the opposite (and lists its ops in another order)
+mine = [("rms_norm", 1.0, 2.0), ("swiglu", 1.0, 1.0)] if rank == 0 else [("swiglu", 1.0, 1.0), ("rms_norm", 4.0, 2.0)]
+print(json.dumps(cpu_choice._agree_across_ranks(mine)))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_take_one_choice_from_their_summed_timings():
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE_RANK, str(rank), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1] == [["rms_norm", 5.0, 4.0], ["swiglu", 2.0, 2.0]]
