@@ -285,7 +285,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="re-write the table, PNG and README from --out's plan_table.json (no tracing)")
     args = parser.parse_args(argv)
     if args.render_only:
-        args.keep_plot = True
         with open(os.path.join(args.out, "plan_table.json")) as handle:
             return write_outputs(json.load(handle), args)
     from fastsft.plan import Margin

@@ -131,7 +131,7 @@ class TrainConfig:
     sequence_parallel: int = 1  # > 1: each packed micro-batch split over this many ranks (torchrun / --nproc)
     # --- issue 27: self-check of every patched op at step 0
     self_check: Union[bool, str] = "auto"  # auto: wherever the kernels run (GPU; CPU under the interpreter)
-    cpu_ops: str = "patched"  # fastest: on CPU tensors keep each patched op only where it beats transformers' own
+    cpu_ops: str = "fastest"  # on CPU tensors each patched op only where it beats transformers' own; patched: all
     # --- issue 25: quality loop
     gates: Dict[str, Any] = field(default_factory=dict)  # {metric: {min: x, max: y}} checked at the final eval
     # --- issue 25: early stopping, the best checkpoint, duplicates and contamination

@@ -105,12 +105,12 @@ HELP: Dict[str, str] = {
     "loss_chunk_tokens": "token rows per logits chunk of the fused loss (default: from free memory)",
     # --- issue 27
     "self_check": "true | false | auto: each patched op checked on the first batch; one over the error rule runs PyTorch's",
-    "cpu_ops": "patched | fastest: on CPU tensors, keep each patched op only where it is faster than transformers' own",
+    "cpu_ops": "fastest | patched: on CPU tensors keep each patched op only where it is faster than transformers' own (default), or all",
     # --- issue 25: early stopping, the best checkpoint, duplicates and contamination
     "early_stopping_patience": "stop after N evals without improvement of metric_for_best_model (default: never)",
     "early_stopping_threshold": "an eval resets the patience only when it beats the best by more than this",
     "metric_for_best_model": "eval metric that picks the best model: eval_loss (default), exact_match, ...",
-    "greater_is_better": "is a larger metric better? (default: false for a name ending in loss, true otherwise)",
+    "greater_is_better": "is a larger metric better? (default: false for a name ending in loss or forgetting, true otherwise)",
     "load_best_model_at_end": "restore the best eval's checkpoint at the end (kept past save_total_limit) and save it",
     "dedup": "report | drop | off: exact/near duplicates in the training data and train/eval overlap",
     "dedup_threshold": "near-duplicates: Jaccard similarity of word shingles at or above this, in (0, 1]",

@@ -92,8 +92,48 @@ def greedy_answers(model, tokenizer, questions: List[str], max_new_tokens: int =
     return answers
 
 
+def answer_loss_per_token(model, tokenizer, questions: List[str], replies: List[str]) -> float:
+    """Mean loss per token of `replies` (plus <|im_end|>) as answers to `questions`: how likely the
+    model still finds them. Scored only on the reply tokens, as the trainer scores assistant turns."""
+    import torch
+
+    total, count = 0.0, 0
+    for question, reply in zip(questions, replies):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": reply}],
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+        if not torch.equal(full[0, :prompt.shape[1]], prompt[0]):
+            raise RuntimeError("the chat template does not extend the generation prompt; cannot score replies")
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ends = (full[0, prompt.shape[1]:] == end).nonzero()
+        stop = prompt.shape[1] + (int(ends[0]) + 1 if len(ends) else full.shape[1] - prompt.shape[1])
+        ids = full[:, :stop]
+        labels = ids.clone()
+        labels[:, :prompt.shape[1]] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def _side_by_side(rows: List[Tuple[str, str, str]], width: int = 38) -> List[str]:
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width - 3] + "..."
+    lines = [f"{'question':<{width}} | {'before (base)':<{width}} | after (trained)", "-" * (3 * width + 6)]
+    lines += [f"{cut(q):<{width}} | {cut(b):<{width}} | {cut(a)}" for q, b, a in rows]
+    return lines
+
+
 def probe(run_dir: str, stream=sys.stdout) -> dict:
-    """General questions answered by the base model and by the trained adapter of `run_dir`."""
+    """The forgetting probe: general questions answered by the base model and by the trained adapter
+    of `run_dir` (greedy), side by side, how many are still right, and the loss per token of the base
+    model's own answers under both (how far the adapter moved it on text it was not trained on).
+    Printed, and saved as forgetting_probe.json / forgetting_probe.txt in `run_dir`."""
     import torch
     import yaml
     from peft import PeftModel
@@ -103,18 +143,30 @@ def probe(run_dir: str, stream=sys.stdout) -> dict:
         base_path = yaml.safe_load(handle)["model"]
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-    questions = [q for q, _ in PROBES] + [q for q in (TRAIN_PHRASINGS[0].format(c="Italy"),)]
+    questions = [q for q, _ in PROBES] + [TRAIN_PHRASINGS[0].format(c="Italy")]
     before = greedy_answers(model, tokenizer, questions)
+    general = questions[:len(PROBES)]
+    loss_before = answer_loss_per_token(model, tokenizer, general, before[:len(PROBES)])
     model = PeftModel.from_pretrained(model, run_dir).eval()
     after = greedy_answers(model, tokenizer, questions)
-    kept = 0
-    for k, question in enumerate(questions):
-        print(f"Q: {question}\n  before: {before[k]}\n  after:  {after[k]}", file=stream)
-        if k < len(PROBES):
-            kept += PROBES[k][1].lower() in after[k].lower()
-    print(f"forgetting probe: {kept}/{len(PROBES)} general answers still right after training "
-          f"(all {len(PROBES)} were before)", file=stream)
-    return {"before": before, "after": after, "kept": kept}
+    loss_after = answer_loss_per_token(model, tokenizer, general, before[:len(PROBES)])
+    right_before = sum(word.lower() in before[k].lower() for k, (_, word) in enumerate(PROBES))
+    right_after = sum(word.lower() in after[k].lower() for k, (_, word) in enumerate(PROBES))
+    lines = _side_by_side(list(zip(questions, before, after)))
+    lines.append(f"forgetting probe: {right_after}/{len(PROBES)} general answers right after training "
+                 f"({right_before}/{len(PROBES)} before); loss per token of the base model's own answers "
+                 f"{loss_before:.3f} before, {loss_after:.3f} after")
+    lines.append("(the last question is the trained format on a country never seen in training)")
+    for line in lines:
+        print(line, file=stream)
+    result = {"questions": questions, "before": before, "after": after, "right_before": right_before,
+              "right_after": right_after, "of": len(PROBES), "loss_per_token_before": loss_before,
+              "loss_per_token_after": loss_after}
+    with open(os.path.join(run_dir, "forgetting_probe.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    with open(os.path.join(run_dir, "forgetting_probe.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return result
 
 
 def main(argv=None) -> int:

@@ -65,3 +65,68 @@ def test_transformers_equivalents_compute_the_same_as_the_reference():
         for a, b in zip(mine[0] + mine[1], theirs[0] + theirs[1]):
             if a is not None:
                 assert rel_err(b, a) < 1e-5, (name, OP_COMPONENT[name])
+
+
+def _trainer_config(tmp_path, **values):
+    from fastsft.config import load_config
+    from fastsft.demo_data import make_records, write_jsonl
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(str(data), make_records(12, 1, seed=1)[0])
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1}
+    return load_config(None, model="tiny-llama", model_config=tiny, tokenizer_vocab_size=300, dataset=str(data),
+                       max_seq_length=64, batch_tokens=128, max_steps=1, learning_rate=1e-2, mode="lora", lora_r=4,
+                       output_dir=str(tmp_path / "out"), progress_bar="off", seed=0, save_strategy="no",
+                       **values)
+
+
+@pytest.mark.parametrize("cpu_ops", [None, "patched"])
+def test_trainer_default_is_fastest_on_cpu_and_patched_forces_every_patch(tmp_path, caplog, cpu_ops):
+    """The default (cpu_ops: fastest) makes the choice once, in one line; cpu_ops: patched keeps every patch."""
+    from fastsft.train import Trainer
+
+    config = _trainer_config(tmp_path, **({} if cpu_ops is None else {"cpu_ops": cpu_ops}))
+    assert config.cpu_ops == (cpu_ops or "fastest")
+    trainer = Trainer(config)
+    with caplog.at_level(logging.INFO, logger="fastsft.patch"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU ops:")]
+    state = set(patch_state(trainer.model))
+    if cpu_ops is None:
+        assert len(lines) == 1 and "cpu_ops: patched keeps every patch" in lines[0], lines
+        kept = lines[0].split("patched where faster: ", 1)[1].split(";", 1)[0]
+        assert state == (set() if kept == "none" else set(kept.split(", ")))
+    else:
+        assert lines == []
+        assert state == {"cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu"}
+
+
+_AGREE_RANK = """
+import json, sys
+import torch.distributed as dist
+from fastsft.patch import cpu_choice
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=rank, world_size=2)
+# rank 0 finds the patched rms_norm faster, rank 1 the opposite (and lists its ops in another order)
+mine = [("rms_norm", 1.0, 2.0), ("swiglu", 1.0, 1.0)] if rank == 0 else [("swiglu", 1.0, 1.0), ("rms_norm", 4.0, 2.0)]
+print(json.dumps(cpu_choice._agree_across_ranks(mine)))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_take_one_choice_from_their_summed_timings():
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE_RANK, str(rank), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1] == [["rms_norm", 5.0, 4.0], ["swiglu", 2.0, 2.0]]

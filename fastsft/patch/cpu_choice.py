@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from .self_check import OP_COMPONENT, _run, record_ops
+from .self_check import OP_COMPONENT, _run, keep_mlp_tiles, record_ops
 
 logger = logging.getLogger("fastsft.patch")
 REPEATS = 2  # best of two: the first call of an op on CPU pays one-off allocations
@@ -122,6 +122,19 @@ def time_ops(calls: Dict[str, tuple]) -> List[Tuple[str, float, float]]:
     return out
 
 
+def _agree_across_ranks(timings: List[Tuple[str, float, float]]) -> List[Tuple[str, float, float]]:
+    """Under torch.distributed every rank takes the same choice: the timings summed over the ranks
+    (each rank timing on its own would let noise pick different code per rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return timings
+    timings = sorted(timings)
+    total = torch.tensor([[m, t] for _, m, t in timings], dtype=torch.float64)
+    dist.all_reduce(total)
+    return [(name, float(m), float(t)) for (name, _, _), (m, t) in zip(timings, total.tolist())]
+
+
 def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
     """Time the ops of one forward of `model`; switch back the components whose patched op is slower."""
     from . import patch_model, patch_state
@@ -130,7 +143,7 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
         out = model(*args, **kwargs)
     del out
     with torch.autocast("cpu", enabled=False):
-        timings = time_ops(calls)
+        timings = _agree_across_ranks(time_ops(calls))
     per_component: Dict[str, List[Tuple[float, float]]] = {}
     for name, mine, theirs in timings:
         per_component.setdefault(OP_COMPONENT[name], []).append((mine, theirs))
@@ -138,12 +151,13 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
                     if sum(m for m, _ in pairs) > sum(t for _, t in pairs))
     kept = sorted(c for c in per_component if c not in slower)
     logger.info("CPU ops: PyTorch's reference runs on CPU tensors; patched where faster: %s; transformers' own "
-                "where faster: %s (%s)", ", ".join(kept) or "none", ", ".join(slower) or "none",
+                "where faster: %s (%s; cpu_ops: patched keeps every patch)", ", ".join(kept) or "none", ", ".join(slower) or "none",
                 ", ".join(f"{n} {m * 1e3:.1f} vs {t * 1e3:.1f} ms" for n, m, t in timings))
     if slower:
         state = patch_state(model)
         patch_model(model, **{name: name in state and name not in slower
                               for name in ("cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu")})
+        keep_mlp_tiles(model)
     return timings
 
 

@@ -5,7 +5,9 @@ kernels are not on them, so the patches apply autocast's policy themselves: unde
 autocast to bf16/fp16, a kernel gets its activations and its small weights in the
 autocast dtype (as F.linear would), and does its arithmetic in fp32 inside. Full
 fine-tuning keeps fp32 master weights and an fp32 residual stream (as plain AMP
-does); every kernel still sees the autocast dtype. Without autocast nothing is cast.
+does); every kernel still sees the autocast dtype, except RMSNorm, which reads that
+fp32 residual in fp32 as transformers' norm does (rounding it and its gradient at
+every norm compounds down the layers; issue 27). Without autocast nothing is cast.
 """
 from __future__ import annotations
 

@@ -65,10 +65,18 @@ def _rope(q, k, cos, sin):
 def _make_norm_forward(offset: float, eps_attr: str) -> Callable:
     def forward(self, hidden_states):
         dtype = autocast_dtype(hidden_states)
-        # under autocast: x (the fp32 residual of full fine-tuning) in the autocast dtype; the
-        # Llama-style weight too, since the output has the promoted dtype of x and weight.
-        # Gemma's (1 + w) is applied in fp32 and rounded to x's dtype: its weight stays as is.
+        if dtype is not None and hidden_states.dtype == torch.float32:
+            # an fp32 residual stream under autocast (fp32 weights): normalized in fp32 as transformers
+            # does, and its gradient stays fp32; rounding it to the autocast dtype at every norm compounds
+            # down the layers (issue 27: layer 0's k_proj LoRA gradient 3.2x PyTorch's bf16 error, 1.4x
+            # with this). The next linear casts the output, as it casts transformers'.
+            dtype = None
+        # under autocast: x in the autocast dtype; the Llama-style weight too, since the output has the
+        # promoted dtype of x and weight. Gemma's (1 + w) is applied in fp32 and rounded to x's dtype:
+        # its weight stays as is.
         weight = to_autocast(self.weight, dtype) if offset == 0.0 else self.weight
+        if hidden_states.dtype == torch.float32 and weight.dtype != torch.float32:
+            weight = weight.float()  # one dtype for the kernel (a 16-bit norm weight on an fp32 residual)
         return _rms_norm(to_autocast(hidden_states, dtype), weight, getattr(self, eps_attr), offset)
 
     return forward

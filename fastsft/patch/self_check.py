@@ -228,6 +228,17 @@ def kernels_active(model) -> bool:
     return param is not None and use_triton(param)
 
 
+def keep_mlp_tiles(model) -> None:
+    """After components are switched back: an MLP tiled through the swiglu patch (long_context) gets
+    the stock tiled forward, so switching swiglu back does not silently drop its tiling."""
+    from . import base_model_of, tiled_mlp
+
+    for module in base_model_of(model).modules():
+        if tiled_mlp.tile_tokens_of(module) and not tiled_mlp.is_patched(module, tiled_mlp._SWIGLU_TAG) \
+                and not tiled_mlp.is_patched(module, tiled_mlp._TAG):
+            tiled_mlp.set_forward(module, tiled_mlp._stock_tiled_forward, tiled_mlp._TAG)
+
+
 def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
     """Record the ops of one forward of `model` on (args, kwargs), check each; switch failing ones back."""
     from . import patch_model, patch_state
@@ -249,6 +260,7 @@ def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
         flags = {name: (name in state and name not in failed)
                  for name in ("cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu")}
         patch_model(model, **flags)
+        keep_mlp_tiles(model)
     elif checks:
         logger.info("self-check: %d ops within %gx PyTorch's error on the first batch (%s)", len(checks), FACTOR,
                     ", ".join(f"{c.op} {c.error:.1e}" for c in checks))

@@ -184,7 +184,7 @@ def finish_model(model: torch.nn.Module, config, device: Optional[torch.device] 
         import fastsft
 
         model = fastsft.patch_model(model, self_check=device is not None and wants_self_check(config, device),
-                                    fastest_on_cpu=getattr(config, "cpu_ops", "patched") == "fastest")
+                                    fastest_on_cpu=getattr(config, "cpu_ops", "fastest") == "fastest")
     from fastsft.train.long_context import apply_explicit
 
     apply_explicit(model, config)  # issue 22: mlp_tile_tokens / loss_chunk_tokens (fastsft plan traces them too)

@@ -48,6 +48,7 @@ def make_config(data: str, output_dir: str, max_examples_dataset: bool = False, 
         dataset=os.path.join(data, "one.jsonl" if max_examples_dataset else "train.jsonl"),
         max_seq_length=64, batch_tokens=128, max_steps=3, learning_rate=1e-2, lr_scheduler="linear",
         warmup_steps=1, output_dir=output_dir, progress_bar="off", seed=0, cpu_threads=1,
+        cpu_ops="patched",  # runs compared bit for bit: no per-run timing choice of ops (cpu_ops: fastest)
     )
     base.update(values)
     return load_config(None, **base)

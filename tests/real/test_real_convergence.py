@@ -56,9 +56,12 @@ def test_lora_training_patched_matches_unpatched(reference_ops, smollm2_fp32, sm
     ref_losses = _train(ref, batches)
     fast_losses = _train(fast, batches)
     worst = max(abs(a - b) / abs(b) for a, b in zip(fast_losses, ref_losses))
-    record_property("figure", f"{STEPS} LoRA steps, 30 layers fp32: unpatched "
-                              f"{' '.join(f'{x:.4f}' for x in ref_losses)}; patched "
-                              f"{' '.join(f'{x:.4f}' for x in fast_losses)}; worst relative difference {worst:.1e}")
+    record_property("figure", "\n".join([
+        f"convergence, {STEPS} AdamW steps of LoRA r8, 30 layers fp32, same seed, PyTorch reference ops:",
+        "  step      " + "".join(f"{k + 1:>9}" for k in range(STEPS)),
+        "  unpatched " + "".join(f"{x:>9.4f}" for x in ref_losses),
+        "  patched   " + "".join(f"{x:>9.4f}" for x in fast_losses),
+        f"  worst relative difference {worst:.1e} (bound 1e-4)"]))
     assert ref_losses[-1] < 0.5 * ref_losses[0]  # it learns: the comparison is not between two flat lines
     assert worst <= 1e-4, (fast_losses, ref_losses)
 

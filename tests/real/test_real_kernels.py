@@ -15,7 +15,7 @@ import torch
 import fastsft
 from fastsft_kernels.testing import rel_err
 
-from .conftest import packed_batch, run_model, truncated, with_lora  # noqa: F401
+from .conftest import error_table, gradient_ratios, packed_batch, run_model, truncated, with_lora, worst_gradient_ratios  # noqa: F401
 
 pytestmark = pytest.mark.real
 LAYERS = 2
@@ -32,6 +32,7 @@ def results(smollm2_fp32, real_examples):
         "fast_fp32": run_model(fast, batch),
         "fast_bf16": run_model(fast, batch, torch.bfloat16),
         "tokens": (batch["input_ids"].shape[1], batch["num_trained_tokens"]),
+        "device": next(fast.parameters()).device.type,
     }
 
 
@@ -48,29 +49,29 @@ def _errors(result, oracle):
     }
 
 
-def _describe(e):
-    return (f"loss {e['loss']:.2e}, logits {e['logits']:.2e}, all grads {e['grad_norm']:.2e}, "
-            f"per grad max {max(e['grads'].values()):.2e}")
-
-
 def test_kernels_bf16_within_twice_pytorch_bf16_error(results, record_property):
     torch16 = _errors(results["torch_bf16"], results["oracle"])
     fast16 = _errors(results["fast_bf16"], results["oracle"])
     tokens, trained = results["tokens"]
-    record_property("figure", f"kernels, {LAYERS} real layers, {tokens} tokens ({trained} trained), error vs fp32: "
-                              f"unpatched bf16 {_describe(torch16)}; kernels bf16 {_describe(fast16)}")
+    record_property("figure", error_table(
+        f"kernels (Triton{' interpreter' if results['device'] == 'cpu' else ''}), {LAYERS} real layers + LoRA r8, "
+        f"{tokens} tokens ({trained} trained), error vs unpatched fp32:",
+        {"unpatched bf16": torch16, "kernels bf16": fast16}) + "\n" + worst_gradient_ratios(fast16, torch16))
     assert fast16["logits"] <= 2 * torch16["logits"], (fast16["logits"], torch16["logits"])
     assert fast16["grad_norm"] <= 2 * torch16["grad_norm"], (fast16["grad_norm"], torch16["grad_norm"])
     assert fast16["loss"] <= 3 * torch16["loss"], (fast16["loss"], torch16["loss"])
-    # Per gradient 4x (the aggregate above stays at 2x): on the two-conversation batch layer 0's
-    # k_proj lora_A measured 3.8x (2.0e-2 against 5.3e-3); one small tensor summed over the GQA group
-    # carries the bf16 attention backward's rounding, where PyTorch's happens to cancel more.
-    for name, err in fast16["grads"].items():
-        assert err <= 4 * torch16["grads"][name], (name, err, torch16["grads"][name])
+    # Per gradient 3x (against PyTorch's error on it, floored at its median: conftest.gradient_ratios).
+    # Measured: worst 1.57x (layer 0's v_proj lora_A). It was 3.8x (k_proj lora_A) while the RMSNorm
+    # patch rounded the fp32 residual stream to bf16 and its gradient with it at every norm; each op
+    # alone stayed under 1.7x, the roundings compounded down to layer 0 (fastsft/patch/layers.py).
+    ratios = gradient_ratios(fast16, torch16)
+    worst = max(ratios, key=ratios.get)
+    assert ratios[worst] <= 3, (worst, fast16["grads"][worst], torch16["grads"][worst])
 
 
 def test_kernels_fp32_match(results, record_property):
     fast32 = _errors(results["fast_fp32"], results["oracle"])
-    record_property("figure", f"kernels, {LAYERS} real layers, fp32 vs unpatched fp32: {_describe(fast32)}")
+    record_property("figure", error_table(f"kernels, {LAYERS} real layers, fp32 vs unpatched fp32:",
+                                          {"kernels fp32": fast32}))
     assert fast32["loss"] <= 1e-4 and fast32["logits"] <= 1e-4
     assert max(fast32["grads"].values()) <= 1e-3

@@ -10,7 +10,8 @@ through Triton's interpreter in test_real_kernels.py (a truncated model: the int
 Bounds are stated against the error PyTorch itself makes in bf16 (the FlashAttention / CCE rule):
 the oracle is the unpatched model in fp32; e_torch = error of the unpatched model under bf16 autocast.
 - bf16: the patched model's error is at most 2 x e_torch for the logits and all LoRA gradients
-  together, 3 x e_torch for each LoRA gradient alone and the scalar loss (see the test);
+  together, 3 x e_torch for each LoRA gradient alone (e_torch floored at its median over
+  the gradients) and the scalar loss (see the test);
 - fp32: at most 1e-2 x e_torch (the fp32 patch differs by summation order only);
 - packed: the patched packed row gives the loss and gradients of its documents run one by one
   through the unpatched model (fp32, 1e-5 relative loss, 1e-4 gradients).
@@ -23,7 +24,7 @@ import torch
 import fastsft
 from fastsft_kernels.testing import rel_err
 
-from .conftest import model_inputs, packed_batch, run_model, with_lora  # noqa: F401
+from .conftest import error_table, gradient_ratios, model_inputs, packed_batch, run_model, with_lora, worst_gradient_ratios  # noqa: F401
 
 pytestmark = pytest.mark.real
 
@@ -80,33 +81,32 @@ def _errors(result, oracle):
     }
 
 
-def _describe(errors):
-    grads = errors["grads"].values()
-    text = f"loss {errors['loss']:.2e}, all grads {errors['grad_norm']:.2e}, per grad max {max(grads):.2e} median {sorted(grads)[len(grads) // 2]:.2e}"
-    return text + (f", logits {errors['logits']:.2e}" if errors["logits"] is not None else "")
-
-
 def test_bf16_patched_within_twice_pytorch_bf16_error(results, record_property):
     torch16 = _errors(results["torch_bf16"], results["oracle"])
     fast16 = _errors(results["fast_bf16"], results["oracle"])
     tokens, docs, trained = results["tokens"]
-    record_property("figure", f"{tokens} tokens ({docs} docs, {trained} trained), 30 layers, reference path, "
-                              f"error vs fp32: unpatched bf16 {_describe(torch16)}; patched bf16 {_describe(fast16)}")
+    record_property("figure", error_table(
+        f"parity, 30 layers + LoRA r8, PyTorch reference ops, {tokens} tokens ({docs} docs packed, {trained} trained), "
+        f"error vs unpatched fp32:", {"unpatched bf16": torch16, "patched bf16": fast16})
+        + "\n" + worst_gradient_ratios(fast16, torch16))
     assert fast16["logits"] <= 2 * torch16["logits"], (fast16["logits"], torch16["logits"])
     assert fast16["grad_norm"] <= 2 * torch16["grad_norm"], (fast16["grad_norm"], torch16["grad_norm"])
-    # single tensors and the scalar loss are noisier than the aggregate: each LoRA gradient and the
-    # loss (a mean over the trained tokens, whose per-token errors partly cancel) within 3x.
-    # Measured: every gradient <= 2.2x, loss 2.1x (1e-2 vs 4e-3, about two bf16 ulps against one).
+    # single tensors and the scalar loss are noisier than the aggregate: each LoRA gradient (against
+    # PyTorch's error on it, floored at PyTorch's median: conftest.gradient_ratios) and the loss (a
+    # mean over the trained tokens, whose per-token errors partly cancel) within 3x. Measured: loss
+    # 1.9x (7.8e-3 vs 4.1e-3, about two bf16 ulps against one), worst gradient 2.9x raw (layer 13's
+    # q_proj lora_A, 5.3e-2 against PyTorch's lucky 1.8e-2), 1.5x floored.
     assert fast16["loss"] <= 3 * torch16["loss"], (fast16["loss"], torch16["loss"])
-    worst = max(fast16["grads"], key=lambda name: fast16["grads"][name] / torch16["grads"][name])
-    assert fast16["grads"][worst] <= 3 * torch16["grads"][worst], (worst, fast16["grads"][worst],
-                                                                   torch16["grads"][worst])
+    ratios = gradient_ratios(fast16, torch16)
+    worst = max(ratios, key=ratios.get)
+    assert ratios[worst] <= 3, (worst, fast16["grads"][worst], torch16["grads"][worst])
 
 
 def test_fp32_patched_matches_unpatched(results, record_property):
     torch16 = _errors(results["torch_bf16"], results["oracle"])
     fast32 = _errors(results["fast_fp32"], results["oracle"])
-    record_property("figure", f"30 layers, reference path, patched fp32 vs unpatched fp32: {_describe(fast32)}")
+    record_property("figure", error_table("parity, 30 layers, reference ops, patched fp32 vs unpatched fp32:",
+                                          {"patched fp32": fast32}))
     assert fast32["loss"] <= 1e-2 * torch16["loss"] + 1e-6
     assert fast32["logits"] <= 1e-2 * torch16["logits"]
     for name, err in fast32["grads"].items():
@@ -115,6 +115,7 @@ def test_fp32_patched_matches_unpatched(results, record_property):
 
 def test_packed_row_equals_documents_alone(results, record_property):
     fast32 = _errors(results["fast_fp32"], results["alone"])
-    record_property("figure", f"patched packed row vs unpatched documents one by one (fp32): {_describe(fast32)}")
+    record_property("figure", error_table("packing, 30 layers fp32: patched packed row vs unpatched documents one by one:",
+                                          {"patched packed": fast32}))
     assert fast32["loss"] <= 1e-5
     assert max(fast32["grads"].values()) <= 1e-4

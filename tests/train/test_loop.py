@@ -36,6 +36,7 @@ def make_config(tmp_path, n_train=40, n_eval=0, **values):
         model="tiny-llama", model_config=TINY_MODEL, tokenizer_vocab_size=300, dataset=str(data / "train.jsonl"),
         max_seq_length=64, batch_tokens=128, max_steps=4, learning_rate=1e-2, lr_scheduler="linear",
         warmup_steps=1, output_dir=str(tmp_path / "out"), progress_bar="off", seed=0, mode="full",
+        cpu_ops="patched",  # runs compared bit for bit: no per-run timing choice of ops (cpu_ops: fastest)
     )
     if n_eval:
         base["eval_dataset"] = str(data / "eval.jsonl")

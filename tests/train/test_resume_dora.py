@@ -20,7 +20,9 @@ def _config(tmp_path, out, **values):
     return load_config(None, model="tiny-llama", model_config=TINY, tokenizer_vocab_size=300, dataset=str(data),
                        max_seq_length=64, batch_tokens=128, learning_rate=1e-2, lr_scheduler="constant",
                        output_dir=str(tmp_path / out), progress_bar="off", seed=0, mode="lora", lora_r=4,
-                       lora_alpha=8, use_dora=True, lora_dropout=0.1, **values)
+                       lora_alpha=8, use_dora=True, lora_dropout=0.1,
+                       cpu_ops="patched",  # runs compared bit for bit: no per-run timing choice of ops
+                       **values)
 
 
 def test_dora_dropout_resume_is_exact_and_saves_a_peft_dora_adapter(tmp_path, reference_ops):

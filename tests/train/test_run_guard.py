@@ -32,7 +32,8 @@ def make_config(root, data_root=None, **values):
     base = dict(model="tiny-llama", model_config=TINY, tokenizer_vocab_size=300, dataset=str(data / "train.jsonl"),
                 eval_dataset=str(data / "eval.jsonl"), max_seq_length=64, batch_tokens=128, max_steps=3,
                 save_steps=3, learning_rate=1e-2, lr_scheduler="linear", output_dir=str(root / "out"),
-                progress_bar="off", mode="lora", lora_r=4, eval_at_start=False, report_to="tensorboard")
+                progress_bar="off", mode="lora", lora_r=4, eval_at_start=False, report_to="tensorboard",
+                cpu_ops="patched")  # runs compared bit for bit: no per-run timing choice of ops
     base.update(values)
     return load_config(None, **base)
 
