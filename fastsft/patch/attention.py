@@ -145,6 +145,30 @@ def boundaries_one_per_row(batch: int, seqlen: int, device) -> _Boundaries:
     return entry
 
 
+def traced_boundaries(cu_seqlens, position_ids, batch: int, seqlen: int, device):
+    """(cu_seqlens, max length bound) from tensor ops of fixed shape: what torch.compile traces.
+
+    A host read (or nonzero) inside a compiled graph would break it, so the boundaries stay on
+    the device: position ids give one start flag per token, and cu_seqlens has batch * seqlen + 1
+    entries -- the real starts, sorted, then the total repeated (empty documents, which the kernel
+    skips). The kernel reads it on the host inside the operator, once per tensor. Documents never
+    cross a row, so seqlen bounds their length; caller cu_seq_lens without a host maximum are
+    bounded by the whole batch."""
+    total = batch * seqlen
+    if cu_seqlens is not None:
+        return cu_seqlens.to(device=device, dtype=torch.int32), max(total, 1)
+    if position_ids is None:
+        return torch.arange(0, total + 1, seqlen, dtype=torch.int32, device=device), max(seqlen, 1)
+    pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+    pos = pos.to(device).expand(batch, seqlen)
+    first = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    starts = torch.cat([first, pos[:, 1:] != pos[:, :-1] + 1], dim=1).reshape(-1)
+    index = torch.arange(total, device=device)
+    starts_then_total = torch.where(starts, index, torch.full_like(index, total)).sort().values
+    end = torch.full((1,), total, dtype=starts_then_total.dtype, device=device)
+    return torch.cat([starts_then_total, end]).to(torch.int32), max(seqlen, 1)
+
+
 # =============================================================================== attention functions
 def _run_kernel(backend, q, k, v, cu, max_len, scale, causal, window, softcap, dropout):
     """q (T, H, D), k/v (T, H_kv, D) -> (T, H, D) with the chosen backend."""
@@ -229,6 +253,8 @@ def _packed_boundaries(kwargs, batch: int, seqlen: int, device):
         # the collator's boundaries with their host maximum: handed to the kernel as they are
         # (the kernel validates them against its host view, made once per batch)
         return cu_q, max(max_q, 1)
+    if torch.compiler.is_compiling():
+        return traced_boundaries(cu_q, position_ids, batch, seqlen, device)
     if cu_q is not None:
         # no host maximum: one host copy of the cu_seq_lens per batch, cached for every later layer
         bnd = boundaries_from_cu_seqlens(cu_q, device)

@@ -56,7 +56,10 @@ class ProjectionGroup:
             logger.info("fastsft lora: %s: projections not fused for this call (%s)", self.name, reason)
 
     def _key_of(self, x: torch.Tensor):
-        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        # torch.compile reads a tensor's _version as data (a guard on it breaks the graph); a traced
+        # forward is one function of its inputs, so the same x object is the same value there
+        version = None if torch.compiler.is_compiling() else x._version
+        return (version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
 
     def clear(self) -> None:
         self._x, self._key, self._pending = None, None, {}
