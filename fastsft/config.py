@@ -133,6 +133,9 @@ class TrainConfig:
     cpu_ops: str = "patched"  # fastest: on CPU tensors keep each patched op only where it beats transformers' own
     # --- issue 25: quality loop
     gates: Dict[str, Any] = field(default_factory=dict)  # {metric: {min: x, max: y}} checked at the final eval
+    # --- issue 29: torch.compile of the trained model
+    torch_compile: bool = False  # compile the model (module.compile) before training, as TRL's torch_compile does
+    torch_compile_backend: str = "auto"  # auto: inductor (on CPU only with a C++ compiler, else aot_eager), or a name
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -586,6 +589,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'self_check' must be true, false or auto; got {config.self_check!r}")
     if config.cpu_ops not in ("patched", "fastest"):  # issue 27
         raise ConfigError(f"config key 'cpu_ops' must be patched or fastest; got {config.cpu_ops!r}")
+    if config.torch_compile_backend != "auto":  # issue 29
+        from fastsft.train.compile import check_backend
+
+        check_backend(config.torch_compile_backend)
     if not config.dataset_text_field:
         raise ConfigError("config key 'dataset_text_field' must name a field")
     reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)

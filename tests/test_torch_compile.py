@@ -102,3 +102,70 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(family, qua
     backend = "aot_eager" if kernel_path == "triton" or quant == "qlora" else "eager"
     compiled = step(model, torch.compile(model, backend=backend, fullgraph=True), batch)
     assert_same_step(compiled, eager, f"{family} {quant} {kernel_path} {backend}")
+
+
+# ------------------------------------------------------------------ fastsft train --torch_compile
+def _cli_config(tmp_path, extra=""):
+    from fastsft.demo_data import make_records, write_jsonl
+
+    train, _ = make_records(24, 1, seed=2)
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    tiny = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}"
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: tiny-llama\nmodel_config: {tiny}\ntokenizer_vocab_size: 300\ndataset: train.jsonl\n"
+        f"max_seq_length: 64\nbatch_tokens: 128\nmax_steps: 3\nprogress_bar: 'off'\nmode: lora\nlora_r: 4\n"
+        f"eval_steps: 0\nseed: 3\noutput_dir: {tmp_path / 'out'}\n{extra}")
+    return str(path)
+
+
+def _train_losses(config, capsys):
+    import json
+    from pathlib import Path
+
+    from fastsft.cli import main
+
+    assert main(["train", config]) == 0
+    err = capsys.readouterr().err
+    out = Path(config).parent / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["type"] == "train"], err
+
+
+def test_cli_trains_with_torch_compile_like_without(tmp_path, capsys, reference_ops):
+    """3 steps, packed batches, backend aot_eager: same losses as the uncompiled run, said in the log."""
+    plain, _ = _train_losses(_cli_config(tmp_path / "plain"), capsys)
+    torch._dynamo.reset()
+    compiled, err = _train_losses(_cli_config(tmp_path / "compiled", "torch_compile: true\n"
+                                              "torch_compile_backend: aot_eager\n"), capsys)
+    torch._dynamo.reset()
+    assert "torch_compile: model compiled with backend aot_eager" in err
+    assert len(compiled) == 3
+    for c, p in zip(compiled, plain):
+        assert abs(c - p) <= 1e-4 * abs(p), (compiled, plain)
+
+
+def test_cli_rejects_unknown_backend(tmp_path, capsys, reference_ops):
+    from fastsft.cli import main
+
+    config = _cli_config(tmp_path, "torch_compile: true\ntorch_compile_backend: turbo\n")
+    assert main(["train", config]) == 2
+    err = capsys.readouterr().err
+    assert "torch_compile_backend" in err and "turbo" in err and "aot_eager" in err and "Traceback" not in err
+
+
+def test_cpu_inductor_needs_a_cpp_compiler(monkeypatch):
+    from fastsft.errors import ConfigError
+    from fastsft.train import compile as tc
+
+    said = []
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tc, "cpp_compiler", lambda: None)
+    assert tc.choose_backend("auto", cpu, said.append) == "aot_eager"
+    assert said == ["torch_compile: no C++ compiler for inductor on CPU; backend aot_eager"]
+    with pytest.raises(ConfigError, match="torch_compile_backend.*C\\+\\+ compiler"):
+        tc.choose_backend("inductor", cpu, said.append)
+    monkeypatch.setattr(tc, "cpp_compiler", lambda: "/usr/bin/c++")
+    assert tc.choose_backend("auto", cpu, said.append) == "inductor"
+    assert tc.choose_backend("auto", torch.device("meta"), said.append) == "inductor"
+    assert tc.choose_backend("aot_eager", cpu, said.append) == "aot_eager"
