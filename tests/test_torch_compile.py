@@ -25,6 +25,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 _EXTRA = {"qwen3": dict(head_dim=16),
           "gemma2": dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16)}
 # one packed row of three documents (positions restart), a prompt token not trained in each
+LAYERS = {"gemma2": 2}  # Gemma-2 alternates sliding-window and full layers; one layer elsewhere (trace time)
 POSITIONS = [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2]
 DOC_STARTS = [0, 4, 9]
 TOL = 1e-5  # the fp32 parity bound of the kernels' own tests
@@ -32,7 +33,7 @@ TOL = 1e-5  # the fp32 parity bound of the kernels' own tests
 
 def tiny_model(family: str, quant: str):
     config = transformers.AutoConfig.for_model(
-        family, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        family, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS.get(family, 1), num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, **_EXTRA.get(family, {}))
     torch.manual_seed(0)
@@ -75,9 +76,9 @@ def step(model, fn, batch):
     return loss.detach(), grads
 
 
-def assert_same_step(compiled, eager, what):
+def assert_same_step(compiled, eager, family, what):
     assert_close(compiled[0], eager[0], TOL, f"{what} loss")
-    assert compiled[1].keys() == eager[1].keys() and len(eager[1]) == 2 * 2 * len(TARGETS)
+    assert compiled[1].keys() == eager[1].keys() and len(eager[1]) == 2 * len(TARGETS) * LAYERS.get(family, 1)
     for name, grad in eager[1].items():
         assert_close(compiled[1][name], grad, TOL, f"{what} grad {name}")
 
@@ -96,12 +97,17 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(family, qua
     model = tiny_model(family, quant)
     batch = packed_batch()
     eager = step(model, model, batch)
-    explained = torch._dynamo.explain(model)(**batch)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    assert explained.graph_count == 1
+    if kernel_path == "reference":  # the operators are opaque: the path changes what runs, not what is traced
+        explained = torch._dynamo.explain(model)(**batch)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert explained.graph_count == 1
     backend = "aot_eager" if kernel_path == "triton" or quant == "qlora" else "eager"
-    compiled = step(model, torch.compile(model, backend=backend, fullgraph=True), batch)
-    assert_same_step(compiled, eager, f"{family} {quant} {kernel_path} {backend}")
+    compiled_model = torch.compile(model, backend=backend, fullgraph=True)
+    compiled = step(model, compiled_model, batch)
+    assert_same_step(compiled, eager, family, f"{family} {quant} {kernel_path} {backend}")
+    if kernel_path == "reference":  # no state of the patch (caches, counters) is guarded: no recompile
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert_same_step(step(model, compiled_model, batch), eager, family, "second compiled step")
 
 
 # ------------------------------------------------------------------ fastsft train --torch_compile
@@ -114,7 +120,7 @@ def _cli_config(tmp_path, extra=""):
     path = tmp_path / "run.yaml"
     path.write_text(
         f"model: tiny-llama\nmodel_config: {tiny}\ntokenizer_vocab_size: 300\ndataset: train.jsonl\n"
-        f"max_seq_length: 64\nbatch_tokens: 128\nmax_steps: 3\nprogress_bar: 'off'\nmode: lora\nlora_r: 4\n"
+        f"max_seq_length: 64\nbatch_tokens: 128\nmax_steps: 2\nprogress_bar: 'off'\nmode: lora\nlora_r: 4\n"
         f"eval_steps: 0\nseed: 3\noutput_dir: {tmp_path / 'out'}\n{extra}")
     return str(path)
 
@@ -133,14 +139,14 @@ def _train_losses(config, capsys):
 
 
 def test_cli_trains_with_torch_compile_like_without(tmp_path, capsys, reference_ops):
-    """3 steps, packed batches, backend aot_eager: same losses as the uncompiled run, said in the log."""
+    """2 steps, packed batches, backend aot_eager: same losses as the uncompiled run, said in the log."""
     plain, _ = _train_losses(_cli_config(tmp_path / "plain"), capsys)
     torch._dynamo.reset()
     compiled, err = _train_losses(_cli_config(tmp_path / "compiled", "torch_compile: true\n"
                                               "torch_compile_backend: aot_eager\n"), capsys)
     torch._dynamo.reset()
     assert "torch_compile: model compiled with backend aot_eager" in err
-    assert len(compiled) == 3
+    assert len(compiled) == 2
     for c, p in zip(compiled, plain):
         assert abs(c - p) <= 1e-4 * abs(p), (compiled, plain)
 

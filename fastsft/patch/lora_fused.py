@@ -102,7 +102,8 @@ class ProjectionGroup:
                                           quant_states=[c["quant_state"] for c in calls])
         if first["out_dtype"] is not None:
             ys = [y.to(first["out_dtype"]) for y in ys]
-        self.fused_calls += 1
+        if not torch.compiler.is_compiling():  # an int read in a trace is a guard: it would recompile every call
+            self.fused_calls += 1
         self._pending = {j: y for j, y in enumerate(ys) if j != index}
         self._x, self._key = x, self._key_of(x)
         return ys[index]

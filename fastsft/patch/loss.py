@@ -208,6 +208,9 @@ def apply(model: torch.nn.Module) -> List[str]:
         logger.warning("cross_entropy: %s's output embedding is %s, not a plain Linear; "
                        "the model's own loss is used until it is", type(base).__name__,
                        type(base.get_output_embeddings()).__name__)
+    decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if decoder is not None:
+        _cache_keyword(decoder)  # filled now: a first fill inside torch.compile's trace would recompile once
     set_forward(base, _causal_lm_forward, _TAG)
     return [f"{type(base).__name__}.forward -> linear_cross_entropy"
             + (f" (softcap {_softcap(base.config)})" if _softcap(base.config) else "")]
