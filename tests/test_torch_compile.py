@@ -110,6 +110,22 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(family, qua
             assert_same_step(step(model, compiled_model, batch), eager, family, "second compiled step")
 
 
+def test_compiled_padded_batch_matches_eager(reference_ops):
+    """A 2-D padding mask (right and left padding) compiles without a break too (no unpad of data size)."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", "lora")
+    ids = packed_batch()["input_ids"][:, :10].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # right padding
+    mask[1, :3] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    eager = step(model, model, batch)
+    compiled = step(model, torch.compile(model, backend="aot_eager", fullgraph=True), batch)
+    assert_same_step(compiled, eager, "llama", "padded")
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------ fastsft train --torch_compile
 def _cli_config(tmp_path, extra=""):
     from fastsft.demo_data import make_records, write_jsonl

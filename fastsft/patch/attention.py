@@ -265,6 +265,31 @@ def _packed_boundaries(kwargs, batch: int, seqlen: int, device):
     return bnd.cu, max(bnd.max_len, 1)
 
 
+def _traced_padded(backend, q, k, v, mask, scale, causal, window, softcap):
+    """Padded (B, S, H, D) batch under torch.compile: fixed shapes, no unpad (its size is data).
+
+    Each row's tokens are stably reordered valid-first (a per-row permutation of fixed size), so
+    the valid tokens form one document of the row and its padding another (computed, then
+    zeroed); cu_seqlens has 2 * batch + 1 entries and seqlen bounds every document."""
+    batch, seqlen, n_heads, _ = q.shape
+    valid = mask.to(torch.bool)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid first, in order
+    rows = torch.arange(batch, device=q.device).unsqueeze(1)
+    lengths = valid.sum(dim=1, dtype=torch.int32)
+    starts = torch.arange(batch, device=q.device, dtype=torch.int32) * seqlen
+    bounds = torch.stack([starts, starts + lengths], dim=1).reshape(-1)
+    end = torch.full((1,), batch * seqlen, dtype=torch.int32, device=q.device)
+    cu = torch.cat([bounds, end])
+
+    def gathered(t):
+        return t[rows, order].reshape(batch * seqlen, t.shape[2], t.shape[3])
+
+    out = _run_kernel(backend, gathered(q), gathered(k), gathered(v), cu, max(seqlen, 1), scale, causal, window,
+                      softcap, 0.0).view(batch, seqlen, n_heads, -1)
+    back = torch.empty_like(out).index_put((rows.expand(batch, seqlen), order), out)  # the inverse permutation
+    return back * valid[:, :, None, None].to(back.dtype)  # padded positions: zeros, as the unpad path gives
+
+
 def _document_mask(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """(batch, 1, seqlen, seqlen) bool: True where query and key are in the same packed document."""
     tokens = torch.arange(batch * seqlen, device=cu.device)
@@ -311,6 +336,8 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     if attention_mask is not None:
         if attention_mask.shape[-1] != kv_len:
             attention_mask = attention_mask[:, -kv_len:]
+        if torch.compiler.is_compiling():
+            return _traced_padded(backend, q, k, v, attention_mask, scale, causal, window, softcap), None
         # the mask function already derived the indices (once per batch); this finds them cached
         bnd = boundaries_from_padding_mask(attention_mask, query.device)
         out = _run_kernel(backend, q[bnd.rows, bnd.cols], k[bnd.rows, bnd.cols], v[bnd.rows, bnd.cols],
@@ -350,6 +377,8 @@ def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
         attention_mask = attention_mask[:, -kv_length:]
         if attention_mask.shape[1] != kv_length:
             return attention_mask
+    if torch.compiler.is_compiling():  # no host read in a graph: the attention treats the mask as data
+        return attention_mask
     # the one host copy of this batch's mask: it decides "no padding" and gives the unpad
     # indices, cached on the returned mask for every layer (and the recompute)
     bnd = boundaries_from_padding_mask(attention_mask, attention_mask.device)
