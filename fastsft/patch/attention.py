@@ -442,6 +442,8 @@ def _install_packed_lookup() -> None:
         return
 
     def find_packed_sequence_indices(position_ids):
+        if torch.compiler.is_compiling():  # a trace computes it from the tensor (no host read there)
+            return stock(position_ids)
         known, index = _known_packed_index(position_ids)
         return index if known else stock(position_ids)
 

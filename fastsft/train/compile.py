@@ -21,6 +21,7 @@ from fastsft.errors import ConfigError
 # debugging backends that torch._dynamo.list_backends() hides by default
 _DEBUG_BACKENDS = ("eager", "aot_eager", "aot_eager_decomp_partition")
 _CPU_FALLBACK = "aot_eager"
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")  # transformers', peft's
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +64,32 @@ def compile_model(model: torch.nn.Module, config, device: torch.device, say: Cal
     if not getattr(config, "torch_compile", False):
         return
     backend = choose_backend(getattr(config, "torch_compile_backend", "auto"), device, say)
+    if getattr(config, "gradient_checkpointing", False):
+        _prepare_checkpointing(model)
     model.compile(backend=backend)
     note = " (inductor on CPU: the first step builds C++, minutes on a small machine)" \
         if backend == "inductor" and device.type == "cpu" else ""
     say(f"torch_compile: model compiled with backend {backend}; the first step traces it{note}")
+
+
+def _prepare_checkpointing(model: torch.nn.Module) -> None:
+    """What a compiled, non-reentrant checkpointed layer needs to stay one graph.
+
+    - The fused q/k/v and gate/up LoRA groups (fastsft.patch.lora_fused) hand a member's output to
+      the next member through a Python object; inside a checkpointed layer dynamo refuses that side
+      effect unless the backward's recompute may skip it. It may: the compiled recompute recomputes
+      the traced tensors, and the group's state is empty again at the end of every forward.
+    - peft's input-grad hook (requires_grad_ on the embeddings' output) exists for reentrant
+      checkpointing; fastsft checkpoints non-reentrant, and the hook would break the graph."""
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for module in model.modules():
+        if getattr(module, "_require_grads_hooks", None) or getattr(module, "_require_grads_hook", None) is not None:
+            module.disable_input_require_grads()
+    # transformers' gradient_checkpointing_enable and peft each register one; the second registration
+    # overwrites the first's handle, so the hooks are found on the embeddings by their names
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
+                del module._forward_hooks[key]  # what its RemovableHandle.remove() deletes
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
