@@ -65,14 +65,14 @@ def compile_model(model: torch.nn.Module, config, device: torch.device, say: Cal
         return
     backend = choose_backend(getattr(config, "torch_compile_backend", "auto"), device, say)
     if getattr(config, "gradient_checkpointing", False):
-        _prepare_checkpointing(model)
+        prepare_checkpointing_for_compile(model)
     model.compile(backend=backend)
     note = " (inductor on CPU: the first step builds C++, minutes on a small machine)" \
         if backend == "inductor" and device.type == "cpu" else ""
     say(f"torch_compile: model compiled with backend {backend}; the first step traces it{note}")
 
 
-def _prepare_checkpointing(model: torch.nn.Module) -> None:
+def prepare_checkpointing_for_compile(model: torch.nn.Module) -> None:
     """What a compiled, non-reentrant checkpointed layer needs to stay one graph.
 
     - The fused q/k/v and gate/up LoRA groups (fastsft.patch.lora_fused) hand a member's output to
