@@ -11,6 +11,8 @@ of the end-to-end benchmark.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import os
 import warnings
@@ -252,7 +254,9 @@ def _build(arch, config, recipe, compute):
         from fastsft.train.model import finish_model
 
         model = build_base(arch, config, compute)
+        # the GPU run's kernels: cpu_ops only chooses among ops where real CPU tensors run, never here
+        gpu_config = dataclasses.replace(config, cpu_ops="patched")
         with _quiet():
-            model = finish_model(model, config)
+            model = finish_model(model, gpu_config)
     model.train()
     return model, arch

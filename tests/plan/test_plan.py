@@ -228,3 +228,17 @@ def test_max_batch_and_other_families(tmp_path):
     for arch in (gemma, qwen3):
         step = prepare(load_plan_config(write_config(tmp_path, model_config=arch)), "hf").trace(128)
         assert step.peak_bytes > step.weights_bytes > 0
+
+
+def test_cpu_ops_choice_never_reaches_the_trace(tmp_path, monkeypatch):
+    """cpu_ops (fastest by default) times ops on real CPU tensors; the planner traces the GPU run's kernels."""
+    from fastsft.patch import cpu_choice
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the planner ran the CPU-ops choice")
+
+    monkeypatch.setattr(cpu_choice, "choose", timed)
+    config = load_plan_config(write_config(tmp_path, cpu_ops="fastest"))
+    assert config.cpu_ops == "fastest"
+    step = prepare(config, "fastsft").trace(256)
+    assert step.peak_bytes > 0 and not step.flops_uncounted_ops
