@@ -232,12 +232,13 @@ def test_max_batch_and_other_families(tmp_path):
 
 def test_cpu_ops_choice_never_reaches_the_trace(tmp_path, monkeypatch):
     """cpu_ops (fastest by default) times ops on real CPU tensors; the planner traces the GPU run's kernels."""
-    from fastsft.patch import cpu_choice
+    from fastsft.patch import cpu_choice, self_check
 
     def timed(*args, **kwargs):
         raise AssertionError("the planner ran the CPU-ops choice")
 
     monkeypatch.setattr(cpu_choice, "choose", timed)
+    monkeypatch.setattr(self_check, "kernels_active", lambda module: False)  # the reference path, as on CPU
     config = load_plan_config(write_config(tmp_path, cpu_ops="fastest"))
     assert config.cpu_ops == "fastest"
     step = prepare(config, "fastsft").trace(256)
