@@ -62,7 +62,7 @@ def _rope(q, k, cos, sin):
 # ---------------------------------------------------------------- rms_norm
 def _make_norm_forward(offset: float, eps_attr: str) -> Callable:
     def forward(self, hidden_states):
-        dtype = autocast_dtype(hidden_states)
+        dtype = out_dtype = autocast_dtype(hidden_states)
         if dtype is not None and hidden_states.dtype == torch.float32:
             # an fp32 residual stream under autocast (fp32 weights): normalized in fp32 as transformers
             # does, and its gradient stays fp32; rounding it to the autocast dtype at every norm compounds
@@ -75,7 +75,10 @@ def _make_norm_forward(offset: float, eps_attr: str) -> Callable:
         weight = to_autocast(self.weight, dtype) if offset == 0.0 else self.weight
         if hidden_states.dtype == torch.float32 and weight.dtype != torch.float32:
             weight = weight.float()  # one dtype for the kernel (a 16-bit norm weight on an fp32 residual)
-        return _rms_norm(to_autocast(hidden_states, dtype), weight, getattr(self, eps_attr), offset)
+        out = _rms_norm(to_autocast(hidden_states, dtype), weight, getattr(self, eps_attr), offset)
+        # the next linear reads the compute dtype (the dtype contract, tests/perf/test_dtype_flow.py): the
+        # same values its autocast cast would give, and the gradient still reaches the norm's fp32 backward
+        return out if out_dtype is None else out.to(out_dtype)
 
     return forward
 

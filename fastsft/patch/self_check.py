@@ -274,8 +274,8 @@ def install(model, *, check: bool = True, fastest_on_cpu: bool = False) -> None:
     state = {"running": False}
 
     def hook(module, args, kwargs):
-        if state["running"] or not torch.is_grad_enabled():
-            return None
+        if state["running"] or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None  # inside torch.compile nothing may re-patch the model: the check runs eagerly or not at all
         state["running"] = True
         try:
             remove(module)
