@@ -183,8 +183,14 @@ def finish_model(model: torch.nn.Module, config, device: Optional[torch.device] 
     if config.patch_kernels:
         import fastsft
 
+        fastest = getattr(config, "cpu_ops", "fastest") == "fastest"
+        if fastest and config.mode == "full" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # FSDP2 shards the parameters: timing ops on them crashed a 2-process CPU run (signal 11)
+            logger.info("cpu_ops: fastest is not applied to a full fine-tune over several processes (FSDP2); "
+                        "every patch kept")
+            fastest = False
         model = fastsft.patch_model(model, self_check=device is not None and wants_self_check(config, device),
-                                    fastest_on_cpu=getattr(config, "cpu_ops", "fastest") == "fastest")
+                                    fastest_on_cpu=fastest)
     from fastsft.train.long_context import apply_explicit
 
     apply_explicit(model, config)  # issue 22: mlp_tile_tokens / loss_chunk_tokens (fastsft plan traces them too)
