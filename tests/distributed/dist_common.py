@@ -52,3 +52,26 @@ def make_config(data: str, output_dir: str, max_examples_dataset: bool = False, 
     )
     base.update(values)
     return load_config(None, **base)
+
+
+class FirstStepGradients:
+    """The trainable gradients the optimizer sees at its first step (in its parameter order), kept on CPU.
+
+    The first step's gradients compare a sharded run with its 1-process reference directly: the weights
+    after a few AdamW steps amplify summation-order noise in near-zero gradients (each element's first
+    update is about lr * sign(gradient)), the gradients themselves do not."""
+
+    def __init__(self):
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.grads = None
+        self._handle = register_optimizer_step_pre_hook(self._keep)
+
+    def _keep(self, optimizer, args, kwargs):
+        if self.grads is None:
+            self.grads = [p.grad.detach().cpu().clone() for group in optimizer.param_groups for p in group["params"]
+                          if p.grad is not None]
+
+    def close(self):
+        self._handle.remove()
+        return self.grads
