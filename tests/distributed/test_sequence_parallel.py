@@ -23,7 +23,7 @@ from dist_common import SEQUENCE_RUNS, FirstStepGradients, make_config, write_da
 from test_distributed import _env, _metrics, _shared_dir, assert_close  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 500
-LAUNCHES = {2: ["lora_sp2", "full_sp2_fsdp", "qlora_sp2"], 4: ["lora_sp4", "lora_2x2"]}
+LAUNCHES = {2: ["lora_sp2", "full_sp2_fsdp", "qlora_sp2", "lora_sp2_fastest"], 4: ["lora_sp4", "lora_2x2"]}
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
