@@ -6,7 +6,8 @@ The patched model has no graph break (tests/test_torch_compile.py), so the whole
 micro-batch is one graph and AOT autograd gives one backward graph; the kernels stay opaque
 ``torch.ops.fastsft`` operators inside them. Backend "auto" is "inductor"; inductor on a CPU
 builds C++, so without a C++ compiler "auto" takes "aot_eager" (said in one line) and an
-explicit "inductor" is refused.
+explicit "inductor" is refused. The per-step self-check and the timed ``cpu_ops`` choice run in
+eager mode only: inside the compiled model they step aside (torch.compiler.is_compiling()).
 """
 from __future__ import annotations
 
