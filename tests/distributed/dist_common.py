@@ -31,6 +31,9 @@ SEQUENCE_RUNS = {
     "qlora_sp2": dict(mode="qlora", model_config=SP_MODEL, sequence_parallel=2),
     # cpu_ops: fastest times the ops and may switch attention back to transformers' own: not under SP
     "lora_sp2_fastest": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=2, cpu_ops="fastest"),
+    # torch_compile under SP (DDP's wrapper stays eager; the model inside is compiled): against the eager reference
+    "lora_sp2_compiled": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=2, torch_compile=True,
+                              torch_compile_backend="aot_eager"),
     "lora_sp4": dict(mode="lora", model_config=dict(SP_MODEL, num_key_value_heads=2), sequence_parallel=4),
     # one epoch of 7 micro-batches over 2 data slots: the last window leaves slot 1 a lockstep filler
     "lora_2x2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=0, num_epochs=1, **EVAL),

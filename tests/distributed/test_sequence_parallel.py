@@ -2,7 +2,7 @@
 
 Two launches through fastsft's --nproc launcher (torchrun), shared by the tests (tests/distributed/sequence_worker.py):
 2 ranks (sequence_parallel 2: LoRA + gradient checkpointing + checkpoint/resume,
-full fine-tuning under FSDP2, QLoRA) and 4 ranks (sequence_parallel 4, and a 2 x 2
+full fine-tuning under FSDP2, QLoRA, cpu_ops: fastest, torch_compile) and 4 ranks (sequence_parallel 4, and a 2 x 2
 data x sequence mesh). Each also checks the exchange alone against whole-sequence
 attention. The 1-process references run in this process. Every packed micro-batch is
 checked to have documents that straddle a shard boundary.
@@ -23,7 +23,7 @@ from dist_common import SEQUENCE_RUNS, FirstStepGradients, make_config, write_da
 from test_distributed import _env, _metrics, _shared_dir, assert_close  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 500
-LAUNCHES = {2: ["lora_sp2", "full_sp2_fsdp", "qlora_sp2", "lora_sp2_fastest"], 4: ["lora_sp4", "lora_2x2"]}
+LAUNCHES = {2: ["lora_sp2", "full_sp2_fsdp", "qlora_sp2", "lora_sp2_fastest", "lora_sp2_compiled"], 4: ["lora_sp4", "lora_2x2"]}
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
@@ -71,7 +71,8 @@ def _reference(sp_data, output_dir, name):
     """The same run on one process: no sequence_parallel, the data slots' micro-batches accumulated."""
     from fastsft.train import Trainer
 
-    values = {k: v for k, v in SEQUENCE_RUNS[name].items() if k not in ("resume_at", "save_steps", "save_total_limit")}
+    values = {k: v for k, v in SEQUENCE_RUNS[name].items()
+              if k not in ("resume_at", "save_steps", "save_total_limit", "torch_compile", "torch_compile_backend")}
     size = values.pop("sequence_parallel")
     values["gradient_accumulation_steps"] = 4 // size if name == "lora_2x2" else 1  # the data slots
     first = FirstStepGradients()
