@@ -11,6 +11,8 @@ priority order, each with its own time slice (seconds on an H100/H200):
 
     a  correctness    120  pytest -m gpu, then the kernel parity tests natively on CUDA
     b  sync_step       40  one training step per mode under torch.cuda.set_sync_debug_mode("error")
+    t  torch_compile   60  one patched QLoRA / LoRA step, eager vs torch.compile(backend="inductor"): graph
+                           breaks (torch._dynamo.explain), step times, first-step compile time (benchmarks.compile_step)
     c  kernels        100  python -m benchmarks.kernels --op OP at the DESIGN.md target shapes, per op,
                            then python -m benchmarks.compile_report for this run's Triton (setup attaches
                            the committed sweep of that version: suite.json "compile", summary.md)
@@ -126,6 +128,14 @@ def _e2e(suite: "Suite", budget: float, out: str, *args) -> List[str]:
     return _py("-m", "benchmarks.e2e", "--seq", "4096", "--steps", "4", "--warmup", "2", *common, *args)
 
 
+def compile_step_commands(suite, budget):
+    out = os.path.join(suite.work, "compile_step.json")
+    if suite.dry_run:  # CPU: one mode, backend aot_eager (inductor builds C++ for minutes there)
+        return [Command("compile_step --smoke", _py("-m", "benchmarks.compile_step", "--smoke", "--modes", "qlora",
+                                                    "--out", out), env={"FASTSFT_TRITON_ON_CPU": "0"})]
+    return [Command("compile_step inductor", _py("-m", "benchmarks.compile_step", "--out", out))]
+
+
 def e2e_qlora_commands(suite, budget):
     return [Command("e2e llama-3.1-8b qlora", _e2e(suite, budget, "e2e", "--model", "llama-3.1-8b", "--mode", "qlora",
                                                    "--task", "throughput",
@@ -167,6 +177,8 @@ STAGES = (
     Stage("b", "sync_step", 40, 15, "one training step per mode under set_sync_debug_mode('error')",
           sync_step_commands),
     Stage("c", "kernels", 100, 30, "every op against its providers at the DESIGN.md target shapes", kernel_commands),
+    Stage("t", "torch_compile", 60, 30, "one patched training step, eager vs torch.compile(backend='inductor')",
+          compile_step_commands),
     Stage("d", "e2e_qlora_8b", 150, 90, "Llama-3.1-8B shape, QLoRA r16, packed 4096", e2e_qlora_commands),
     Stage("e", "e2e_full_1b", 60, 40, "Llama-3.2-1B shape, full fine-tuning", e2e_full_commands),
     Stage("p", "plan_check", 60, 20, "fastsft plan's traced peak vs each e2e run's max_memory_allocated",
@@ -319,6 +331,9 @@ class Suite:
             payloads.append(_read_json(path))
         extra = [_read_json(p) for p in sorted(glob.glob(os.path.join(self.work, "e2e_unsloth", "e2e_*.json")))]
         self.report["e2e"] = merge_e2e([p for p in payloads if p], [p for p in extra if p])
+        compiled = _read_json(os.path.join(self.work, "compile_step.json"))
+        if compiled:
+            self.report["torch_compile"] = compiled
         checked = _read_json(os.path.join(self.work, "plan_check.json"))
         if checked:
             self.report["plan_vs_measured"] = checked.get("rows", [])
@@ -421,7 +436,8 @@ def summary_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['key']} {s['name']} | {s['slice_s']} | {s['status']} | {_f(s.get('seconds'), '{:.0f}')} "
                      f"| {s['what']} |")
-    lines += _kernel_lines(report, peaks) + _compile_lines(report) + _e2e_lines(report) + _plan_lines(report)
+    lines += (_kernel_lines(report, peaks) + _compile_lines(report) + _torch_compile_lines(report) + _e2e_lines(report)
+              + _plan_lines(report))
     failures = [(s["name"], c) for s in report["stages"] for c in s.get("commands", []) if c["status"] != "ok"]
     failures = [("setup", c) for c in report["setup"] if c["status"] not in ("ok",)
                 and not c["status"].startswith("skipped")] + failures
@@ -532,6 +548,23 @@ def _e2e_lines(report: dict) -> List[str]:
                 lines.append(f"| {r['provider']} | {r.get('mode')} | {_f(r.get('max_seq'), '{:,}')} | "
                              f"{_f(r.get('first_oom'), '{:,}')} | {_f(r.get('context_vs_hf'), '{:.2f}x')} | "
                              f"{str(note).splitlines()[0][:100] if note else ''} |")
+    return lines
+
+
+def _torch_compile_lines(report: dict) -> List[str]:
+    payload = report.get("torch_compile") or {}
+    rows = payload.get("rows") or []
+    if not rows:
+        return []
+    lines = ["", f"## torch.compile of the patched step ({payload.get('device')}, {payload.get('seq')} packed tokens)",
+             "", "| mode | backend | graph breaks | eager ms | compiled ms | speedup | first compiled step s | "
+                 "loss rel. diff | status |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ms = (lambda v: _f(v * 1e3 if v is not None else None, "{:.1f}"))
+        lines.append(f"| {r['mode']} | {r.get('backend')} | {r.get('graph_breaks', '-')} | {ms(r.get('eager_step_s'))} | "
+                     f"{ms(r.get('compiled_step_s'))} | {_f(r.get('speedup'), '{:.2f}')} | "
+                     f"{_f(r.get('first_compiled_step_s'), '{:.1f}')} | {_f(r.get('loss_rel_diff'), '{:.1e}')} | "
+                     f"{str(r.get('status'))[:80]} |")
     return lines
 
 

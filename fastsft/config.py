@@ -149,6 +149,9 @@ class TrainConfig:
     eval_top_p: float = 1.0  # eval_do_sample: nucleus sampling
     eval_worst_examples: int = 10  # rows of eval_worst.md / .jsonl (0: none written)
     forgetting_dataset: Optional[str] = None  # general data whose loss is measured before training and at each eval
+    # --- issue 29: torch.compile of the trained model
+    torch_compile: bool = False  # compile the model (module.compile) before training, as TRL's torch_compile does
+    torch_compile_backend: str = "auto"  # auto: inductor (on CPU only with a C++ compiler, else aot_eager), or a name
 
     def data_options(self):
         from fastsft.data import DataOptions
@@ -614,6 +617,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'self_check' must be true, false or auto; got {config.self_check!r}")
     if config.cpu_ops not in ("patched", "fastest"):  # issue 27
         raise ConfigError(f"config key 'cpu_ops' must be patched or fastest; got {config.cpu_ops!r}")
+    if config.torch_compile_backend != "auto":  # issue 29
+        from fastsft.train.compile import check_backend
+
+        check_backend(config.torch_compile_backend)
     if not config.dataset_text_field:
         raise ConfigError("config key 'dataset_text_field' must name a field")
     reporters = [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)

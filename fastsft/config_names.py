@@ -114,6 +114,9 @@ HELP: Dict[str, str] = {
     "load_best_model_at_end": "restore the best eval's checkpoint at the end (kept past save_total_limit) and save it",
     "dedup": "report | drop | off: exact/near duplicates in the training data and train/eval overlap",
     "dedup_threshold": "near-duplicates: Jaccard similarity of word shingles at or above this, in (0, 1]",
+    # --- issue 29: torch.compile
+    "torch_compile": "true: torch.compile the model before training (graph of the whole patched step, kernels as operators)",
+    "torch_compile_backend": "auto (inductor; on CPU without a C++ compiler: aot_eager, said in one line) | inductor | aot_eager | eager | any torch.compile backend",
 }
 
 
@@ -173,7 +176,7 @@ NO_EFFECT = frozenset({
     "pad_to_sequence_len", "wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model",
     "wandb_run_id", "hub_model_id", "push_to_hub", "special_tokens", "local_rank", "lora_fan_in_fan_out",
     "dataloader_num_workers", "dataloader_pin_memory", "remove_unused_columns", "ddp_find_unused_parameters",
-    "logging_first_step", "report_to_wandb", "bf16_full_eval", "fp16_full_eval", "torch_compile",
+    "logging_first_step", "report_to_wandb", "bf16_full_eval", "fp16_full_eval",
 })
 
 # renames and value-mapped flags: giving both spellings of a rename is always an error; flags that

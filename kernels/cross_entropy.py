@@ -347,6 +347,11 @@ def _upstream_scale(grad_output: torch.Tensor, reduction: str, divisor) -> torch
     return g.reshape(()).contiguous()
 
 
+def _unit_scale(reduction: str, divisor, device) -> torch.Tensor:
+    """d reduced loss / d loss_row for an upstream gradient of 1: 1 / divisor ("mean") or 1 ("sum")."""
+    return _upstream_scale(torch.ones((), dtype=torch.float32, device=device), reduction, divisor)
+
+
 def _reduce(loss_rows: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
     if reduction == "none":
         return loss_rows
@@ -638,7 +643,10 @@ def linear_cross_entropy_op(
     """(loss, grad_hidden, grad_weight, grad_bias (fp32), stats (N, 2) fp32, divisor 0-dim fp32).
 
     For "mean"/"sum" with some gradient wanted, the gradients are computed here, for an
-    upstream gradient of 1, and scaled by the backward operator; otherwise they
+    upstream gradient of 1 of the reduced loss (the 1 / divisor of "mean" is applied to
+    d loss / d logits in fp32, before the matmuls round to the inputs' dtype: one rounding, as
+    autograd through the unfused loss has), and multiplied by the upstream gradient in the
+    backward operator; otherwise they
     come back empty and the backward recomputes the chunks. Never builds N x V logits
     (on the Triton path; the reference path does)."""
     needs = (needs_hidden, needs_weight, needs_bias and bias is not None)
@@ -653,18 +661,18 @@ def linear_cross_entropy_op(
         stats = _reference_stats(_softcapped(logits, softcap))
         grads = (None, None, None)
         if precompute:
-            grads = _reference_lce_grads(hidden, weight, bias, labels,
-                                         torch.ones((), dtype=torch.float32, device=device), needs, options)
+            grads = _reference_lce_grads(hidden, weight, bias, labels, _unit_scale(reduction, divisor, device),
+                                         needs, options)
         return (_reduce(rows, reduction, divisor), *(_or_nothing(g, hidden) for g in grads), stats, divisor)
     divisor = _divisor_tensor(reduction, num_items_tensor, num_items_value, labels, ignore_index, _trained_count)
     n_rows = hidden.shape[0]
     grads = _allocate_grads(hidden, weight, bias, needs) if precompute else (None, None, None)
     loss_rows = empty(n_rows, dtype=torch.float32, device=device)
     stats = empty(n_rows, 2, dtype=torch.float32, device=device)
-    ones = torch.ones((), dtype=torch.float32, device=device) if precompute else None
+    unit = _unit_scale(reduction, divisor, device) if precompute else None
     with torch.autocast(device.type, enabled=False):  # inputs are already cast; keep out= matmuls exact
         _run_chunks(hidden, weight, bias, labels, chunk_rows=chunk_rows, loss_rows=loss_rows, stats=stats,
-                    stats_given=False, scale=ones, grads=grads, options=options)
+                    stats_given=False, scale=unit, grads=grads, options=options)
     return (_reduce(loss_rows, reduction, divisor), *(_or_nothing(g, hidden) for g in grads), stats, divisor)
 
 
@@ -687,15 +695,15 @@ def _(hidden, weight, bias, labels, ignore_index, reduction, num_items_tensor, n
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_cross_entropy_scale_grads", mutates_args=())
 def linear_cross_entropy_scale_grads(grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
-                                     grad_output: torch.Tensor, divisor: torch.Tensor,
-                                     reduction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of "mean"/"sum": the forward's gradients times the upstream scalar.
+                                     grad_output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of "mean"/"sum": the forward's gradients (those of the reduced loss) times the
+    upstream scalar (1 in training: an exact multiply).
 
     Out of place: an operator cannot update its forward's outputs in place and stay
     functional (torch.compile, AOT autograd and opcheck require it), so this costs one
     transient of the gradients' size at the loss backward (the forward's copies are freed
     when the backward returns) and makes retain_graph work."""
-    scale = _upstream_scale(grad_output, reduction, divisor)
+    scale = grad_output.detach().to(torch.float32).reshape(()).contiguous()
     out = []
     for g in (grad_hidden, grad_weight, grad_bias):
         if use_triton(g):
@@ -708,7 +716,7 @@ def linear_cross_entropy_scale_grads(grad_hidden: torch.Tensor, grad_weight: tor
 
 
 @linear_cross_entropy_scale_grads.register_fake
-def _(grad_hidden, grad_weight, grad_bias, grad_output, divisor, reduction):
+def _(grad_hidden, grad_weight, grad_bias, grad_output):
     return tuple(g.new_empty(g.shape) for g in (grad_hidden, grad_weight, grad_bias))
 
 
@@ -751,7 +759,7 @@ def _lce_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.options = (ignore_index, reduction, softcap, z_loss, label_smoothing, chunk_rows)
     if ctx.precompute:
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, divisor)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     else:
         ctx.save_for_backward(hidden, weight, bias, labels, stats, divisor)
 
@@ -759,9 +767,9 @@ def _lce_setup(ctx, inputs, output):
 def _lce_backward(ctx, grad_output, *_unused):
     needs = ctx.flags
     if ctx.precompute:
-        grad_hidden, grad_weight, grad_bias, divisor = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grad_hidden, grad_weight, grad_bias = linear_cross_entropy_scale_grads(
-            grad_hidden, grad_weight, grad_bias, grad_output, divisor, ctx.options[1])
+            grad_hidden, grad_weight, grad_bias, grad_output)
     else:
         hidden, weight, bias, labels, stats, divisor = ctx.saved_tensors
         ignore_index, reduction, softcap, z_loss, label_smoothing, chunk_rows = ctx.options

@@ -44,13 +44,16 @@ def test_dry_run_runs_every_stage_and_writes_five_files(tmp_path):
     assert {p.name for p in out.iterdir()} == OUT_FILES  # no folders: all of it comes back from a device
     report = json.loads((out / "suite.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["correctness", "sync_step", "kernels", "e2e_qlora_8b", "e2e_full_1b", "plan_check",
-                            "max_context", "unsloth"]
+    assert list(stages) == ["correctness", "sync_step", "kernels", "torch_compile", "e2e_qlora_8b", "e2e_full_1b",
+                            "plan_check", "max_context", "unsloth"]
     for name, s in stages.items():
         assert s["status"] == "ok", (name, s)
     assert report["setup"][0]["status"] == "skipped (dry run)"
     assert report["peaks"] is None and report["environment"]["torch"]
     assert "sync_step qlora: ok" in stages["sync_step"]["commands"][0]["tail"]
+    compiled = report["torch_compile"]["rows"]  # the smoke step: aot_eager on CPU, no graph break, same loss
+    assert [r["mode"] for r in compiled] == ["qlora"] and compiled[0]["status"] == "ok", compiled
+    assert compiled[0]["graph_breaks"] == 0 and compiled[0]["loss_rel_diff"] < 1e-5
     check_kernels(report["kernels"])
     check_e2e(report["e2e"])
     summary = (out / "summary.md").read_text()

@@ -145,6 +145,30 @@ def boundaries_one_per_row(batch: int, seqlen: int, device) -> _Boundaries:
     return entry
 
 
+def traced_boundaries(cu_seqlens, position_ids, batch: int, seqlen: int, device):
+    """(cu_seqlens, max length bound) from tensor ops of fixed shape: what torch.compile traces.
+
+    A host read (or nonzero) inside a compiled graph would break it, so the boundaries stay on
+    the device: position ids give one start flag per token, and cu_seqlens has batch * seqlen + 1
+    entries -- the real starts, sorted, then the total repeated (empty documents, which the kernel
+    skips). The kernel reads it on the host inside the operator, once per tensor. Documents never
+    cross a row, so seqlen bounds their length; caller cu_seq_lens without a host maximum are
+    bounded by the whole batch."""
+    total = batch * seqlen
+    if cu_seqlens is not None:
+        return cu_seqlens.to(device=device, dtype=torch.int32), max(total, 1)
+    if position_ids is None:
+        return torch.arange(0, total + 1, seqlen, dtype=torch.int32, device=device), max(seqlen, 1)
+    pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+    pos = pos.to(device).expand(batch, seqlen)
+    first = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    starts = torch.cat([first, pos[:, 1:] != pos[:, :-1] + 1], dim=1).reshape(-1)
+    index = torch.arange(total, device=device)
+    starts_then_total = torch.where(starts, index, torch.full_like(index, total)).sort().values
+    end = torch.full((1,), total, dtype=starts_then_total.dtype, device=device)
+    return torch.cat([starts_then_total, end]).to(torch.int32), max(seqlen, 1)
+
+
 # =============================================================================== attention functions
 def _run_kernel(backend, q, k, v, cu, max_len, scale, causal, window, softcap, dropout):
     """q (T, H, D), k/v (T, H_kv, D) -> (T, H, D) with the chosen backend."""
@@ -229,6 +253,8 @@ def _packed_boundaries(kwargs, batch: int, seqlen: int, device):
         # the collator's boundaries with their host maximum: handed to the kernel as they are
         # (the kernel validates them against its host view, made once per batch)
         return cu_q, max(max_q, 1)
+    if torch.compiler.is_compiling():
+        return traced_boundaries(cu_q, position_ids, batch, seqlen, device)
     if cu_q is not None:
         # no host maximum: one host copy of the cu_seq_lens per batch, cached for every later layer
         bnd = boundaries_from_cu_seqlens(cu_q, device)
@@ -237,6 +263,31 @@ def _packed_boundaries(kwargs, batch: int, seqlen: int, device):
     else:
         bnd = boundaries_one_per_row(batch, seqlen, device)
     return bnd.cu, max(bnd.max_len, 1)
+
+
+def _traced_padded(backend, q, k, v, mask, scale, causal, window, softcap):
+    """Padded (B, S, H, D) batch under torch.compile: fixed shapes, no unpad (its size is data).
+
+    Each row's tokens are stably reordered valid-first (a per-row permutation of fixed size), so
+    the valid tokens form one document of the row and its padding another (computed, then
+    zeroed); cu_seqlens has 2 * batch + 1 entries and seqlen bounds every document."""
+    batch, seqlen, n_heads, _ = q.shape
+    valid = mask.to(torch.bool)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid first, in order
+    rows = torch.arange(batch, device=q.device).unsqueeze(1)
+    lengths = valid.sum(dim=1, dtype=torch.int32)
+    starts = torch.arange(batch, device=q.device, dtype=torch.int32) * seqlen
+    bounds = torch.stack([starts, starts + lengths], dim=1).reshape(-1)
+    end = torch.full((1,), batch * seqlen, dtype=torch.int32, device=q.device)
+    cu = torch.cat([bounds, end])
+
+    def gathered(t):
+        return t[rows, order].reshape(batch * seqlen, t.shape[2], t.shape[3])
+
+    out = _run_kernel(backend, gathered(q), gathered(k), gathered(v), cu, max(seqlen, 1), scale, causal, window,
+                      softcap, 0.0).view(batch, seqlen, n_heads, -1)
+    back = torch.empty_like(out).index_put((rows.expand(batch, seqlen), order), out)  # the inverse permutation
+    return back * valid[:, :, None, None].to(back.dtype)  # padded positions: zeros, as the unpad path gives
 
 
 def _document_mask(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -285,6 +336,8 @@ def _varlen_forward(backend, module, query, key, value, attention_mask, scaling=
     if attention_mask is not None:
         if attention_mask.shape[-1] != kv_len:
             attention_mask = attention_mask[:, -kv_len:]
+        if torch.compiler.is_compiling():
+            return _traced_padded(backend, q, k, v, attention_mask, scale, causal, window, softcap), None
         # the mask function already derived the indices (once per batch); this finds them cached
         bnd = boundaries_from_padding_mask(attention_mask, query.device)
         out = _run_kernel(backend, q[bnd.rows, bnd.cols], k[bnd.rows, bnd.cols], v[bnd.rows, bnd.cols],
@@ -324,6 +377,8 @@ def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
         attention_mask = attention_mask[:, -kv_length:]
         if attention_mask.shape[1] != kv_length:
             return attention_mask
+    if torch.compiler.is_compiling():  # no host read in a graph: the attention treats the mask as data
+        return attention_mask
     # the one host copy of this batch's mask: it decides "no padding" and gives the unpad
     # indices, cached on the returned mask for every layer (and the recompute)
     bnd = boundaries_from_padding_mask(attention_mask, attention_mask.device)
@@ -387,6 +442,8 @@ def _install_packed_lookup() -> None:
         return
 
     def find_packed_sequence_indices(position_ids):
+        if torch.compiler.is_compiling():  # a trace computes it from the tensor (no host read there)
+            return stock(position_ids)
         known, index = _known_packed_index(position_ids)
         return index if known else stock(position_ids)
 

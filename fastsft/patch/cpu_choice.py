@@ -135,6 +135,12 @@ def _agree_across_ranks(timings: List[Tuple[str, float, float]]) -> List[Tuple[s
     return [(name, float(m), float(t)) for (name, _, _), (m, t) in zip(timings, total.tolist())]
 
 
+def _sequence_parallel() -> bool:
+    from fastsft.distributed import ulysses
+
+    return ulysses.active() is not None
+
+
 def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
     """Time the ops of one forward of `model`; switch back the components whose patched op is slower."""
     from . import patch_model, patch_state
@@ -149,6 +155,11 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
         per_component.setdefault(OP_COMPONENT[name], []).append((mine, theirs))
     slower = sorted(c for c, pairs in per_component.items()
                     if sum(m for m, _ in pairs) > sum(t for _, t in pairs))
+    if _sequence_parallel() and "attention" in slower:
+        # the Ulysses exchange lives in fastsft's attention function: transformers' own would attend
+        # within this rank's shard only
+        slower.remove("attention")
+        logger.info("CPU ops: attention stays fastsft's under sequence parallelism (it carries the exchange)")
     kept = sorted(c for c in per_component if c not in slower)
     logger.info("CPU ops: PyTorch's reference runs on CPU tensors; patched where faster: %s; transformers' own "
                 "where faster: %s (%s; cpu_ops: patched keeps every patch)", ", ".join(kept) or "none", ", ".join(slower) or "none",

@@ -128,7 +128,8 @@ def original_forward(module: torch.nn.Module) -> Callable:
     saved = getattr(module, _SAVED, None)
     if saved and saved["value"] is not _MISSING:
         return saved["value"]
-    return types.MethodType(type(module).forward, module)
+    # the descriptor protocol, not types.MethodType(...): torch.compile traces this one
+    return type(module).forward.__get__(module, type(module))
 
 
 def modules_of(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:

@@ -17,16 +17,15 @@
   objects mutated in place, such as the attention-function registry, are).
 
 Each kernel is a torch.library operator (torch.ops.fastsft.*), so torch.compile traces
-through the rms_norm and swiglu calls without a graph break (single nodes of its graph).
-The rope call stays behind torch.compiler.disable: tracing into the rewrapped
-apply_rotary_pos_emb copies (see _copy_function) makes dynamo 2.13 fail while building a
-closure guard (IndexError in guards.EQUALS_MATCH); until that is solved, one break per
-attention layer remains there.
+through the rms_norm, swiglu and rope calls without a graph break (single nodes of its graph).
+The rotary copies' globals live in a module registered in sys.modules under its own name
+(see _scope_module), so dynamo's guards read the patched function, not the stock one.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import types
 from typing import Callable, Dict, List
 
@@ -56,7 +55,6 @@ def _swiglu(gate, up):
     return fk.swiglu(gate, up)
 
 
-@torch.compiler.disable  # see the module doc: tracing the rewrapped rotary functions trips a dynamo guard
 def _rope(q, k, cos, sin):
     return fk.rope(q, k, cos, sin)
 
@@ -179,9 +177,27 @@ def _with_rotary_kernel(fn: types.FunctionType, cls_name: str) -> types.Function
     """A copy of the undecorated forward whose globals map apply_rotary_pos_emb to the kernel."""
     if "apply_rotary_pos_emb" not in fn.__code__.co_names or "apply_rotary_pos_emb" not in fn.__globals__:
         raise ValueError(f"{cls_name}.forward does not call a module-level apply_rotary_pos_emb")
-    new_globals = dict(fn.__globals__)
-    new_globals["apply_rotary_pos_emb"] = _make_fast_apply_rotary(fn.__globals__["apply_rotary_pos_emb"])
-    return _copy_function(fn, new_globals, fn.__closure__)
+    scope = _scope_module(fn, cls_name)
+    scope.__dict__["apply_rotary_pos_emb"] = _make_fast_apply_rotary(fn.__globals__["apply_rotary_pos_emb"])
+    copy = _copy_function(fn, scope.__dict__, fn.__closure__)
+    copy.__module__ = fn.__module__
+    return copy
+
+
+def _scope_module(fn: types.FunctionType, cls_name: str) -> types.ModuleType:
+    """A module whose dict is a snapshot of fn's globals, registered in sys.modules under its own name.
+
+    torch.compile resolves the globals of a function it inlines through
+    sys.modules[globals["__name__"]] and guards on that module's attributes; a plain dict copy
+    that kept the modeling module's __name__ made it guard on the stock apply_rotary_pos_emb
+    (whose defaults differ: dynamo 2.13 crashed building the guard). Named after its own module,
+    the copy's globals are what dynamo reads and guards."""
+    name = f"fastsft_rope_scope.{fn.__globals__.get('__name__', 'unnamed')}.{cls_name}"
+    scope = types.ModuleType(name, fn.__globals__.get("__doc__"))
+    scope.__dict__.update({k: v for k, v in fn.__globals__.items() if k not in ("__name__", "__spec__", "__loader__")})
+    scope.__dict__["__name__"] = name
+    sys.modules[name] = scope
+    return scope
 
 
 def _copy_function(fn: types.FunctionType, globals_: dict, closure) -> types.FunctionType:

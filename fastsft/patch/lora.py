@@ -268,7 +268,8 @@ def apply(model: torch.nn.Module) -> List[str]:
 
 
 def fused_calls(model: torch.nn.Module) -> int:
-    """How many lora_linear_fused calls the wired groups of ``model`` made so far."""
+    """How many lora_linear_fused calls the wired groups of ``model`` made so far (eager calls: inside
+    torch.compile the counter is left alone, or the graph would be guarded on it)."""
     from . import lora_fused
 
     return sum(g.fused_calls for g in lora_fused.groups_of(model, _GROUP))

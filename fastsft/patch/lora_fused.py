@@ -56,7 +56,10 @@ class ProjectionGroup:
             logger.info("fastsft lora: %s: projections not fused for this call (%s)", self.name, reason)
 
     def _key_of(self, x: torch.Tensor):
-        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        # torch.compile reads a tensor's _version as data (a guard on it breaks the graph); a traced
+        # forward is one function of its inputs, so the same x object is the same value there
+        version = None if torch.compiler.is_compiling() else x._version
+        return (version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
 
     def clear(self) -> None:
         self._x, self._key, self._pending = None, None, {}
@@ -99,7 +102,8 @@ class ProjectionGroup:
                                           quant_states=[c["quant_state"] for c in calls])
         if first["out_dtype"] is not None:
             ys = [y.to(first["out_dtype"]) for y in ys]
-        self.fused_calls += 1
+        if not torch.compiler.is_compiling():  # an int read in a trace is a guard: it would recompile every call
+            self.fused_calls += 1
         self._pending = {j: y for j, y in enumerate(ys) if j != index}
         self._x, self._key = x, self._key_of(x)
         return ys[index]

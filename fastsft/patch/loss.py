@@ -144,15 +144,14 @@ def _causal_lm_forward(
     if past_key_values is not None:
         kwargs[cache_kw] = past_key_values
 
-    stock = original_forward(self)
     head = _lm_head(self)
     if labels is None or head is None or not _is_zero(logits_to_keep):
         if labels is not None:
             _warn_once("the output embedding is not a plain Linear" if head is None
                        else "logits_to_keep was given with labels")
-        return stock(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                     logits_to_keep=logits_to_keep, **kwargs)
+        return original_forward(self)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                      logits_to_keep=logits_to_keep, **kwargs)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -189,11 +188,9 @@ def _causal_lm_forward(
 
 
 def _cache_field(output_cls) -> str:
-    """The output dataclass's cache field (reading the old name logs a deprecation warning)."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(output_cls)}
-    return "cache" if "cache" in names else "past_key_values"
+    """The output dataclass's cache field (reading the old name logs a deprecation warning).
+    A lookup in the class's field dict, not dataclasses.fields(): torch.compile traces it."""
+    return "cache" if "cache" in output_cls.__dataclass_fields__ else "past_key_values"
 
 
 def _is_zero(logits_to_keep) -> bool:
@@ -211,6 +208,9 @@ def apply(model: torch.nn.Module) -> List[str]:
         logger.warning("cross_entropy: %s's output embedding is %s, not a plain Linear; "
                        "the model's own loss is used until it is", type(base).__name__,
                        type(base.get_output_embeddings()).__name__)
+    decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if decoder is not None:
+        _cache_keyword(decoder)  # filled now: a first fill inside torch.compile's trace would recompile once
     set_forward(base, _causal_lm_forward, _TAG)
     return [f"{type(base).__name__}.forward -> linear_cross_entropy"
             + (f" (softcap {_softcap(base.config)})" if _softcap(base.config) else "")]

@@ -325,6 +325,9 @@ class Trainer:
         self.say(f"model: {config.model} ({config.mode}, {self.precision.name} on {self.device.type}): "
                  f"{trainable:,} trainable of {total:,} parameters")
         self.model = self.dist.wrap_model(self.model, config, self.device, self.precision.compute_dtype)
+        from fastsft.train.compile import compile_model  # issue 29: torch_compile
+
+        compile_model(self.model, config, self.device, self.say)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         lengths = [len(e.input_ids) for e in self.data.train]

@@ -29,6 +29,11 @@ SEQUENCE_RUNS = {
     # patch_kernels off: the stock loss (with shift_labels) and only the attention backend switched on
     "full_sp2_fsdp": dict(mode="full", model_config=SP_MODEL, sequence_parallel=2, patch_kernels=False),
     "qlora_sp2": dict(mode="qlora", model_config=SP_MODEL, sequence_parallel=2),
+    # cpu_ops: fastest times the ops and may switch attention back to transformers' own: not under SP
+    "lora_sp2_fastest": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=2, cpu_ops="fastest"),
+    # torch_compile under SP (DDP's wrapper stays eager; the model inside is compiled): against the eager reference
+    "lora_sp2_compiled": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=2, torch_compile=True,
+                              torch_compile_backend="aot_eager"),
     "lora_sp4": dict(mode="lora", model_config=dict(SP_MODEL, num_key_value_heads=2), sequence_parallel=4),
     # one epoch of 7 micro-batches over 2 data slots: the last window leaves slot 1 a lockstep filler
     "lora_2x2": dict(mode="lora", model_config=SP_MODEL, sequence_parallel=2, max_steps=0, num_epochs=1, **EVAL),
@@ -52,3 +57,26 @@ def make_config(data: str, output_dir: str, max_examples_dataset: bool = False, 
     )
     base.update(values)
     return load_config(None, **base)
+
+
+class FirstStepGradients:
+    """The trainable gradients the optimizer sees at its first step (in its parameter order), kept on CPU.
+
+    The first step's gradients compare a sharded run with its 1-process reference directly: the weights
+    after a few AdamW steps amplify summation-order noise in near-zero gradients (each element's first
+    update is about lr * sign(gradient)), the gradients themselves do not."""
+
+    def __init__(self):
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.grads = None
+        self._handle = register_optimizer_step_pre_hook(self._keep)
+
+    def _keep(self, optimizer, args, kwargs):
+        if self.grads is None:
+            self.grads = [p.grad.detach().cpu().clone() for group in optimizer.param_groups for p in group["params"]
+                          if p.grad is not None]
+
+    def close(self):
+        self._handle.remove()
+        return self.grads

@@ -17,7 +17,7 @@ import torch.distributed as dist
 os.environ.setdefault("FASTSFT_TRITON_ON_CPU", "0")  # the PyTorch reference ops behind the fastsft_kernels API
 torch.set_num_threads(1)
 
-from dist_common import SEQUENCE_RUNS, make_config  # noqa: E402
+from dist_common import SEQUENCE_RUNS, FirstStepGradients, make_config  # noqa: E402
 
 
 def exchange_errors(group, n_heads: int, n_kv_heads: int) -> dict:
@@ -87,10 +87,14 @@ def main(data, out, names):
     for name in names:
         values = dict(SEQUENCE_RUNS[name])
         resume_at = values.pop("resume_at", None)
-        spy = ShardSpy()
+        spy, first = ShardSpy(), FirstStepGradients()
         trainer = Trainer(make_config(data, os.path.join(out, name), **values))
         result = trainer.train()
         spy.close()
+        if dist.get_rank() == 0 and values["mode"] != "full":  # FSDP2 shards full fine-tuning's gradients
+            torch.save(first.close(), os.path.join(out, name, "first_step_gradients.pt"))
+        else:
+            first.close()
         results[name] = {"losses": result.losses, "strategy": trainer.dist.strategy,
                          "data_parallel": trainer.dist.data_parallel_size, "straddling": spy.straddling,
                          "shards": spy.shards}

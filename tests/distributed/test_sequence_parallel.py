@@ -2,7 +2,7 @@
 
 Two launches through fastsft's --nproc launcher (torchrun), shared by the tests (tests/distributed/sequence_worker.py):
 2 ranks (sequence_parallel 2: LoRA + gradient checkpointing + checkpoint/resume,
-full fine-tuning under FSDP2, QLoRA) and 4 ranks (sequence_parallel 4, and a 2 x 2
+full fine-tuning under FSDP2, QLoRA, cpu_ops: fastest, torch_compile) and 4 ranks (sequence_parallel 4, and a 2 x 2
 data x sequence mesh). Each also checks the exchange alone against whole-sequence
 attention. The 1-process references run in this process. Every packed micro-batch is
 checked to have documents that straddle a shard boundary.
@@ -19,11 +19,11 @@ from fastsft.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from dist_common import SEQUENCE_RUNS, make_config, write_data  # noqa: E402
+from dist_common import SEQUENCE_RUNS, FirstStepGradients, make_config, write_data  # noqa: E402
 from test_distributed import _env, _metrics, _shared_dir, assert_close  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 500
-LAUNCHES = {2: ["lora_sp2", "full_sp2_fsdp", "qlora_sp2"], 4: ["lora_sp4", "lora_2x2"]}
+LAUNCHES = {2: ["lora_sp2", "full_sp2_fsdp", "qlora_sp2", "lora_sp2_fastest", "lora_sp2_compiled"], 4: ["lora_sp4", "lora_2x2"]}
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # tests/conftest.py
 
@@ -71,10 +71,16 @@ def _reference(sp_data, output_dir, name):
     """The same run on one process: no sequence_parallel, the data slots' micro-batches accumulated."""
     from fastsft.train import Trainer
 
-    values = {k: v for k, v in SEQUENCE_RUNS[name].items() if k not in ("resume_at", "save_steps", "save_total_limit")}
+    values = {k: v for k, v in SEQUENCE_RUNS[name].items()
+              if k not in ("resume_at", "save_steps", "save_total_limit", "torch_compile", "torch_compile_backend")}
     size = values.pop("sequence_parallel")
     values["gradient_accumulation_steps"] = 4 // size if name == "lora_2x2" else 1  # the data slots
-    return Trainer(make_config(sp_data, output_dir, **values), stream=open(os.devnull, "w")).train().losses
+    first = FirstStepGradients()
+    try:
+        losses = Trainer(make_config(sp_data, output_dir, **values), stream=open(os.devnull, "w")).train().losses
+    finally:
+        gradients = first.close()
+    return losses, gradients
 
 
 def _weights(output_dir):
@@ -103,17 +109,24 @@ def test_sequence_parallel_matches_one_process(name, request, sp_data, tmp_path)
     assert run["straddling"] > 0 and run["shards"] == len(run["losses"])  # documents cross the shard boundaries
     assert run["strategy"] == ("fsdp" if "fsdp" in name else "ddp")
     assert run["data_parallel"] == (2 if name == "lora_2x2" else 1)
-    reference = _reference(sp_data, str(tmp_path / name), name)
+    reference, reference_gradients = _reference(sp_data, str(tmp_path / name), name)
     assert_close(run["losses"], reference, rel=1e-5)
+    if "lora" in name:  # the first step's gradients, to 1e-5 of each tensor's norm (measured: 1.8e-7 at most)
+        gradients = torch.load(os.path.join(out, name, "first_step_gradients.pt"))
+        assert len(gradients) == len(reference_gradients) > 0
+        for got_grad, want_grad in zip(gradients, reference_gradients):
+            assert float((got_grad - want_grad).norm()) <= 1e-5 * float(want_grad.norm()), name
     assert len(set(run["losses"])) == len(run["losses"])  # the steps trained
     got, want = _weights(os.path.join(out, name)), _weights(str(tmp_path / name))
     trained = [k for k in want if "lora_" in k] if "lora" in name else list(want)
     assert trained and set(got) == set(want)
-    for key in trained:  # the same trained weights, to 1e-4 of each tensor's norm: Adam's first steps scale
-        # every gradient to about lr, so the summation-order noise of a near-zero gradient moves single
-        # elements more (QLoRA here: 1.2e-5 of the norm, 1.7e-4 of the largest element at most)
+    for key in trained:  # the same trained weights, to 1e-3 of each tensor's norm. Looser than the gradients:
+        # AdamW's first updates are about lr * sign(gradient) element by element, so the summation-order noise
+        # of near-zero gradients (1e-7 of the norm) moves single elements by up to lr. Measured after 3-4 steps:
+        # up to 5.4e-5 (lora_2x2), 1.9e-4 with the same gradients rounded in another order; a wrong gradient
+        # or a lost shard is off by O(1)
         error = float((got[key] - want[key]).norm())
-        assert error <= 1e-4 * float(want[key].norm()), (key, error)
+        assert error <= 1e-3 * float(want[key].norm()), (key, error)
     if "eval_fraction" in SEQUENCE_RUNS[name]:  # evaluation and generation: whole sequences, no exchange
         evals = [r for r in _metrics(os.path.join(out, name)) if r.get("type") == "eval"]
         want_evals = [r for r in _metrics(str(tmp_path / name)) if r.get("type") == "eval"]
