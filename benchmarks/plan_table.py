@@ -297,6 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump(sp, handle, indent=1)
         print(f"{sp['name']}, sequence_parallel {sp['sequence_parallel']}: max context {sp['max_context']:,} tokens "
               f"at {sp['sequence_parallel']} x {sp['gpu']} ({sp['seconds']} s)", flush=True)
+        args.keep_plot = True  # the single-GPU rows are only re-rendered: their PNG stays as committed
         with open(os.path.join(args.out, "plan_table.json")) as handle:
             return write_outputs(json.load(handle), args)
     picked = CASES if args.cases == "all" else [CASES[int(i) - 1] for i in args.cases.split(",")]

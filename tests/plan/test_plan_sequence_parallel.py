@@ -164,6 +164,39 @@ def test_plan_table_sequence_parallel_row(tmp_path, monkeypatch):
     assert "fastsft kernels off" in text and "KiB of pinned host memory per token" in text
 
 
+def test_plan_table_sp_run_leaves_the_single_gpu_rows_as_committed(tmp_path, monkeypatch):
+    """`python -m benchmarks.plan_table --cases sp` re-traces only the sequence-parallel row: the single-GPU
+    report and its PNG stay byte for byte (they were traced apart, by the full run), the README gets both."""
+    import importlib.util
+
+    import fastsft.plan
+
+    spec = importlib.util.spec_from_file_location("_plan_table_sp2", os.path.join(REPO, "benchmarks", "plan_table.py"))
+    plan_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_table)
+    path = write_config(tmp_path, patch_kernels=False)
+    overrides = ("--sequence_parallel", "2", "--offload_activations", "true", "--mlp_tile_tokens", "256")
+    monkeypatch.setattr(plan_table, "SP_CASE", ("tiny QLoRA", path, overrides))
+    monkeypatch.setattr(plan_table, "SP_FIT_AT", (256, 512))
+    monkeypatch.setattr(plan_table, "SP_GPU", "48MB")
+    monkeypatch.setattr(fastsft.plan, "Margin", lambda: Margin(reserve_bytes=0, slack=0.0))
+    out = tmp_path / "results"
+    out.mkdir()
+    report = {"label": plan_table.LABEL, "margin": "no margin", "cases": []}
+    (out / "plan_table.json").write_text(json.dumps(report, indent=1))
+    png = b"\x89PNG committed single-GPU plot"
+    (out / "plan_table.png").write_bytes(png)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{plan_table.BEGIN}\nold table\n{plan_table.END}\nrest\n")
+    assert plan_table.main(["--cases", "sp", "--out", str(out), "--readme", str(readme)]) == 0
+    assert (out / "plan_table.png").read_bytes() == png
+    assert json.loads((out / "plan_table.json").read_text()) == report
+    sp = json.loads((out / "sequence_parallel.json").read_text())
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert f"| tiny QLoRA | 2 x 48MB |" in text and f"{sp['max_context']:,}" in text
+
+
 def test_traces_inside_a_distributed_run(tmp_path):
     """The trainer's long_context planner traces on a torchrun rank, whose default process group is the
     run's: the fake group then stands beside it, and the trace is the same."""
