@@ -75,8 +75,9 @@ def _trainer_config(tmp_path, **values):
     write_jsonl(str(data), make_records(12, 1, seed=1)[0])
     tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 1}
-    return load_config(None, model="tiny-llama", model_config=tiny, tokenizer_vocab_size=300, dataset=str(data),
-                       max_seq_length=64, batch_tokens=128, max_steps=1, learning_rate=1e-2, mode="lora", lora_r=4,
+    values = {"model_config": tiny, "mode": "lora", **values}
+    return load_config(None, model="tiny-llama", tokenizer_vocab_size=300, dataset=str(data),
+                       max_seq_length=64, batch_tokens=128, max_steps=1, learning_rate=1e-2, lora_r=4,
                        output_dir=str(tmp_path / "out"), progress_bar="off", seed=0, save_strategy="no",
                        **values)
 
@@ -130,3 +131,26 @@ def test_ranks_take_one_choice_from_their_summed_timings():
     assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert results[0] == results[1] == [["rms_norm", 5.0, 4.0], ["swiglu", 2.0, 2.0]]
+
+
+@pytest.mark.parametrize("hidden,lora_kept", [(32, True), (64, False)])
+def test_qlora_stays_patched_where_bitsandbytes_cpu_dequantize_is_wrong(tmp_path, caplog, monkeypatch, hidden,
+                                                                        lora_kept):
+    """4-bit rows of 32 values in blocks of 64: bitsandbytes 0.50's AVX-512 CPU dequantize decodes them
+    wrong, so LoRA is never handed back to peft's Linear4bit there, however the timing goes (every patched
+    op made to look slower here); rows of 64 go back as timed."""
+    pytest.importorskip("bitsandbytes")
+    from fastsft.train import Trainer
+
+    real = cpu_choice.time_ops
+    monkeypatch.setattr(cpu_choice, "time_ops", lambda calls: [(n, t + 1.0, t) for n, _, t in real(calls)])
+    config = _trainer_config(tmp_path, mode="qlora", model_config={
+        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1})
+    trainer = Trainer(config)
+    with caplog.at_level(logging.INFO, logger="fastsft.patch"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "a 4-bit base's rows are not a multiple" in r.getMessage()]
+    assert ("lora" in patch_state(trainer.model)) == lora_kept
+    assert len(said) == (1 if lora_kept else 0)
+

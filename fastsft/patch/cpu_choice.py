@@ -141,6 +141,19 @@ def _sequence_parallel() -> bool:
     return ulysses.active() is not None
 
 
+def _rows_split_across_blocks(model) -> bool:
+    """Whether some bitsandbytes 4-bit weight has rows (in_features) that are not a whole number of its
+    quantization blocks. bitsandbytes 0.50's AVX-512 CPU dequantize indexes blocks per row and then
+    decodes such weights wrong (a (64, 32) NF4 weight: 1.9 max error, 0.39 is NF4's own), so peft's
+    Linear4bit forward on CPU would compute with a wrong base; fastsft's op follows the flat layout."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        shape = getattr(state, "shape", None)
+        if state is not None and shape is not None and int(shape[-1]) % int(state.blocksize):
+            return True
+    return False
+
+
 def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
     """Time the ops of one forward of `model`; switch back the components whose patched op is slower."""
     from . import patch_model, patch_state
@@ -160,6 +173,10 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
         # within this rank's shard only
         slower.remove("attention")
         logger.info("CPU ops: attention stays fastsft's under sequence parallelism (it carries the exchange)")
+    if "lora" in slower and _rows_split_across_blocks(model):
+        slower.remove("lora")
+        logger.info("CPU ops: LoRA stays fastsft's: a 4-bit base's rows are not a multiple of its block size, "
+                    "which bitsandbytes' AVX-512 CPU dequantize reads wrong (bitsandbytes 0.50)")
     kept = sorted(c for c in per_component if c not in slower)
     logger.info("CPU ops: PyTorch's reference runs on CPU tensors; patched where faster: %s; transformers' own "
                 "where faster: %s (%s; cpu_ops: patched keeps every patch)", ", ".join(kept) or "none", ", ".join(slower) or "none",

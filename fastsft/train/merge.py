@@ -81,11 +81,12 @@ def load_quantized_base(base_path: str, settings: dict):
 
 
 def dequantized_base_state(quantized) -> dict:
-    """Every base weight as the trained model multiplied by it: Linear4bit weights through bitsandbytes'
-    dequantize_4bit into the compute dtype (what fastsft's LoRA kernels do before their matmul), the
-    rest as loaded."""
+    """Every base weight as the trained model multiplied by it: Linear4bit weights decoded by
+    fastsft_kernels' reference dequantize (the layout fastsft's LoRA kernels read before their matmul;
+    equal to bitsandbytes' CUDA dequantize, while its AVX-512 CPU kernel in 0.50 decodes rows that are not
+    a whole number of blocks wrong), the rest as loaded."""
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
+    from fastsft_kernels.reference import dequantize_4bit
 
     state = {}
     for name, module in quantized.named_modules():

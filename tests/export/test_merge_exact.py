@@ -72,3 +72,30 @@ def test_merge_refuses_bad_input_cleanly(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / ".tmp-x").exists()
     assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "x"), "--base-weights", "fp8"]) == 2
     assert "--base-weights 'fp8'" in capsys.readouterr().err
+
+
+def test_the_merge_decodes_4bit_rows_shorter_than_a_block_exactly():
+    """fastsft merge's base weights: the flat NF4 layout (fastsft_kernels' reference) for a (64, 32) weight in
+    blocks of 64 -- within NF4's own rounding of the original weight, and equal to bitsandbytes' decode
+    where its CPU kernel is right (rows of whole blocks)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+
+    from fastsft.train.merge import dequantized_base_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    weights = {}
+    for name, (out_f, in_f) in {"short": (64, 32), "whole": (64, 128)}.items():
+        w = torch.randn(out_f, in_f)
+        layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+        model.add_module(name, layer.to("cpu"))
+        weights[name] = w
+    state = dequantized_base_state(model)
+    for name, w in weights.items():
+        blocks = w.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
+        error = (state[f"{name}.weight"] - w).reshape(-1, 64).abs()
+        assert bool((error <= 0.16 * blocks).all()), name  # half the widest gap between NF4 codes (0.304)
+    whole = model.whole.weight
+    assert torch.equal(state["whole.weight"], bnb.functional.dequantize_4bit(whole.data, whole.quant_state))
