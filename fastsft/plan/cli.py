@@ -183,6 +183,11 @@ def cmd_plan(args: Sequence[str]) -> int:
                 entry["kernels"] = f"reference path for {', '.join(missing)} (not torch.library operators yet)"
                 print(f"note: {', '.join(missing)} traced through kernels/reference.py, not as the kernels "
                       f"allocate (they are not torch.library operators yet)")
+        if recipe == "fastsft" and getattr(config, "torch_compile", False):
+            # what is traced is the eager step: the compiled graph's buffers are the backend's choice
+            entry["torch_compile"] = "traced as the eager step"
+            print("note: torch_compile: true is traced as the eager step (the compiled graph's own buffers, "
+                  "e.g. inductor's fusions, are not traced)")
         print(f"recipe {recipe}" + (" (patch_kernels: false: fastsft's builder without its kernels)"
                                     if kernels_off else "") + ":")
         for line in step_lines(step):

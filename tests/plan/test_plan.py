@@ -243,3 +243,10 @@ def test_cpu_ops_choice_never_reaches_the_trace(tmp_path, monkeypatch):
     assert config.cpu_ops == "fastest"
     step = prepare(config, "fastsft").trace(256)
     assert step.peak_bytes > 0 and not step.flops_uncounted_ops
+
+
+def test_torch_compile_is_said_to_be_traced_eager(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", write_config(tmp_path, torch_compile=True), "--json", str(out)]) == 0
+    assert "torch_compile: true is traced as the eager step" in capsys.readouterr().out
+    assert json.loads(out.read_text())["recipes"]["fastsft"]["torch_compile"] == "traced as the eager step"
