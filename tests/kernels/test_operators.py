@@ -266,3 +266,99 @@ def test_compiled_ops_have_no_graph_break_and_match_eager(path):
     compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
     for e, c in zip(eager, compiled):
         assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ LoRA with DoRA, dropout, a LoRA bias
+def _ex_args(x2, weights, states, lora_as, lora_bs, biases=None, mags=None, masks=None, ps=None, strategies=None):
+    """fastsft::lora_linear_ex's arguments; masks are drawn by the caller (the operator is deterministic)."""
+    from fastsft_kernels.lora import _state_args
+
+    n = len(weights)
+    biases, mags = biases or [None] * n, mags or [None] * n
+    masks, ps = masks or [None] * n, ps or [0.0] * n
+    quant = [list(c) for c in zip(*[_state_args(w, q) for w, q in zip(weights, states)])]
+    return (x2, weights, lora_as, lora_bs, [0.5, 2.0][:n], [b if b is not None else torch.empty(0) for b in biases],
+            [b is not None for b in biases], [m if m is not None else torch.empty(0) for m in mags],
+            [m is not None for m in mags], masks, ps, *quant, strategies or ["cublas"] * n)
+
+
+def _mask(shape, p, seed):
+    return torch.empty(shape, dtype=torch.bool).bernoulli_(1.0 - p, generator=torch.Generator().manual_seed(seed))
+
+
+def _detach(args):
+    return tuple([t.detach() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list) else
+                 (a.detach() if isinstance(a, torch.Tensor) else a) for a in args)
+
+
+def _check_ex(args):
+    """opcheck the forward, then the backward on the forward's saved outputs (every gradient asked for)."""
+    _check(ops.lora_linear_ex.default, args)
+    plain = _detach(args)
+    n = len(plain[1])
+    outs = ops.lora_linear_ex(*plain)
+    ys, xas, zs, norms = (list(outs[k * n:(k + 1) * n]) for k in range(4))
+    has_bias, is_dora, masks = plain[6], plain[8], plain[9]
+    kept = [ys[i] if is_dora[i] and masks[i] is None and not has_bias[i] else torch.empty(0) for i in range(n)]
+    grads = [torch.randn_like(y) for y in ys]
+    weights = plain[1]
+    needs = (True, [w.is_floating_point() for w in weights], [True] * n, [True] * n, list(has_bias), list(is_dora))
+    _check(ops.lora_linear_ex_backward.default, (grads, plain[0], xas, zs, norms, kept, *plain[1:], *needs))
+    return outs
+
+
+@pytest.mark.parametrize("case", ["dora", "dora_dropout", "lora_dropout", "lora_bias", "dora_bias"])
+def test_lora_linear_ex_dense(path, case):
+    torch.manual_seed(10)
+    x2 = _g(7, 32)
+    dora, p = case.startswith("dora"), 0.25 if "dropout" in case else 0.0
+    bias = _g(24) * 0.1 if case.endswith("bias") else None  # lora_bias enters as part of the effective bias
+    mags = [(torch.rand(24) + 0.5).requires_grad_()] if dora else None
+    masks = [_mask((7, 32), p, 11)] if p else None
+    args = _ex_args(x2, [_g(24, 32, grad=False)], [None], [_g(4, 32)], [_g(24, 4)], [bias], mags, masks,
+                    [p], ["triton" if case == "lora_dropout" else "cublas"])
+    outs = _check_ex(args)
+    assert outs[0].shape == (7, 24) and outs[1].shape == (7, 4)
+    assert outs[2].numel() == (7 * 24 if dora and (p or bias is not None) else 0)  # z kept only behind a bias/dropout
+    assert outs[3].numel() == (24 if dora else 0)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lora_linear_ex_4bit_dora(path, nested, dropout):
+    torch.manual_seed(12)
+    packed, state = _nf4(64, 64, nested)
+    x2 = _g(5, 64)
+    masks = [_mask((5, 64), 0.1, 13)] if dropout else None
+    _check_ex(_ex_args(x2, [packed], [state], [_g(4, 64)], [_g(64, 4)], None, [(torch.rand(64) + 0.5).requires_grad_()],
+                       masks, [0.1 if dropout else 0.0]))
+
+
+def test_lora_linear_ex_fused_group_of_two(path):
+    """A fused group sharing x: a trained dense base with DoRA + dropout next to a frozen 4-bit plain LoRA."""
+    torch.manual_seed(14)
+    packed, state = _nf4(64, 64, True)
+    x2 = _g(6, 64)
+    _check_ex(_ex_args(x2, [_g(48, 64), packed], [None, state], [_g(4, 64), _g(2, 64)], [_g(48, 4), _g(64, 2)],
+                       [_g(48), None], [(torch.rand(48) + 0.5).requires_grad_(), None], [_mask((6, 64), 0.2, 15), None],
+                       [0.2, 0.0], ["cublas", "triton"]))
+
+
+def test_fake_tracing_runs_lora_linear_ex(monkeypatch):
+    """DoRA with dropout and a LoRA bias, 4-bit base: the public functions trace under FakeTensorMode
+    (the mask is drawn outside the operator) and both operators run."""
+    monkeypatch.setenv("FASTSFT_TRITON_ON_CPU", "0")
+    packed, state = _nf4(64, 64, True)
+    with _Allocations() as seen, FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(12, 64, requires_grad=True)
+        a, b = torch.empty(4, 64, requires_grad=True), torch.empty(64, 4, requires_grad=True)
+        m = torch.empty(64, requires_grad=True)
+        lb = torch.empty(48, requires_grad=True)
+        w = torch.empty(48, 64)
+        y = fk.lora_linear_ex(x, packed, a, b, 2.0, quant_state=state, magnitude=m, dropout_p=0.1)
+        y2, = fk.lora_linear_ex_fused(x, [w], [torch.empty(4, 64, requires_grad=True)],
+                                      [torch.empty(48, 4, requires_grad=True)], [0.5], dropout_ps=[0.1],
+                                      lora_biases=[lb])
+        (y.sum() + y2.sum()).backward()
+    assert {"fastsft.lora_linear_ex", "fastsft.lora_linear_ex_backward"} <= seen.ops
+    assert x.grad.shape == (12, 64) and m.grad.shape == (64,) and lb.grad.shape == (48,) and a.grad.shape == (4, 64)
