@@ -31,7 +31,7 @@ DOC_STARTS = [0, 4, 9]
 TOL = 1e-5  # the fp32 parity bound of the kernels' own tests
 
 
-def tiny_model(family: str, quant: str):
+def tiny_model(family: str, quant: str, **lora_kw):
     config = transformers.AutoConfig.for_model(
         family, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS.get(family, 1), num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
@@ -41,7 +41,8 @@ def tiny_model(family: str, quant: str):
     if quant == "qlora":
         model = _to_nf4(model)
     torch.manual_seed(1)
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    lora = peft.LoraConfig(**{**dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                     init_lora_weights=False), **lora_kw})
     return fastsft.patch_model(peft.get_peft_model(model, lora))
 
 
@@ -76,9 +77,10 @@ def step(model, fn, batch):
     return loss.detach(), grads
 
 
-def assert_same_step(compiled, eager, family, what):
+def assert_same_step(compiled, eager, family, what, per_target=2):
+    """per_target: trained tensors per adapted projection (A, B; DoRA adds the magnitude)."""
     assert_close(compiled[0], eager[0], TOL, f"{what} loss")
-    assert compiled[1].keys() == eager[1].keys() and len(eager[1]) == 2 * len(TARGETS) * LAYERS.get(family, 1)
+    assert compiled[1].keys() == eager[1].keys() and len(eager[1]) == per_target * len(TARGETS) * LAYERS.get(family, 1)
     for name, grad in eager[1].items():
         assert_close(compiled[1][name], grad, TOL, f"{what} grad {name}")
 
@@ -114,6 +116,35 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(family, qua
     if explain:  # no state of the patch (caches, counters) is guarded: the next step does not recompile
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert_same_step(step(model, compiled_model, batch), eager, family, "second compiled step")
+    torch._dynamo.reset()
+
+
+# DoRA and LoRA dropout run through fastsft::lora_linear_ex (single and fused projections): one operator node
+# each as well. The dropout masks are drawn outside the operator from the torch RNG, so seeding it before
+# each step gives the eager and the compiled step the same masks.
+EX_CASES = [("dropout", dict(lora_dropout=0.1), "reference"), ("dora", dict(use_dora=True), "triton")]
+
+
+@pytest.mark.parametrize("name,lora_kw,kernel_path", EX_CASES, ids=[c[0] for c in EX_CASES])
+def test_compiled_dora_and_dropout_step_has_no_graph_break_and_matches_eager(name, lora_kw, kernel_path,
+                                                                             monkeypatch):
+    _use_path(monkeypatch, kernel_path)
+    model = tiny_model("llama", "lora", **lora_kw)
+    assert model.training
+    batch = packed_batch()
+
+    def seeded_step(fn, seed=5):
+        torch.manual_seed(seed)
+        return step(model, fn, batch)
+
+    eager = seeded_step(model)
+    if name == "dropout":  # the masks are live: another seed, another loss
+        assert abs(seeded_step(model, seed=6)[0] - eager[0]) > 1e-4
+    explained = torch._dynamo.explain(model)(**batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    compiled = seeded_step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    assert_same_step(compiled, eager, "llama", f"{name} {kernel_path}", per_target=3 if name == "dora" else 2)
     torch._dynamo.reset()
 
 
