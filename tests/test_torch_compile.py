@@ -122,10 +122,11 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(family, qua
 # DoRA and LoRA dropout run through fastsft::lora_linear_ex (single and fused projections): one operator node
 # each as well. The dropout masks are drawn outside the operator from the torch RNG, so seeding it before
 # each step gives the eager and the compiled step the same masks.
-EX_CASES = [("dropout", dict(lora_dropout=0.1), "reference"), ("dora", dict(use_dora=True), "triton")]
+EX_CASES = [("dropout", dict(lora_dropout=0.1), "reference"), ("dropout", dict(lora_dropout=0.1), "triton"),
+            ("dora", dict(use_dora=True), "triton")]
 
 
-@pytest.mark.parametrize("name,lora_kw,kernel_path", EX_CASES, ids=[c[0] for c in EX_CASES])
+@pytest.mark.parametrize("name,lora_kw,kernel_path", EX_CASES, ids=[f"{c[0]}-{c[2]}" for c in EX_CASES])
 def test_compiled_dora_and_dropout_step_has_no_graph_break_and_matches_eager(name, lora_kw, kernel_path,
                                                                              monkeypatch):
     _use_path(monkeypatch, kernel_path)
@@ -143,6 +144,8 @@ def test_compiled_dora_and_dropout_step_has_no_graph_break_and_matches_eager(nam
     explained = torch._dynamo.explain(model)(**batch)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+    code = explained.graphs[0].code  # the reference path too: one opaque operator, not its formulas
+    assert "fastsft.lora_linear_ex" in code and ("bernoulli" in code) == (name == "dropout"), code[:2000]
     compiled = seeded_step(torch.compile(model, backend="aot_eager", fullgraph=True))
     assert_same_step(compiled, eager, "llama", f"{name} {kernel_path}", per_target=3 if name == "dora" else 2)
     torch._dynamo.reset()
