@@ -24,6 +24,13 @@ version error, never a silent wrong gradient). With a bias or dropout, z (the pr
 c) is kept and dm = sum_t g z / ||.||, the backward running on g * c. With dropout,
 x (shared by the group) and each projection's bool mask are saved, never x_d:
 backward rebuilds it. ``DROPOUT_MASK_HOOK`` (tests) can force the masks.
+
+Both public functions run the ``torch.library`` operator ``fastsft::lora_linear_ex`` (its backward
+``fastsft::lora_linear_ex_backward``, registered with ``register_autograd``), on CUDA, on the CPU
+tier's Triton path and on the reference path alike, so FakeTensor tracing and torch.compile see one
+opaque node. The masks are drawn before the operator (from the torch RNG, or the hook) and passed
+in as bool tensors: the operator is deterministic. Its extra outputs, marked non-differentiable,
+are what the backward reads (xa, z, the row norm; a DoRA y read back is the output itself).
 """
 from __future__ import annotations
 

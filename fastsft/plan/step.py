@@ -329,7 +329,7 @@ def _loss_2024(model, inputs: dict):
     return loss, (outputs, logits)
 
 
-KERNEL_OPS = ("varlen_attention", "lora_linear", "rms_norm", "rope", "swiglu", "cross_entropy")
+KERNEL_OPS = ("varlen_attention", "lora_linear", "lora_linear_ex", "rms_norm", "rope", "swiglu", "cross_entropy")
 
 
 def missing_operators() -> list:
@@ -339,8 +339,8 @@ def missing_operators() -> list:
     values), whose memory is not the kernel's."""
     import importlib
 
-    for module in ("fastsft_kernels", *(f"fastsft_kernels.{m}" for m in ("attention", "lora", "norm", "rope",
-                                                                       "swiglu", "cross_entropy"))):
+    for module in ("fastsft_kernels", *(f"fastsft_kernels.{m}" for m in ("attention", "lora", "lora_dora", "norm",
+                                                                       "rope", "swiglu", "cross_entropy"))):
         try:  # importing the kernel modules registers their operators, when they have them
             importlib.import_module(module)
         except ImportError:

@@ -362,3 +362,12 @@ def test_fake_tracing_runs_lora_linear_ex(monkeypatch):
         (y.sum() + y2.sum()).backward()
     assert {"fastsft.lora_linear_ex", "fastsft.lora_linear_ex_backward"} <= seen.ops
     assert x.grad.shape == (12, 64) and m.grad.shape == (64,) and lb.grad.shape == (48,) and a.grad.shape == (4, 64)
+
+
+def test_planner_finds_every_kernel_operator():
+    """fastsft plan's check lists lora_linear_ex (DoRA / dropout / LoRA bias) and finds it registered."""
+    from fastsft.plan.step import KERNEL_OPS, missing_operators
+
+    assert "lora_linear_ex" in KERNEL_OPS
+    assert missing_operators() == []
+    assert hasattr(ops, "lora_linear_ex") and hasattr(ops, "lora_linear_ex_backward")
