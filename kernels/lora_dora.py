@@ -413,23 +413,32 @@ def _ex_backward_fake(grads, x2, xas, zs, norms, kept_ys, weights, lora_as, lora
     return out
 
 
+_MASKS = 9  # index of masks among lora_linear_ex's inputs
+
+
 def _ex_setup(ctx, inputs, output):
     x2, weights, lora_as, lora_bs = inputs[:4]
     n = ctx.n = len(weights)
-    ctx.statics = inputs[4:]  # scalings, biases, has_bias, magnitudes, is_dora, masks, ps, quant lists, strategies
-    has_bias, is_dora, masks = inputs[6], inputs[8], inputs[9]
+    has_bias, is_dora, masks = inputs[6], inputs[8], inputs[_MASKS]
+    # scalings, biases, has_bias, magnitudes, is_dora, ps, quant lists, strategies; the masks are saved
+    # tensors (saved-tensor hooks, e.g. activation offload, see them), rebuilt in backward
+    ctx.statics = inputs[4:_MASKS] + (None,) + inputs[_MASKS + 1:]
+    ctx.mask_at = [i for i, mk in enumerate(masks) if mk is not None]
     ys, saved = output[:n], output[n:]
     ctx.mark_non_differentiable(*saved)
     kept_ys = [ys[i] if _reads_y(is_dora[i], masks[i] is not None, has_bias[i]) else nothing(x2) for i in range(n)]
-    ctx.save_for_backward(x2, *saved, *kept_ys, *weights, *lora_as, *lora_bs)
+    ctx.save_for_backward(x2, *saved, *kept_ys, *weights, *lora_as, *lora_bs, *[masks[i] for i in ctx.mask_at])
 
 
 def _ex_autograd_backward(ctx, grads):
     n = ctx.n
     x2, *rest = ctx.saved_tensors
     xas, zs, norms, kept_ys, weights, lora_as, lora_bs = (list(rest[i * n:(i + 1) * n]) for i in range(7))
+    masks = [None] * n
+    for i, mk in zip(ctx.mask_at, rest[7 * n:]):
+        masks[i] = mk
     needs = ctx.needs_input_grad  # (x2, weights, lora_as, lora_bs, scalings, biases, ...): lists as one flag each
-    statics = ctx.statics
+    statics = ctx.statics[:_MASKS - 4] + (masks,) + ctx.statics[_MASKS - 3:]
     biases, has_bias, magnitudes, is_dora = statics[1], statics[2], statics[3], statics[4]
     need_bias = [h and b.requires_grad for b, h in zip(biases, has_bias)]
     need_m = [d and m.requires_grad for m, d in zip(magnitudes, is_dora)]

@@ -177,10 +177,20 @@ def _full_width_ops(fn, numel_out, w_numel, monkeypatch):
     skip = {"empty", "empty_strided", "zeros", "fill_", "detach", "view", "_unsafe_view", "t", "transpose", "slice",
             "as_strided", "reshape", "alias", "expand"}
 
+    from fastsft_kernels import lora, lora_dora
+
+    # the LoRA operators' implementations run under the mode, so that the products inside them are seen
+    # (a dispatch mode otherwise sees a torch.library operator as one op)
+    impls = {"lora_linear": lora._lora_impl, "lora_linear_backward": lora._lora_backward_impl,
+             "lora_linear_ex": lora_dora._ex_impl, "lora_linear_ex_backward": lora_dora._ex_backward_impl}
+
     class Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
+            if func.namespace == "fastsft" and name in impls:
+                with self:
+                    return impls[name](*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
             if state["in_launch"] or name in skip:
                 return out
             tensors = [t for t in list(args) + list((kwargs or {}).values()) + [out] if torch.is_tensor(t)]
@@ -229,11 +239,8 @@ def test_dora_adds_one_full_width_pass_and_never_forms_w_plus_ba(quant, monkeypa
     w_numel = n * k
     lora_ops, lora_w = _full_width_ops(step(None), rows * n, w_numel, monkeypatch)
     dora_ops, dora_w = _full_width_ops(step(m), rows * n, w_numel, monkeypatch)
-    # lora_linear is a torch.library operator (issue 29): a dispatch mode sees it as one op, not the
-    # products inside it. Those are, on the dequantize + cuBLAS path: the base + LoRA addmm_ (forward)
-    # and dX's two mm (backward); lora_linear_ex (an autograd Function) shows them as such.
-    assert lora_ops == [], lora_ops
-    lora_ops = ["addmm_", "mm", "mm"]
+    # on the dequantize + cuBLAS path: the base + LoRA addmm_ (forward) and dX's two mm (backward)
+    assert lora_ops == ["addmm_", "mm", "mm"], lora_ops
     extra = list(dora_ops)
     for op in lora_ops:
         assert op in extra, (lora_ops, dora_ops)
