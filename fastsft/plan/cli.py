@@ -106,7 +106,7 @@ def breakdown_of(state, seq: int, rows: int) -> dict:
 
     step = state.trace(seq, rows, breakdown=True)
     print(f"  breakdown at {rows} x {seq:,} tokens (peak {gib(step.peak_bytes)}, at {step.peak_op}, {step.peak_phase}):")
-    for line in lines(step.breakdown["rows"], step.breakdown["tokens"]):
+    for line in lines(step.breakdown["rows"], step.breakdown["tokens"], rank_tokens=step.breakdown.get("rank_tokens")):
         print(line)
     return step.breakdown
 

@@ -213,3 +213,18 @@ def test_traces_inside_a_distributed_run(tmp_path):
         dist.destroy_process_group()
     assert inside.peak_bytes == alone.peak_bytes and inside.sequence_parallel == alone.sequence_parallel
     assert exchanged_shape(inside) == exchanged_shape(alone) == [2, 256, 4, 64]
+
+
+def test_breakdown_counts_a_ranks_shard_as_growing_with_the_context(tmp_path):
+    """--breakdown under sequence_parallel: a rank's tensors hold L/N tokens (L inside attention); both grow,
+    and the grouped bytes per token of the whole sequence are the slope of the traced peak in L."""
+    config = load_plan_config(write_config(tmp_path, patch_kernels=False, sequence_parallel=2))
+    prepared = PreparedModel(config, "fastsft")
+    steps = {n: prepared.trace(n, breakdown=True) for n in (1000, 1600)}
+    slope = (steps[1600].peak_bytes - steps[1000].peak_bytes) / 600
+    report = steps[1600].breakdown
+    assert abs(report["bytes_per_token"] - slope) <= 0.05 * slope, (report["bytes_per_token"], slope)
+    assert report["rank_tokens"] == 800 and "whole sequence" in report["per_token_of"]
+    assert any("L/2" in r["shape"] and r["bytes_per_token"] for r in report["rows"])
+    # what is left fixed does not grow: the same bytes at both lengths (weights, LoRA state, buckets)
+    assert abs(report["fixed_bytes"] - steps[1000].breakdown["fixed_bytes"]) <= 0.02 * report["fixed_bytes"]
