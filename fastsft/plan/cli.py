@@ -207,8 +207,9 @@ def cmd_plan(args: Sequence[str]) -> int:
             entry["max_context"] = found.to_dict()
             fit = found.local_fit or found.fit
             over = f" over {config.sequence_parallel} GPUs" if config.sequence_parallel > 1 else ""
+            per = " of the whole sequence, one GPU's" if config.sequence_parallel > 1 else ""
             print(f"  max context at {gpu_text}{over}: {found.best:,} tokens (batch 1; {len(found.traces)} traces"
-                  f"{', peak there ' + gib(fit[0]) + ' + ' + f'{fit[1] / 1024:.1f} KiB/token' if fit else ''})")
+                  f"{', peak there ' + gib(fit[0]) + ' + ' + f'{fit[1] / 1024:.1f} KiB/token' + per if fit else ''})")
         if want_batch:
             found = max_batch(config, gpu, seq, recipe=recipe, margin=margin, model_state=state)
             entry["max_batch"] = found.to_dict()

@@ -59,9 +59,10 @@ class SearchResult:
     # (a, b) through the answer's trace and the farthest trace at least half its value: the line where the
     # answer is (the first two traces may sit below a threshold: MLP tiles, loss chunks)
     local_fit: Optional[Tuple[float, float]] = None
+    unit: Optional[str] = None  # what one value (b's unit) is, where a caller restated it (sequence parallelism)
 
     def to_dict(self) -> dict:
-        return {"best": self.best, "budget_bytes": self.budget_bytes,
+        return {"best": self.best, "budget_bytes": self.budget_bytes, **({"unit": self.unit} if self.unit else {}),
                 "traces": [{"value": v, "peak_bytes": p} for v, p in self.traces],
                 "linear_fit": {"a_bytes": self.fit[0], "b_bytes_per_unit": self.fit[1]} if self.fit else None,
                 "local_fit": ({"a_bytes": self.local_fit[0], "b_bytes_per_unit": self.local_fit[1]}
