@@ -44,11 +44,12 @@ class LongContextChoice:
     peak_bytes: Optional[int] = None  # from the figures (planner traces or a breakdown) only
     source: str = "free memory"
 
-    def line(self, mode: str, tokens: int, free_bytes: Optional[int] = None) -> str:
+    def line(self, mode: str, tokens: int, free_bytes: Optional[int] = None, rank: Optional[int] = None) -> str:
         tile = f"MLP tiles of {self.tile_tokens:,} tokens above {self.tile_tokens:,}" if self.tile_tokens \
             else "MLP untiled"
         chunk = f"loss chunk {self.loss_chunk_tokens:,} rows" if self.loss_chunk_tokens else "loss chunk: kernel's own"
-        text = f"long_context {mode}: {tokens:,} tokens per micro-batch; {tile}; {chunk}; " \
+        per_rank = f" ({rank:,} per rank's MLP under sequence parallelism)" if rank and rank != tokens else ""
+        text = f"long_context {mode}: {tokens:,} tokens per micro-batch{per_rank}; {tile}; {chunk}; " \
                f"offload {'on' if self.offload else 'off'}"
         if self.peak_bytes is not None:
             text += f" ({self.source}: peak {_size(self.peak_bytes)})"
@@ -127,10 +128,11 @@ class PlannerPeaks:
 
 
 def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chunk: int,
-           offload_asked: bool, tile_asked: bool = False) -> LongContextChoice:
+           offload_asked: bool, tile_asked: bool = False, rank: Optional[int] = None) -> LongContextChoice:
     """The cheapest setting that fits ``tokens`` under ``peaks`` (a MemoryFigures or PlannerPeaks):
     nothing, then MLP tiles, then tiles + offload (with gradient checkpointing). ``tile``/``chunk``: the
     sizes to use when on; ``tile_asked``/``offload_asked``: the config names them, so they stay on.
+    ``rank``: the tokens one rank's MLP sees (``rank_tokens``; default ``tokens``), what a tile cuts.
     Raises ConfigError with the verdict when none fits."""
     settings = [(None, False), (tile, False)] if mode == "auto" and not tile_asked else [(tile, False)]
     if checkpointing:
@@ -140,7 +142,8 @@ def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chu
     for tile_tokens, offload in settings:
         peak = peaks.peak(tokens, tile_tokens, offload, chunk)
         if peak <= peaks.capacity_bytes:
-            return LongContextChoice(tile_tokens if tile_tokens and tokens > tile_tokens else None, offload, chunk,
+            mlp_tokens = rank or tokens
+            return LongContextChoice(tile_tokens if tile_tokens and mlp_tokens > tile_tokens else None, offload, chunk,
                                      peak, source=peaks.source)
     best_tile, best_offload = settings[-1]
     need = peaks.peak(tokens, best_tile, best_offload, chunk)
@@ -154,6 +157,12 @@ def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chu
 
 def micro_batch_tokens(config) -> int:
     return config.batch_tokens if config.packing else config.batch_size * config.max_seq_length
+
+
+def rank_tokens(config) -> int:
+    """The tokens one rank's MLP sees: under sequence parallelism its shard of the micro-batch (L/N)."""
+    n = max(1, int(getattr(config, "sequence_parallel", 1) or 1))
+    return -(-micro_batch_tokens(config) // n)
 
 
 def check_positions(config, model_config) -> None:
@@ -187,7 +196,7 @@ def free_sizes(config, model_config, device: torch.device, element_size: int):
     tile = config.mlp_tile_tokens or (tiled_mlp.default_tile_tokens(intermediate, element_size, free)
                                       if intermediate else None)
     if config.long_context == "on" and not config.mlp_tile_tokens and tile:
-        tile = min(tile, max(1, micro_batch_tokens(config) // 2))  # "on": tiled at this run's length
+        tile = min(tile, max(1, rank_tokens(config) // 2))  # "on": tiled at this run's length (a rank's share)
     chunk = config.loss_chunk_tokens or (loss_chunk.default_chunk_tokens(vocab, element_size, free) if vocab else None)
     return tile, chunk, free
 
@@ -205,7 +214,7 @@ def plan_before_load(config, model_config, device: torch.device, element_size: i
         use_planner = device.type == "cuda"
     tokens = micro_batch_tokens(config)
     tile, chunk, free = free_sizes(config, model_config, device, element_size)
-    if not use_planner or (config.long_context == "auto" and tile and tokens <= tile):
+    if not use_planner or (config.long_context == "auto" and tile and rank_tokens(config) <= tile):
         return None
     capacity = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else free
     try:
@@ -216,7 +225,7 @@ def plan_before_load(config, model_config, device: torch.device, element_size: i
         return None
     return choose(peaks, tokens, mode=config.long_context, checkpointing=config.gradient_checkpointing,
                   tile=tile, chunk=chunk, offload_asked=config.offload_activations,
-                  tile_asked=bool(config.mlp_tile_tokens))
+                  tile_asked=bool(config.mlp_tile_tokens), rank=rank_tokens(config))
 
 
 def apply_explicit(model: torch.nn.Module, config) -> None:
@@ -247,7 +256,8 @@ def apply(config, model: torch.nn.Module, device: torch.device, element_size: in
     loss_chunk.set_chunk_tokens(model, choice.loss_chunk_tokens)
     if choice.offload and not config.offload_activations:
         config.offload_activations = True  # the planner's choice (gradient checkpointing is on)
-    return choice.line(config.long_context, micro_batch_tokens(config), None if planned else free)
+    return choice.line(config.long_context, micro_batch_tokens(config), None if planned else free,
+                       rank=rank_tokens(config))
 
 
 __all__ = ["MemoryFigures", "PlannerPeaks", "LongContextChoice", "choose", "check_positions", "plan_before_load",

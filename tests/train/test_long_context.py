@@ -190,3 +190,16 @@ def transformers_config():
 
     return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=1024, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
+
+
+def test_on_under_sequence_parallel_tiles_a_ranks_share():
+    """sequence_parallel: 2 gives each rank's MLP 1,024 of the 2,048 tokens: `on` must tile those (tiles of
+    at most half a rank's share), with the planner and from free memory alike, and the line says so."""
+    config = _plan_config("--long_context", "on", "--sequence_parallel", "2")
+    arch = transformers_config()
+    tile, _, _ = long_context.free_sizes(config, arch, torch.device("cpu"), 2)
+    assert tile <= 512
+    choice = long_context.plan_before_load(config, arch, torch.device("cpu"), 2, use_planner=True)
+    assert choice.source == "planner" and choice.tile_tokens == 512
+    assert "2,048 tokens per micro-batch (1,024 per rank's MLP" in choice.line("on", 2048, rank=1024)
+    assert long_context.rank_tokens(config) == 1024
