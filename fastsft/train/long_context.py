@@ -91,9 +91,15 @@ class MemoryFigures:
         return int(room // slope) if slope > 0 else 2**62
 
 
+class PlannerTraceError(Exception):
+    """A trace of this config failed (an op the fake tensors cannot run, a data-dependent shape): not a
+    verdict on the memory, so the caller falls back to free-memory sizing."""
+
+
 class PlannerPeaks:
     """Peaks traced by ``fastsft plan`` (FakeTensorMode, CPU): one fake model of the config, each setting
-    switched on it between traces (MLP tiles, loss chunk) or in the traced config (offload)."""
+    switched on it between traces (MLP tiles, loss chunk) or in the traced config (offload). A failed trace
+    raises PlannerTraceError."""
 
     source = "planner"
 
@@ -114,17 +120,23 @@ class PlannerPeaks:
         loss_chunk.set_chunk_tokens(self.state.model, chunk)
         self.config.offload_activations = offload
 
+    def _trace(self, tokens: int):
+        try:
+            return self.state.trace(tokens, 1)  # one document of `tokens` (the longest case)
+        except (ConfigError, RuntimeError, ImportError) as exc:  # ConfigError: the planner's "untraceable"
+            raise PlannerTraceError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+                from exc
+
     def peak(self, tokens: int, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         self._set(tile, offload, chunk)
-        self.last = self.state.trace(tokens, 1)  # one document of `tokens` (the longest case)
+        self.last = self._trace(tokens)
         return self.last.peak_bytes
 
     def max_tokens(self, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         from fastsft.plan.search import search_max
 
         self._set(tile, offload, chunk)
-        return search_max(lambda n: self.state.trace(n, 1).peak_bytes, self.capacity_bytes, start=(1024, 2048),
-                          low=2).best
+        return search_max(lambda n: self._trace(n).peak_bytes, self.capacity_bytes, start=(1024, 2048), low=2).best
 
 
 def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chunk: int,
@@ -217,15 +229,21 @@ def plan_before_load(config, model_config, device: torch.device, element_size: i
     if not use_planner or (config.long_context == "auto" and tile and rank_tokens(config) <= tile):
         return None
     capacity = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else free
+
+    def fall_back(reason) -> None:
+        logging.getLogger("fastsft").warning("long_context: the planner cannot trace this config (%s); "
+                                             "sizes from free memory", reason)
+
     try:
         peaks = PlannerPeaks(config, capacity)
     except (ConfigError, ImportError) as exc:  # e.g. kernels not yet traceable: sizes from free memory
-        logging.getLogger("fastsft").warning("long_context: the planner cannot trace this config (%s); "
-                                             "sizes from free memory", exc)
-        return None
-    return choose(peaks, tokens, mode=config.long_context, checkpointing=config.gradient_checkpointing,
-                  tile=tile, chunk=chunk, offload_asked=config.offload_activations,
-                  tile_asked=bool(config.mlp_tile_tokens), rank=rank_tokens(config))
+        return fall_back(exc)
+    try:  # choose's "does not fit" verdict (a ConfigError) is not caught: it stops the run before loading
+        return choose(peaks, tokens, mode=config.long_context, checkpointing=config.gradient_checkpointing,
+                      tile=tile, chunk=chunk, offload_asked=config.offload_activations,
+                      tile_asked=bool(config.mlp_tile_tokens), rank=rank_tokens(config))
+    except PlannerTraceError as exc:
+        return fall_back(exc)
 
 
 def apply_explicit(model: torch.nn.Module, config) -> None:
@@ -260,5 +278,5 @@ def apply(config, model: torch.nn.Module, device: torch.device, element_size: in
                        rank=rank_tokens(config))
 
 
-__all__ = ["MemoryFigures", "PlannerPeaks", "LongContextChoice", "choose", "check_positions", "plan_before_load",
+__all__ = ["MemoryFigures", "PlannerPeaks", "PlannerTraceError", "LongContextChoice", "choose", "check_positions", "plan_before_load",
            "apply", "apply_explicit"]

@@ -203,3 +203,32 @@ def test_on_under_sequence_parallel_tiles_a_ranks_share():
     assert choice.source == "planner" and choice.tile_tokens == 512
     assert "2,048 tokens per micro-batch (1,024 per rank's MLP" in choice.line("on", 2048, rank=1024)
     assert long_context.rank_tokens(config) == 1024
+
+
+@pytest.mark.parametrize("failure", [ConfigError("the planner cannot trace this step: a data-dependent shape"),
+                                     RuntimeError("FakeTensor: no fake implementation for an op")])
+def test_a_failed_trace_falls_back_to_free_memory_with_one_warning(monkeypatch, caplog, failure):
+    """A trace error inside choose() is not a verdict: one warning line and None (free-memory sizing)."""
+    from fastsft.plan.step import PreparedModel
+
+    def broken(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(PreparedModel, "trace", broken)
+    config = _plan_config("--long_context", "on")
+    with caplog.at_level("WARNING", logger="fastsft"):
+        assert long_context.plan_before_load(config, transformers_config(), torch.device("cpu"), 2,
+                                             use_planner=True) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "fastsft"]
+    assert len(warnings) == 1 and "sizes from free memory" in warnings[0] and str(failure) in warnings[0]
+    assert "\n" not in warnings[0]
+
+
+def test_the_verdict_still_stops_the_run_before_loading(monkeypatch):
+    """Only trace failures fall back: "does not fit" from the planner's traces is still raised."""
+    from fastsft.patch import tiled_mlp
+
+    monkeypatch.setattr(tiled_mlp, "free_memory_bytes", lambda device: GIB + 40 * 2**20)
+    config = _plan_config("--long_context", "on", "--max_seq_length", "8192", "--batch_tokens", "8192")
+    with pytest.raises(ConfigError, match=r"8,192 tokens per micro-batch do not fit"):
+        long_context.plan_before_load(config, transformers_config(), torch.device("cpu"), 2, use_planner=True)
