@@ -12,8 +12,10 @@ Two sources of figures:
   (``tiled_mlp.default_tile_tokens``, ``loss_chunk.default_chunk_tokens``), so a short batch runs
   untiled and a long one is tiled where it is needed.
 
-``on`` tiles every batch longer than one tile and offloads (with gradient checkpointing); ``off``
-leaves the model as configured. Explicit ``mlp_tile_tokens`` / ``loss_chunk_tokens`` always win.
+``on`` tiles every batch longer than one tile, with a tile of at most half the tokens one rank's MLP
+sees (so this run's batches are tiled); it offloads the checkpoints only when the config asks for it
+(``offload_activations``) or when the planner's traces show that tiles alone do not fit (with gradient
+checkpointing); it never offloads on its own from free memory. ``off`` leaves the model as configured. Explicit ``mlp_tile_tokens`` / ``loss_chunk_tokens`` always win.
 The choice is logged in one line.
 """
 from __future__ import annotations
