@@ -145,7 +145,7 @@ def cmd_plan(args: Sequence[str]) -> int:
     want_breakdown = _take(rest, "--breakdown", flag=True)
     margin = Margin()
     if reserve_text is not None:
-        margin.reserve_bytes = parse_size(reserve_text, "--reserve") if reserve_text.strip() not in ("0", "0GB") else 0
+        margin.reserve_bytes = parse_size(reserve_text, "--reserve", allow_zero=True)
     if slack_text is not None:
         try:
             margin.slack = float(slack_text)

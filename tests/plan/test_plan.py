@@ -268,3 +268,14 @@ def test_model_config_flag_replaces_the_files_block_as_in_train(tmp_path):
     assert config.model_config == flagged
     with pytest.raises(ConfigError, match="--model_config.*expected a mapping"):
         load_plan_config(path, ["--model_config", "7"])
+
+
+@pytest.mark.parametrize("zero", ["0", "0GB", "0GiB", "0MB", "0.0 kib", "0b"])
+def test_any_zero_reserve_is_accepted_and_a_zero_gpu_is_not(tmp_path, capsys, zero):
+    out = tmp_path / "plan.json"
+    code = main(["plan", write_config(tmp_path), "--recipe", "hf", "--reserve", zero, "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["margin"]["reserve_bytes"] == 0
+    code = main(["plan", write_config(tmp_path), "--recipe", "hf", "--gpu-memory", zero, "--json", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--gpu-memory" in err, err
