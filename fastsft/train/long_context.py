@@ -111,6 +111,9 @@ class PlannerPeaks:
         self.config = dataclasses.replace(config)  # the traces switch offload on this copy
         self.state = prepare(self.config, "fastsft")
         self.capacity_bytes = Margin().budget(capacity_bytes)  # the planner's allocator margin, stated there
+        # DDP without sequence parallelism: its gradient buckets (a copy of the trainable gradients) are not
+        # in the one-process trace; under sequence parallelism the trace adds them itself (plan.sequence.per_rank)
+        self.extra_bytes = ddp_bucket_bytes(config, self.state.params)
 
     def _set(self, tile, offload, chunk) -> None:
         from fastsft.patch import loss_chunk, tiled_mlp
@@ -132,13 +135,29 @@ class PlannerPeaks:
     def peak(self, tokens: int, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         self._set(tile, offload, chunk)
         self.last = self._trace(tokens)
-        return self.last.peak_bytes
+        return self.last.peak_bytes + self.extra_bytes
 
     def max_tokens(self, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         from fastsft.plan.search import search_max
 
         self._set(tile, offload, chunk)
-        return search_max(lambda n: self._trace(n).peak_bytes, self.capacity_bytes, start=(1024, 2048), low=2).best
+        return search_max(lambda n: self._trace(n).peak_bytes + self.extra_bytes, self.capacity_bytes,
+                          start=(1024, 2048), low=2).best
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def ddp_bucket_bytes(config, params) -> int:
+    """DDP's gradient buckets on each rank (world > 1, strategy ddp, no sequence parallelism), else 0."""
+    from fastsft.distributed.wrap import resolve_strategy
+
+    if _world_size() <= 1 or config.sequence_parallel > 1 or resolve_strategy(config) != "ddp":
+        return 0
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chunk: int,
@@ -280,5 +299,5 @@ def apply(config, model: torch.nn.Module, device: torch.device, element_size: in
                        rank=rank_tokens(config))
 
 
-__all__ = ["MemoryFigures", "PlannerPeaks", "PlannerTraceError", "LongContextChoice", "choose", "check_positions", "plan_before_load",
-           "apply", "apply_explicit"]
+__all__ = ["MemoryFigures", "PlannerPeaks", "PlannerTraceError", "LongContextChoice", "choose", "check_positions",
+           "plan_before_load", "apply", "apply_explicit", "ddp_bucket_bytes"]

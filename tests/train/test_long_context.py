@@ -232,3 +232,18 @@ def test_the_verdict_still_stops_the_run_before_loading(monkeypatch):
     config = _plan_config("--long_context", "on", "--max_seq_length", "8192", "--batch_tokens", "8192")
     with pytest.raises(ConfigError, match=r"8,192 tokens per micro-batch do not fit"):
         long_context.plan_before_load(config, transformers_config(), torch.device("cpu"), 2, use_planner=True)
+
+
+def test_planner_peaks_add_ddps_gradient_buckets_on_a_ddp_rank(monkeypatch):
+    """Under DDP (world > 1, no sequence parallelism) each rank also holds DDP's gradient buckets, a copy of
+    the trainable gradients the one-process trace does not make: the planner's peaks include them."""
+    config = _plan_config()
+    alone = long_context.PlannerPeaks(config, GIB)
+    assert alone.extra_bytes == 0
+    monkeypatch.setattr(long_context, "_world_size", lambda: 2)
+    ranked = long_context.PlannerPeaks(config, GIB)
+    buckets = sum(p.numel() * p.element_size() for p in ranked.state.params)
+    assert buckets > 0 and ranked.extra_bytes == buckets
+    assert ranked.peak(1024, None, False, None) == alone.peak(1024, None, False, None) + buckets
+    sp = long_context.PlannerPeaks(_plan_config("--sequence_parallel", "2"), GIB)
+    assert sp.extra_bytes == 0  # the sequence-parallel trace adds them itself (fastsft.plan.sequence.per_rank)
