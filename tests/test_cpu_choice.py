@@ -9,7 +9,7 @@ import pytest
 
 import fastsft
 import fastsft_kernels
-from fastsft.patch import cpu_choice, patch_state
+from fastsft.patch import cpu_choice, patch_state, self_check
 from fastsft.patch.self_check import OP_COMPONENT, _run, record_ops
 from fastsft_kernels.testing import rel_err
 
@@ -154,3 +154,25 @@ def test_qlora_stays_patched_where_bitsandbytes_cpu_dequantize_is_wrong(tmp_path
     assert ("lora" in patch_state(trainer.model)) == lora_kept
     assert len(said) == (1 if lora_kept else 0)
 
+
+def test_dora_and_dropout_lora_is_timed_against_peft(caplog):
+    """lora_linear_ex(_fused) (dropout in training, DoRA, a LoRA bias) are timed against peft's formulas,
+    which compute what the reference computes (same masks); the line names every patched component."""
+    model = fastsft.patch_model(_tiny_lora(lora_dropout=0.1, use_dora=True), fastest_on_cpu=True)
+    model.train()
+    with record_ops() as calls:
+        model(**_batch()).loss.backward()
+    assert {"lora_linear_ex", "lora_linear_ex_fused"} <= set(calls)
+    for name in ("lora_linear_ex", "lora_linear_ex_fused"):
+        recorded = self_check.with_fixed_dropout_masks(name, calls[name])
+        mine = _run(getattr(fastsft_kernels, name), *recorded, 0)
+        theirs = _run(cpu_choice.TRANSFORMERS_EQUIVALENT[name], *recorded, 0)
+        for a, b in zip(mine[0] + mine[1], theirs[0] + theirs[1]):
+            if a is not None:
+                assert rel_err(b, a) < 1e-5, name
+    model = fastsft.patch_model(_tiny_lora(lora_dropout=0.1, use_dora=True), fastest_on_cpu=True)
+    model.train()
+    with caplog.at_level(logging.INFO, logger="fastsft.patch"):
+        _loss_and_grads(model)
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU ops:")][0]
+    assert "lora_linear_ex" in line and "not timed" not in line

@@ -318,3 +318,20 @@ def test_hf_trainer_example_runs(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     example.main(["--steps", "1", "--output-dir", str(tmp_path)])
+
+
+def test_return_dict_false_keeps_the_stock_tuple_layout():
+    """(loss, logits, cache, ...) as the stock forward returns it; the fused loss has no logits: None there."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    stock = transformers.LlamaForCausalLM(config)
+    patched = fastsft.patch_model(copy.deepcopy(stock))
+    ids = torch.randint(0, 97, (1, 11), generator=torch.Generator().manual_seed(1))
+    want = stock(input_ids=ids, labels=ids, return_dict=False, use_cache=True)
+    got = patched(input_ids=ids, labels=ids, return_dict=False, use_cache=True)
+    assert len(got) == len(want) and got[1] is None
+    assert torch.allclose(got[0], want[0], rtol=1e-5)
+    assert type(got[2]) is type(want[2])

@@ -15,7 +15,7 @@ EXPECTED_OPS = {"rms_norm", "rope", "swiglu", "varlen_attention", "lora_linear_f
                 "linear_cross_entropy"}
 
 
-def _tiny_lora(seed=0):
+def _tiny_lora(seed=0, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -24,7 +24,7 @@ def _tiny_lora(seed=0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          attn_implementation="sdpa")
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear",
-                                                                init_lora_weights=False))
+                                                                init_lora_weights=False, **lora))
     return model
 
 
@@ -97,3 +97,37 @@ def test_no_check_where_the_ops_run_the_reference(monkeypatch, caplog):
         _loss_and_grads(model)
     assert any("self-check: skipped, the ops run PyTorch's reference on cpu" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True), dict(lora_dropout=0.1, use_dora=True)])
+def test_dora_and_dropout_ops_are_checked(lora, caplog):
+    """LoRA with dropout in training and DoRA run through lora_linear_ex(_fused): checked like the rest,
+    each recorded call's dropout masks drawn once for the op, the oracle and PyTorch alike."""
+    model = fastsft.patch_model(_tiny_lora(**lora), self_check=True)
+    model.train()
+    seen = []
+    original = self_check.check_op
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(self_check, "check_op", lambda name, rec, seed=0: seen.append(original(name, rec, seed))
+                   or seen[-1])
+        _loss_and_grads(model)
+    ops = {c.op for c in seen}
+    assert {"lora_linear_ex", "lora_linear_ex_fused"} <= ops and not ops & {"lora_linear", "lora_linear_fused"}
+    for check in seen:
+        assert check.passed, check.line()
+    assert "lora" in patch_state(model)
+
+
+def test_ranks_switch_back_what_failed_on_any_rank(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "cuda:nccl,cpu:gloo")
+
+    def other_rank_failed_rope(flags, op):  # the other rank's flags: rope failed there
+        assert op == dist.ReduceOp.MAX and flags.device.type == "cpu"
+        flags[self_check._COMPONENTS.index("rope")] = 1.0
+
+    monkeypatch.setattr(dist, "all_reduce", other_rank_failed_rope)
+    assert self_check._agree_across_ranks({"swiglu"}) == ["rope", "swiglu"]

@@ -209,6 +209,8 @@ def test_cli_trains_with_torch_compile_like_without(tmp_path, capsys, reference_
     torch._dynamo.reset()
     assert not breaks, breaks
     assert "torch_compile: model compiled with backend aot_eager" in err
+    # cpu_ops: fastest (the default) re-patches from the first forward: dropped, and said
+    assert "torch_compile: the step-0 self-check / cpu_ops choice do not run in a compiled model" in err
     assert len(compiled) == 2
     for c, p in zip(compiled, plain):
         assert abs(c - p) <= 1e-4 * abs(p), (compiled, plain)

@@ -75,10 +75,10 @@ def check_model(config) -> None:
     if family is not None and family not in _FAMILIES:
         raise ConfigError(f"config key 'sequence_parallel': the {family} model family's attention is not patched "
                           f"by fastsft (patched: {', '.join(_FAMILIES)}), so the sequence exchange cannot run")
-    if config.model == "tiny-llama":
-        from transformers import LlamaConfig
+    if config.model == "tiny-llama":  # the trainer's own builder: its defaults (4 heads, 2 KV), not LlamaConfig's
+        from fastsft.tiny import tiny_llama_config
 
-        llama = LlamaConfig(**(config.model_config or {}))
+        llama = tiny_llama_config(config.tokenizer_vocab_size, **(config.model_config or {}))
         check_heads(config, llama.num_attention_heads, llama.num_key_value_heads or llama.num_attention_heads)
 
 

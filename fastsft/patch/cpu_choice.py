@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from .self_check import OP_COMPONENT, _run, keep_mlp_tiles, record_ops
+from .self_check import OP_COMPONENT, _run, keep_mlp_tiles, record_ops, with_fixed_dropout_masks
 
 logger = logging.getLogger("fastsft.patch")
 REPEATS = 2  # best of two: the first call of an op on CPU pays one-off allocations
@@ -93,11 +93,48 @@ def _lora_linear_fused(x, weights, lora_as, lora_bs, scalings, *, biases=None, q
             for w, a, b, s, bb, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
 
 
+def _lora_linear_ex(x, weight, lora_a, lora_b, scaling, *, bias=None, quant_state=None, magnitude=None,
+                    dropout_p=0.0, dropout_mask=None, lora_bias=None, **_):
+    """peft 0.21's LoRA layer with dropout, a LoRA bias or DoRA (its DoraLinearVariant's formulas)."""
+    if quant_state is not None:
+        from fastsft_kernels import reference
+
+        weight = reference.dequantize_4bit(weight, quant_state, dtype=x.dtype)
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if dropout_mask is not None:
+        x_d = x * dropout_mask / (1.0 - dropout_p)
+    else:
+        x_d = F.dropout(x, dropout_p) if dropout_p else x
+    lora = F.linear(F.linear(x_d, a), b, None if lora_bias is None else lora_bias.to(x.dtype))
+    if magnitude is None:
+        return F.linear(x, weight, bias) + scaling * lora
+    norm = (weight + scaling * (b @ a)).norm(p=2, dim=1).detach()  # peft: the norm is not differentiated
+    c = (magnitude / norm).to(x.dtype)
+    base = F.linear(x, weight)
+    if x_d is x:
+        out = c * (base + scaling * lora)
+    else:  # peft recomputes the base product on the dropped x
+        out = base + (c - 1) * F.linear(x_d, weight) + c * scaling * lora
+    return out if bias is None else out + bias
+
+
+def _lora_linear_ex_fused(x, weights, lora_as, lora_bs, scalings, *, biases=None, quant_states=None,
+                          magnitudes=None, dropout_ps=None, dropout_masks=None, lora_biases=None, **_):
+    n = len(weights)
+    none = [None] * n
+    return [_lora_linear_ex(x, w, a, b, s, bias=bb, quant_state=q, magnitude=m, dropout_p=p, dropout_mask=mask,
+                            lora_bias=lb)
+            for w, a, b, s, bb, q, m, p, mask, lb in zip(
+                weights, lora_as, lora_bs, scalings, biases or none, quant_states or none, magnitudes or none,
+                dropout_ps or [0.0] * n, dropout_masks or none, lora_biases or none)]
+
+
 # what transformers (and peft) run for each op when it is not patched
 TRANSFORMERS_EQUIVALENT: Dict[str, Callable] = {
     "rms_norm": _rms_norm, "rope": _rope, "swiglu": _swiglu, "varlen_attention": _attention,
     "linear_cross_entropy": _linear_cross_entropy, "lora_linear": _lora_linear,
-    "lora_linear_fused": _lora_linear_fused,
+    "lora_linear_fused": _lora_linear_fused, "lora_linear_ex": _lora_linear_ex,
+    "lora_linear_ex_fused": _lora_linear_ex_fused,
 }
 
 
@@ -118,6 +155,7 @@ def time_ops(calls: Dict[str, tuple]) -> List[Tuple[str, float, float]]:
     out = []
     for name, recorded in calls.items():
         if name in TRANSFORMERS_EQUIVALENT:
+            recorded = with_fixed_dropout_masks(name, recorded)
             out.append((name, _time(getattr(fk, name), recorded), _time(TRANSFORMERS_EQUIVALENT[name], recorded)))
     return out
 
@@ -178,9 +216,11 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
         logger.info("CPU ops: LoRA stays fastsft's: a 4-bit base's rows are not a multiple of its block size, "
                     "which bitsandbytes' AVX-512 CPU dequantize reads wrong (bitsandbytes 0.50)")
     kept = sorted(c for c in per_component if c not in slower)
+    untimed = sorted(set(patch_state(model)) - set(per_component))  # patched, but no op of it ran in this forward
     logger.info("CPU ops: PyTorch's reference runs on CPU tensors; patched where faster: %s; transformers' own "
-                "where faster: %s (%s; cpu_ops: patched keeps every patch)", ", ".join(kept) or "none", ", ".join(slower) or "none",
-                ", ".join(f"{n} {m * 1e3:.1f} vs {t * 1e3:.1f} ms" for n, m, t in timings))
+                "where faster: %s (%s; cpu_ops: patched keeps every patch)%s", ", ".join(kept) or "none",
+                ", ".join(slower) or "none", ", ".join(f"{n} {m * 1e3:.1f} vs {t * 1e3:.1f} ms" for n, m, t in timings),
+                f"; not timed (no call in the first forward), kept: {', '.join(untimed)}" if untimed else "")
     if slower:
         state = patch_state(model)
         patch_model(model, **{name: name in state and name not in slower

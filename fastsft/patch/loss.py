@@ -184,7 +184,11 @@ def _causal_lm_forward(
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions,
                                  **{_cache_field(CausalLMOutputWithPast): getattr(outputs, _cache_field(type(outputs)))})
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return out
+    # the stock forward's tuple layout (loss, logits, cache, ...): to_tuple() would drop the None logits and
+    # shift the cache into their place
+    return (loss, None) + tuple(v for k, v in out.items() if k not in ("loss", "logits"))
 
 
 def _cache_field(output_cls) -> str:

@@ -34,6 +34,8 @@ OP_COMPONENT: Dict[str, str] = {
     "varlen_attention": "attention",
     "lora_linear": "lora",
     "lora_linear_fused": "lora",
+    "lora_linear_ex": "lora",  # DoRA, dropout in training, a LoRA bias
+    "lora_linear_ex_fused": "lora",
     "linear_cross_entropy": "cross_entropy",
     "cross_entropy": "cross_entropy",
 }
@@ -189,9 +191,11 @@ def check_op(name: str, recorded: tuple, seed: int = 0) -> OpCheck:
     floats = [t for t in _tensors(args) + _tensors(kwargs) if t.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32
     oracle_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    args, kwargs, flags, kwflags = recorded = with_fixed_dropout_masks(name, recorded)
     ref_fn = getattr(reference, name, None)
-    if ref_fn is None and name == "lora_linear_fused":
-        ref_fn = _lora_linear_fused_reference
+    if ref_fn is None:
+        ref_fn = {"lora_linear_fused": _lora_linear_fused_reference,
+                  "lora_linear_ex_fused": _lora_linear_ex_fused_reference}[name]
     shapes = ", ".join("x".join(map(str, t.shape)) for t in _tensors(args)[:2])
     result = OpCheck(name, dtype, shapes)
     out, grads = _run(getattr(fk, name), args, kwargs, flags, kwflags, seed)
@@ -218,6 +222,44 @@ def _lora_linear_fused_reference(x, weights, lora_as, lora_bs, scalings, *, bias
     quant_states = quant_states or [None] * n
     return [reference.lora_linear(x, w, a, b, s, bias=bias, quant_state=q)
             for w, a, b, s, bias, q in zip(weights, lora_as, lora_bs, scalings, biases, quant_states)]
+
+
+def _lora_linear_ex_fused_reference(x, weights, lora_as, lora_bs, scalings, *, biases=None, quant_states=None,
+                                    magnitudes=None, dropout_ps=None, dropout_masks=None, lora_biases=None,
+                                    **_schedule):
+    from fastsft_kernels import reference
+
+    n = len(weights)
+    none = [None] * n
+    return [reference.lora_linear_ex(x, w, a, b, s, bias=bias, quant_state=q, magnitude=m, dropout_p=p,
+                                     dropout_mask=mask, lora_bias=lb)
+            for w, a, b, s, bias, q, m, p, mask, lb in zip(
+                weights, lora_as, lora_bs, scalings, biases or none, quant_states or none, magnitudes or none,
+                dropout_ps or [0.0] * n, dropout_masks or none, lora_biases or none)]
+
+
+def with_fixed_dropout_masks(name: str, recorded: tuple) -> tuple:
+    """The recorded call with its dropout masks drawn once, so that every run of it (the op, the oracle,
+    PyTorch, a timing) drops the same elements; calls without dropout come back as they are."""
+    args, kwargs, flags, kwflags = recorded
+    if name not in ("lora_linear_ex", "lora_linear_ex_fused"):
+        return recorded
+    from fastsft_kernels.lora_dora import draw_dropout_mask
+
+    x = args[0]
+    kwargs, kwflags = dict(kwargs), dict(kwflags)
+    if name == "lora_linear_ex":
+        p = kwargs.get("dropout_p", 0.0)
+        if p and kwargs.get("dropout_mask") is None:
+            kwargs["dropout_mask"], kwflags["dropout_mask"] = draw_dropout_mask(p, x.shape, x.device), False
+    else:
+        ps = kwargs.get("dropout_ps") or []
+        masks = list(kwargs.get("dropout_masks") or [None] * len(ps))
+        if any(p and m is None for p, m in zip(ps, masks)):
+            kwargs["dropout_masks"] = [m if m is not None or not p else draw_dropout_mask(p, x.shape, x.device)
+                                       for p, m in zip(ps, masks)]
+            kwflags["dropout_masks"] = [False] * len(ps)
+    return args, kwargs, flags, kwflags
 
 
 def kernels_active(model) -> bool:
@@ -250,11 +292,15 @@ def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
     # the oracle's fp32 matmuls into 16-bit ones
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         checks = [check_op(name, recorded) for name, recorded in calls.items()]
-    failed = sorted({OP_COMPONENT[c.op] for c in checks if not c.passed})
+    failed = _agree_across_ranks({OP_COMPONENT[c.op] for c in checks if not c.passed})
     for check in checks:
         if not check.passed:
             logger.warning("self-check: %s; over the rule (at most %gx PyTorch's error), so %s runs PyTorch's "
                            "code for this run", check.line(), FACTOR, OP_COMPONENT[check.op])
+    if "attention" in failed and _sequence_parallel():
+        failed.remove("attention")  # the Ulysses exchange lives in fastsft's attention: it cannot go back
+        logger.warning("self-check: attention stays fastsft's under sequence parallelism (it carries the "
+                       "exchange); its error is over the rule above")
     if failed:
         state = patch_state(model)
         flags = {name: (name in state and name not in failed)
@@ -265,6 +311,29 @@ def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
         logger.info("self-check: %d ops within %gx PyTorch's error on the first batch (%s)", len(checks), FACTOR,
                     ", ".join(f"{c.op} {c.error:.1e}" for c in checks))
     return checks
+
+
+_COMPONENTS = ("cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu")
+
+
+def _agree_across_ranks(failed: set) -> List[str]:
+    """Under torch.distributed every rank switches back the same components: those failing on any rank
+    (ranks running different code would compute different things, or wait on each other's collectives)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # fastsft's group has a CPU (gloo) side; a group of NCCL alone (another trainer's) reduces on the GPU
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flags = torch.tensor([float(c in failed) for c in _COMPONENTS], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed = {c for c, f in zip(_COMPONENTS, flags.tolist()) if f}
+    return sorted(failed)
+
+
+def _sequence_parallel() -> bool:
+    from fastsft.distributed import ulysses
+
+    return ulysses.active() is not None
 
 
 def install(model, *, check: bool = True, fastest_on_cpu: bool = False) -> None:

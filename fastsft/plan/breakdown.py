@@ -6,12 +6,16 @@ with the token dimension written `L`. A storage with a dimension equal to the st
 with the context: its bytes per token are its bytes / tokens; the rest (weights, optimizer state, one
 MLP tile's or loss chunk's buffers) are fixed. Trace a length that no other dimension equals (the long
 traces do: 100k+ tokens against 4,096-wide hidden states).
+
+Under sequence parallelism a rank holds L/N tokens outside attention and all L inside it (heads/N): a
+dimension equal to either grows with the context (written `L/N` or `L`), and every bytes-per-token figure
+is one GPU's bytes per token of the whole sequence (L), the unit of the max-context line.
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 _LAYER = re.compile(r"\.layers\.\d+")
 _PREFIX = re.compile(r"^(PeftModelForCausalLM\.base_model\.model\.|[A-Za-z0-9]+ForCausalLM\.)")
@@ -21,16 +25,21 @@ def _module(name: str) -> str:
     return _LAYER.sub(".layers.*", _PREFIX.sub("", name or "")) or "-"
 
 
-def _shape(shape: tuple, tokens: int) -> str:
-    return "(" + ", ".join("L" if d == tokens else str(d) for d in shape) + ")"
+def _shape(shape: tuple, tokens: int, shard: Optional[int] = None, ranks: int = 1) -> str:
+    def dim(d):
+        return "L" if d == tokens else f"L/{ranks}" if shard is not None and d == shard else str(d)
+    return "(" + ", ".join(dim(d) for d in shape) + ")"
 
 
-def group_live(lives, tokens: int) -> List[Dict]:
-    """Rows, largest first: op, module, dtype, shape, phase, category, count, bytes, bytes_per_token."""
+def group_live(lives, tokens: int, shard_tokens: Optional[int] = None, ranks: int = 1) -> List[Dict]:
+    """Rows, largest first: op, module, dtype, shape, phase, category, count, bytes, bytes_per_token.
+    `shard_tokens` (sequence parallelism over `ranks`): a rank's share of the `tokens`, which grows too."""
+    shard = shard_tokens if shard_tokens and shard_tokens != tokens else None
     groups = defaultdict(lambda: [0, 0, False])
     for life in lives:
-        per_token = tokens in life.shape
-        key = (life.op, _module(life.module), life.dtype, _shape(life.shape, tokens), life.phase, life.category)
+        per_token = tokens in life.shape or (shard is not None and shard in life.shape)
+        key = (life.op, _module(life.module), life.dtype, _shape(life.shape, tokens, shard, ranks), life.phase,
+               life.category)
         entry = groups[key]
         entry[0] += 1
         entry[1] += life.nbytes
@@ -50,10 +59,12 @@ def summary(rows: List[Dict]) -> Dict:
     return {"bytes_per_token": per_token, "fixed_bytes": fixed}
 
 
-def lines(rows: List[Dict], tokens: int, top: int = 25) -> List[str]:
-    """The printed table (--breakdown): the per-token rows, then the largest fixed ones."""
+def lines(rows: List[Dict], tokens: int, top: int = 25, rank_tokens: Optional[int] = None) -> List[str]:
+    """The printed table (--breakdown): the per-token rows, then the largest fixed ones. `rank_tokens`:
+    sequence parallelism (one GPU's bytes, per token of the whole sequence)."""
     total = summary(rows)
-    out = [f"  alive at the peak ({tokens:,} tokens): {total['bytes_per_token'] / 1024:,.1f} KiB per token + "
+    unit = "per token" if rank_tokens is None else f"per token of the whole sequence (one GPU; it holds {rank_tokens:,})"
+    out = [f"  alive at the peak ({tokens:,} tokens): {total['bytes_per_token'] / 1024:,.1f} KiB {unit} + "
            f"{total['fixed_bytes'] / 2 ** 30:.2f} GiB fixed",
            f"    {'KiB/token':>9}  {'n':>4}  {'dtype':<8} {'shape':<22} {'op':<40} module (phase)"]
     growing = [r for r in rows if r["bytes_per_token"]]

@@ -106,7 +106,7 @@ def breakdown_of(state, seq: int, rows: int) -> dict:
 
     step = state.trace(seq, rows, breakdown=True)
     print(f"  breakdown at {rows} x {seq:,} tokens (peak {gib(step.peak_bytes)}, at {step.peak_op}, {step.peak_phase}):")
-    for line in lines(step.breakdown["rows"], step.breakdown["tokens"]):
+    for line in lines(step.breakdown["rows"], step.breakdown["tokens"], rank_tokens=step.breakdown.get("rank_tokens")):
         print(line)
     return step.breakdown
 
@@ -145,7 +145,7 @@ def cmd_plan(args: Sequence[str]) -> int:
     want_breakdown = _take(rest, "--breakdown", flag=True)
     margin = Margin()
     if reserve_text is not None:
-        margin.reserve_bytes = parse_size(reserve_text, "--reserve") if reserve_text.strip() not in ("0", "0GB") else 0
+        margin.reserve_bytes = parse_size(reserve_text, "--reserve", allow_zero=True)
     if slack_text is not None:
         try:
             margin.slack = float(slack_text)
@@ -207,8 +207,9 @@ def cmd_plan(args: Sequence[str]) -> int:
             entry["max_context"] = found.to_dict()
             fit = found.local_fit or found.fit
             over = f" over {config.sequence_parallel} GPUs" if config.sequence_parallel > 1 else ""
+            per = " of the whole sequence, one GPU's" if config.sequence_parallel > 1 else ""
             print(f"  max context at {gpu_text}{over}: {found.best:,} tokens (batch 1; {len(found.traces)} traces"
-                  f"{', peak there ' + gib(fit[0]) + ' + ' + f'{fit[1] / 1024:.1f} KiB/token' if fit else ''})")
+                  f"{', peak there ' + gib(fit[0]) + ' + ' + f'{fit[1] / 1024:.1f} KiB/token' + per if fit else ''})")
         if want_batch:
             found = max_batch(config, gpu, seq, recipe=recipe, margin=margin, model_state=state)
             entry["max_batch"] = found.to_dict()

@@ -27,10 +27,26 @@ def _file_model_config(path: Optional[str]) -> dict:
     return dict(value or {})
 
 
+def _flag_model_config(overrides: Sequence[str]) -> Optional[dict]:
+    """The last `--model_config` flag's mapping (it replaces the file's block, as in `fastsft train`), or None."""
+    from fastsft.config import parse_overrides
+
+    found = None
+    for key, value in parse_overrides(overrides):
+        if key != "model_config":
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key 'model_config' (command-line flag --model_config): expected a mapping, "
+                              f"got {value!r}")
+        found = dict(value)
+    return found
+
+
 def load_plan_config(path: Optional[str], overrides: Sequence[str] = ()):
     from fastsft.config import load_config
 
-    model_config = _file_model_config(path)
+    flagged = _flag_model_config(overrides)
+    model_config = _file_model_config(path) if flagged is None else flagged
     values = {"model_config": {}} if model_config.get("model_type") else {}
     try:
         config = load_config(path, overrides, **values)

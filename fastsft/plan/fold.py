@@ -5,10 +5,11 @@ backward, and at 1M tokens those tile bodies are most of a trace's operators (12
 x forward, recompute and backward). Every full tile after the first is the same computation on the
 same shapes with the same tensors alive around it: tile 1 allocates the full-size output (forward) or
 the fp32 gradient sums (backward), tiles 2..n only reuse them, and a last partial tile is smaller. So
-the trace runs tile 1, tile 2 and the partial tile; tile 2 stands for tiles 2..n_full. Memory: every
-tile after the first starts and ends with the same live set, so the peak over the tiles is the peak
-of tile 2 (the test compares a folded and an unfolded trace byte for byte). FLOPs: the tracker counts
-tile 2's operators (n_full - 1) times.
+the trace runs tiles 1 and 2 (KEPT), tile 3 and the partial tile; tile 3 stands for tiles 3..n_full.
+Memory: tile 2 starts with what tile 1 left, and from tile 3 on every full tile starts and ends with
+the same live set, so the peak over the tiles is the peak of tiles 1 to 3 (the test compares a folded
+and an unfolded trace byte for byte). FLOPs: the tracker counts tile 3's operators (n_full - 2) times.
+Up to KEPT + 1 full tiles nothing is folded.
 """
 from __future__ import annotations
 

@@ -21,10 +21,13 @@ _UNITS = {"": None, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 
           "mib": 2 ** 20, "g": GiB, "gb": GiB, "gib": GiB, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
 
 
-def parse_size(text: str, what: str = "--gpu-memory") -> int:
-    """'80GB' -> bytes. GB and GiB both mean 2^30 bytes: an '80 GB' GPU reports about 80 GiB."""
+def parse_size(text: str, what: str = "--gpu-memory", *, allow_zero: bool = False) -> int:
+    """'80GB' -> bytes. GB and GiB both mean 2^30 bytes: an '80 GB' GPU reports about 80 GiB.
+    `allow_zero`: any zero size ('0', '0MB', '0GiB') is 0 bytes (--reserve); otherwise it is refused."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
+    if allow_zero and match and unit in _UNITS and float(match.group(1)) == 0:
+        return 0
     if not match or unit not in _UNITS or _UNITS[unit] is None:
         raise ConfigError(f"{what} {text!r} is not a size; give {SIZE_FORMS}")
     value = int(float(match.group(1)) * _UNITS[unit])
@@ -59,9 +62,10 @@ class SearchResult:
     # (a, b) through the answer's trace and the farthest trace at least half its value: the line where the
     # answer is (the first two traces may sit below a threshold: MLP tiles, loss chunks)
     local_fit: Optional[Tuple[float, float]] = None
+    unit: Optional[str] = None  # what one value (b's unit) is, where a caller restated it (sequence parallelism)
 
     def to_dict(self) -> dict:
-        return {"best": self.best, "budget_bytes": self.budget_bytes,
+        return {"best": self.best, "budget_bytes": self.budget_bytes, **({"unit": self.unit} if self.unit else {}),
                 "traces": [{"value": v, "peak_bytes": p} for v, p in self.traces],
                 "linear_fit": {"a_bytes": self.fit[0], "b_bytes_per_unit": self.fit[1]} if self.fit else None,
                 "local_fit": ({"a_bytes": self.local_fit[0], "b_bytes_per_unit": self.local_fit[1]}

@@ -136,13 +136,17 @@ def per_rank(step, config, params, *, ddp_buckets: bool = True):
 
 
 def scale_search(found, unit: int):
-    """A search over tokens per rank, restated in total tokens (L = unit x tokens per rank)."""
+    """A search over tokens per rank, restated in total tokens (L = unit x tokens per rank): both fits' slopes
+    become one GPU's bytes per token of the whole sequence."""
     if unit == 1:
         return found
     found.best *= unit
     found.traces = [(v * unit, p) for v, p in found.traces]
     if found.fit:
         found.fit = (found.fit[0], found.fit[1] / unit)
+    if found.local_fit:
+        found.local_fit = (found.local_fit[0], found.local_fit[1] / unit)
+    found.unit = f"a token of the whole sequence (peak bytes are one GPU's of {unit})"
     return found
 
 

@@ -305,17 +305,22 @@ class PreparedModel:
             flops_uncounted_ops=sorted(tracker.uncounted_ops),
             largest_2d={k: list(v) for k, v in tracker.max_numel_2d.items()},
             mlp_tiles_folded=folder.folded if folder is not None else 0,
-            breakdown=_breakdown(tracker, seq_len * batch) if breakdown else None,
+            breakdown=_breakdown(tracker, seq_len * batch, sequence.size_of(config)) if breakdown else None,
         )
         return sequence.per_rank(step, config, self.params) if sequence.size_of(config) > 1 else step
 
 
-def _breakdown(tracker, tokens: int) -> dict:
+def _breakdown(tracker, tokens: int, ranks: int = 1) -> dict:
+    """Per token of all `tokens`; under sequence parallelism a rank's L/N-token tensors grow with them too."""
     from fastsft.plan.breakdown import group_live, summary
 
     live = tracker.live_at_peak()
-    rows = group_live(live, tokens)
-    return {"tokens": tokens, "live_bytes": sum(life.nbytes for life in live), **summary(rows), "rows": rows}
+    shard = -(-tokens // ranks) if ranks > 1 else None  # as sequence.per_rank's rank_tokens
+    rows = group_live(live, tokens, shard, ranks)
+    out = {"tokens": tokens, "live_bytes": sum(life.nbytes for life in live), **summary(rows), "rows": rows}
+    if shard is not None:
+        out.update(rank_tokens=shard, per_token_of="the whole sequence (one GPU's bytes)")
+    return out
 
 
 def _loss_2024(model, inputs: dict):

@@ -6,8 +6,8 @@ The patched model has no graph break (tests/test_torch_compile.py), so the whole
 micro-batch is one graph and AOT autograd gives one backward graph; the kernels stay opaque
 ``torch.ops.fastsft`` operators inside them. Backend "auto" is "inductor"; inductor on a CPU
 builds C++, so without a C++ compiler "auto" takes "aot_eager" (said in one line) and an
-explicit "inductor" is refused. The per-step self-check and the timed ``cpu_ops`` choice run in
-eager mode only: inside the compiled model they step aside (torch.compiler.is_compiling()).
+explicit "inductor" is refused. The step-0 self-check and the timed ``cpu_ops`` choice run in
+eager mode only: a compiled run drops their first-forward hook and says so in one line.
 """
 from __future__ import annotations
 
@@ -65,12 +65,26 @@ def compile_model(model: torch.nn.Module, config, device: torch.device, say: Cal
     if not getattr(config, "torch_compile", False):
         return
     backend = choose_backend(getattr(config, "torch_compile_backend", "auto"), device, say)
+    _drop_first_forward_hooks(model, say)
     if getattr(config, "gradient_checkpointing", False):
         prepare_checkpointing_for_compile(model)
     model.compile(backend=backend)
     note = " (inductor on CPU: the first step builds C++, minutes on a small machine)" \
         if backend == "inductor" and device.type == "cpu" else ""
     say(f"torch_compile: model compiled with backend {backend}; the first step traces it{note}")
+
+
+def _drop_first_forward_hooks(model: torch.nn.Module, say: Callable[[str], None]) -> None:
+    """The step-0 self-check and the cpu_ops choice re-patch the model from a first-forward hook; inside a
+    compiled forward they cannot (nothing may re-patch a traced model), so they are removed and said."""
+    from fastsft.patch import self_check
+
+    hooked = [m for m in model.modules() if getattr(m, self_check._HOOK_ATTR, None) is not None]
+    for module in hooked:
+        self_check.remove(module)
+    if hooked:
+        say("torch_compile: the step-0 self-check / cpu_ops choice do not run in a compiled model; every patch "
+            "is kept as applied")
 
 
 def prepare_checkpointing_for_compile(model: torch.nn.Module) -> None:

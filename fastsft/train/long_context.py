@@ -12,8 +12,10 @@ Two sources of figures:
   (``tiled_mlp.default_tile_tokens``, ``loss_chunk.default_chunk_tokens``), so a short batch runs
   untiled and a long one is tiled where it is needed.
 
-``on`` tiles every batch longer than one tile and offloads (with gradient checkpointing); ``off``
-leaves the model as configured. Explicit ``mlp_tile_tokens`` / ``loss_chunk_tokens`` always win.
+``on`` tiles every batch longer than one tile, with a tile of at most half the tokens one rank's MLP
+sees (so this run's batches are tiled); it offloads the checkpoints only when the config asks for it
+(``offload_activations``) or when the planner's traces show that tiles alone do not fit (with gradient
+checkpointing); it never offloads on its own from free memory. ``off`` leaves the model as configured. Explicit ``mlp_tile_tokens`` / ``loss_chunk_tokens`` always win.
 The choice is logged in one line.
 """
 from __future__ import annotations
@@ -44,11 +46,12 @@ class LongContextChoice:
     peak_bytes: Optional[int] = None  # from the figures (planner traces or a breakdown) only
     source: str = "free memory"
 
-    def line(self, mode: str, tokens: int, free_bytes: Optional[int] = None) -> str:
+    def line(self, mode: str, tokens: int, free_bytes: Optional[int] = None, rank: Optional[int] = None) -> str:
         tile = f"MLP tiles of {self.tile_tokens:,} tokens above {self.tile_tokens:,}" if self.tile_tokens \
             else "MLP untiled"
         chunk = f"loss chunk {self.loss_chunk_tokens:,} rows" if self.loss_chunk_tokens else "loss chunk: kernel's own"
-        text = f"long_context {mode}: {tokens:,} tokens per micro-batch; {tile}; {chunk}; " \
+        per_rank = f" ({rank:,} per rank's MLP under sequence parallelism)" if rank and rank != tokens else ""
+        text = f"long_context {mode}: {tokens:,} tokens per micro-batch{per_rank}; {tile}; {chunk}; " \
                f"offload {'on' if self.offload else 'off'}"
         if self.peak_bytes is not None:
             text += f" ({self.source}: peak {_size(self.peak_bytes)})"
@@ -90,9 +93,15 @@ class MemoryFigures:
         return int(room // slope) if slope > 0 else 2**62
 
 
+class PlannerTraceError(Exception):
+    """A trace of this config failed (an op the fake tensors cannot run, a data-dependent shape): not a
+    verdict on the memory, so the caller falls back to free-memory sizing."""
+
+
 class PlannerPeaks:
     """Peaks traced by ``fastsft plan`` (FakeTensorMode, CPU): one fake model of the config, each setting
-    switched on it between traces (MLP tiles, loss chunk) or in the traced config (offload)."""
+    switched on it between traces (MLP tiles, loss chunk) or in the traced config (offload). A failed trace
+    raises PlannerTraceError."""
 
     source = "planner"
 
@@ -102,6 +111,9 @@ class PlannerPeaks:
         self.config = dataclasses.replace(config)  # the traces switch offload on this copy
         self.state = prepare(self.config, "fastsft")
         self.capacity_bytes = Margin().budget(capacity_bytes)  # the planner's allocator margin, stated there
+        # DDP without sequence parallelism: its gradient buckets (a copy of the trainable gradients) are not
+        # in the one-process trace; under sequence parallelism the trace adds them itself (plan.sequence.per_rank)
+        self.extra_bytes = ddp_bucket_bytes(config, self.state.params)
 
     def _set(self, tile, offload, chunk) -> None:
         from fastsft.patch import loss_chunk, tiled_mlp
@@ -113,24 +125,47 @@ class PlannerPeaks:
         loss_chunk.set_chunk_tokens(self.state.model, chunk)
         self.config.offload_activations = offload
 
+    def _trace(self, tokens: int):
+        try:
+            return self.state.trace(tokens, 1)  # one document of `tokens` (the longest case)
+        except (ConfigError, RuntimeError, ImportError) as exc:  # ConfigError: the planner's "untraceable"
+            raise PlannerTraceError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+                from exc
+
     def peak(self, tokens: int, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         self._set(tile, offload, chunk)
-        self.last = self.state.trace(tokens, 1)  # one document of `tokens` (the longest case)
-        return self.last.peak_bytes
+        self.last = self._trace(tokens)
+        return self.last.peak_bytes + self.extra_bytes
 
     def max_tokens(self, tile: Optional[int], offload: bool, chunk: Optional[int]) -> int:
         from fastsft.plan.search import search_max
 
         self._set(tile, offload, chunk)
-        return search_max(lambda n: self.state.trace(n, 1).peak_bytes, self.capacity_bytes, start=(1024, 2048),
-                          low=2).best
+        return search_max(lambda n: self._trace(n).peak_bytes + self.extra_bytes, self.capacity_bytes,
+                          start=(1024, 2048), low=2).best
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def ddp_bucket_bytes(config, params) -> int:
+    """DDP's gradient buckets on each rank (world > 1, strategy ddp, no sequence parallelism), else 0."""
+    from fastsft.distributed.wrap import resolve_strategy
+
+    if _world_size() <= 1 or config.sequence_parallel > 1 or resolve_strategy(config) != "ddp":
+        return 0
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chunk: int,
-           offload_asked: bool, tile_asked: bool = False) -> LongContextChoice:
+           offload_asked: bool, tile_asked: bool = False, rank: Optional[int] = None) -> LongContextChoice:
     """The cheapest setting that fits ``tokens`` under ``peaks`` (a MemoryFigures or PlannerPeaks):
     nothing, then MLP tiles, then tiles + offload (with gradient checkpointing). ``tile``/``chunk``: the
     sizes to use when on; ``tile_asked``/``offload_asked``: the config names them, so they stay on.
+    ``rank``: the tokens one rank's MLP sees (``rank_tokens``; default ``tokens``), what a tile cuts.
     Raises ConfigError with the verdict when none fits."""
     settings = [(None, False), (tile, False)] if mode == "auto" and not tile_asked else [(tile, False)]
     if checkpointing:
@@ -140,7 +175,8 @@ def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chu
     for tile_tokens, offload in settings:
         peak = peaks.peak(tokens, tile_tokens, offload, chunk)
         if peak <= peaks.capacity_bytes:
-            return LongContextChoice(tile_tokens if tile_tokens and tokens > tile_tokens else None, offload, chunk,
+            mlp_tokens = rank or tokens
+            return LongContextChoice(tile_tokens if tile_tokens and mlp_tokens > tile_tokens else None, offload, chunk,
                                      peak, source=peaks.source)
     best_tile, best_offload = settings[-1]
     need = peaks.peak(tokens, best_tile, best_offload, chunk)
@@ -154,6 +190,12 @@ def choose(peaks, tokens: int, *, mode: str, checkpointing: bool, tile: int, chu
 
 def micro_batch_tokens(config) -> int:
     return config.batch_tokens if config.packing else config.batch_size * config.max_seq_length
+
+
+def rank_tokens(config) -> int:
+    """The tokens one rank's MLP sees: under sequence parallelism its shard of the micro-batch (L/N)."""
+    n = max(1, int(getattr(config, "sequence_parallel", 1) or 1))
+    return -(-micro_batch_tokens(config) // n)
 
 
 def check_positions(config, model_config) -> None:
@@ -187,7 +229,7 @@ def free_sizes(config, model_config, device: torch.device, element_size: int):
     tile = config.mlp_tile_tokens or (tiled_mlp.default_tile_tokens(intermediate, element_size, free)
                                       if intermediate else None)
     if config.long_context == "on" and not config.mlp_tile_tokens and tile:
-        tile = min(tile, max(1, micro_batch_tokens(config) // 2))  # "on": tiled at this run's length
+        tile = min(tile, max(1, rank_tokens(config) // 2))  # "on": tiled at this run's length (a rank's share)
     chunk = config.loss_chunk_tokens or (loss_chunk.default_chunk_tokens(vocab, element_size, free) if vocab else None)
     return tile, chunk, free
 
@@ -205,18 +247,24 @@ def plan_before_load(config, model_config, device: torch.device, element_size: i
         use_planner = device.type == "cuda"
     tokens = micro_batch_tokens(config)
     tile, chunk, free = free_sizes(config, model_config, device, element_size)
-    if not use_planner or (config.long_context == "auto" and tile and tokens <= tile):
+    if not use_planner or (config.long_context == "auto" and tile and rank_tokens(config) <= tile):
         return None
     capacity = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else free
+
+    def fall_back(reason) -> None:
+        logging.getLogger("fastsft").warning("long_context: the planner cannot trace this config (%s); "
+                                             "sizes from free memory", reason)
+
     try:
         peaks = PlannerPeaks(config, capacity)
     except (ConfigError, ImportError) as exc:  # e.g. kernels not yet traceable: sizes from free memory
-        logging.getLogger("fastsft").warning("long_context: the planner cannot trace this config (%s); "
-                                             "sizes from free memory", exc)
-        return None
-    return choose(peaks, tokens, mode=config.long_context, checkpointing=config.gradient_checkpointing,
-                  tile=tile, chunk=chunk, offload_asked=config.offload_activations,
-                  tile_asked=bool(config.mlp_tile_tokens))
+        return fall_back(exc)
+    try:  # choose's "does not fit" verdict (a ConfigError) is not caught: it stops the run before loading
+        return choose(peaks, tokens, mode=config.long_context, checkpointing=config.gradient_checkpointing,
+                      tile=tile, chunk=chunk, offload_asked=config.offload_activations,
+                      tile_asked=bool(config.mlp_tile_tokens), rank=rank_tokens(config))
+    except PlannerTraceError as exc:
+        return fall_back(exc)
 
 
 def apply_explicit(model: torch.nn.Module, config) -> None:
@@ -247,8 +295,9 @@ def apply(config, model: torch.nn.Module, device: torch.device, element_size: in
     loss_chunk.set_chunk_tokens(model, choice.loss_chunk_tokens)
     if choice.offload and not config.offload_activations:
         config.offload_activations = True  # the planner's choice (gradient checkpointing is on)
-    return choice.line(config.long_context, micro_batch_tokens(config), None if planned else free)
+    return choice.line(config.long_context, micro_batch_tokens(config), None if planned else free,
+                       rank=rank_tokens(config))
 
 
-__all__ = ["MemoryFigures", "PlannerPeaks", "LongContextChoice", "choose", "check_positions", "plan_before_load",
-           "apply", "apply_explicit"]
+__all__ = ["MemoryFigures", "PlannerPeaks", "PlannerTraceError", "LongContextChoice", "choose", "check_positions",
+           "plan_before_load", "apply", "apply_explicit", "ddp_bucket_bytes"]

@@ -253,3 +253,19 @@ def test_exchange_is_one_all_to_all_each_way(monkeypatch):
     # in: (ranks, local tokens, 4/2 query + 2 * 2/2 replicated KV heads, head dim); out: 4/2 heads
     assert sent == [(2, 8, 4, 8), (2, 8, 2, 8)]
     assert ulysses.active() is None
+
+
+@pytest.mark.parametrize("model_config, message", [
+    ({}, "8 must divide the model's 4 attention heads"),  # tiny-llama's own 4 / 2 heads, not LlamaConfig's 32
+    ({"num_attention_heads": 8, "num_key_value_heads": 8, "hidden_size": 64}, None),
+])
+def test_pre_load_head_check_uses_tiny_llamas_own_config(model_config, message):
+    from fastsft.config import TrainConfig
+    from fastsft.distributed.sequence import check_model
+
+    config = TrainConfig(model="tiny-llama", model_config=model_config, dataset="unused.jsonl", sequence_parallel=8)
+    if message is None:
+        check_model(config)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            check_model(config)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from fastsft.cli import main
+from fastsft.errors import ConfigError
 from fastsft.plan import Margin, load_plan_config, max_context, parse_size, prepare
 from fastsft.plan.search import search_max
 from fastsft.plan.step import PreparedModel
@@ -250,3 +251,31 @@ def test_torch_compile_is_said_to_be_traced_eager(tmp_path, capsys):
     assert main(["plan", write_config(tmp_path, torch_compile=True), "--json", str(out)]) == 0
     assert "torch_compile: true is traced as the eager step" in capsys.readouterr().out
     assert json.loads(out.read_text())["recipes"]["fastsft"]["torch_compile"] == "traced as the eager step"
+
+
+def test_model_config_flag_replaces_the_files_block_as_in_train(tmp_path):
+    """`--model_config` on the command line wins over the file's block (the last flag wins), and a file
+    without one takes the flag's architecture: the same reading `fastsft train` gives the file and flags."""
+    flagged = dict(TINY, hidden_size=96, num_hidden_layers=3)
+    path = write_config(tmp_path)
+    config = load_plan_config(path, ["--model_config", json.dumps(dict(TINY, hidden_size=32)),
+                                     "--model_config", json.dumps(flagged)])
+    assert config.model_config == flagged
+    bare = yaml.safe_load(open(path))
+    del bare["model_config"]
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(bare))
+    config = load_plan_config(str(tmp_path / "bare.yaml"), ["--model_config", json.dumps(flagged)])
+    assert config.model_config == flagged
+    with pytest.raises(ConfigError, match="--model_config.*expected a mapping"):
+        load_plan_config(path, ["--model_config", "7"])
+
+
+@pytest.mark.parametrize("zero", ["0", "0GB", "0GiB", "0MB", "0.0 kib", "0b"])
+def test_any_zero_reserve_is_accepted_and_a_zero_gpu_is_not(tmp_path, capsys, zero):
+    out = tmp_path / "plan.json"
+    code = main(["plan", write_config(tmp_path), "--recipe", "hf", "--reserve", zero, "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["margin"]["reserve_bytes"] == 0
+    code = main(["plan", write_config(tmp_path), "--recipe", "hf", "--gpu-memory", zero, "--json", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--gpu-memory" in err, err

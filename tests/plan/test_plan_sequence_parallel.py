@@ -213,3 +213,38 @@ def test_traces_inside_a_distributed_run(tmp_path):
         dist.destroy_process_group()
     assert inside.peak_bytes == alone.peak_bytes and inside.sequence_parallel == alone.sequence_parallel
     assert exchanged_shape(inside) == exchanged_shape(alone) == [2, 256, 4, 64]
+
+
+def test_breakdown_counts_a_ranks_shard_as_growing_with_the_context(tmp_path):
+    """--breakdown under sequence_parallel: a rank's tensors hold L/N tokens (L inside attention); both grow,
+    and the grouped bytes per token of the whole sequence are the slope of the traced peak in L."""
+    config = load_plan_config(write_config(tmp_path, patch_kernels=False, sequence_parallel=2))
+    prepared = PreparedModel(config, "fastsft")
+    steps = {n: prepared.trace(n, breakdown=True) for n in (1000, 1600)}
+    slope = (steps[1600].peak_bytes - steps[1000].peak_bytes) / 600
+    report = steps[1600].breakdown
+    assert abs(report["bytes_per_token"] - slope) <= 0.05 * slope, (report["bytes_per_token"], slope)
+    assert report["rank_tokens"] == 800 and "whole sequence" in report["per_token_of"]
+    assert any("L/2" in r["shape"] and r["bytes_per_token"] for r in report["rows"])
+    # what is left fixed does not grow: the same bytes at both lengths (weights, LoRA state, buckets)
+    assert abs(report["fixed_bytes"] - steps[1000].breakdown["fixed_bytes"]) <= 0.02 * report["fixed_bytes"]
+
+
+def test_max_context_line_and_json_give_bytes_per_token_of_the_whole_sequence(tmp_path, capsys):
+    """Both fits' slopes are restated per token of L (the search runs over a rank's L/N tokens): the printed
+    KiB/token (the local fit) is the slope of one GPU's traced peak in L, and says so; the JSON says its unit."""
+    path = write_config(tmp_path, patch_kernels=False, sequence_parallel=2)
+    prepared = PreparedModel(load_plan_config(path), "fastsft")
+    slope = (prepared.trace(2000).peak_bytes - prepared.trace(1000).peak_bytes) / 1000
+    budget = prepared.trace(3000).peak_bytes
+    out = tmp_path / "plan.json"
+    code = main(["plan", path, "--seq-len", "1024", "--gpu-memory", f"{budget}b", "--reserve", "0", "--max-context",
+                 "--json", str(out)])
+    text = capsys.readouterr().out
+    found = json.loads(out.read_text())["recipes"]["fastsft"]["max_context"]
+    assert code == 0 and "whole sequence" in found["unit"]
+    for fit in (found["linear_fit"], found["local_fit"]):
+        assert abs(fit["b_bytes_per_unit"] - slope) <= 0.05 * slope, (fit, slope)
+    line = next(t for t in text.splitlines() if "max context at" in t)
+    printed = float(line.split(" + ")[1].split(" KiB/token")[0]) * 1024
+    assert abs(printed - slope) <= 0.05 * slope + 52 and "KiB/token of the whole sequence, one GPU's" in line, line

@@ -190,3 +190,60 @@ def transformers_config():
 
     return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=1024, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)
+
+
+def test_on_under_sequence_parallel_tiles_a_ranks_share():
+    """sequence_parallel: 2 gives each rank's MLP 1,024 of the 2,048 tokens: `on` must tile those (tiles of
+    at most half a rank's share), with the planner and from free memory alike, and the line says so."""
+    config = _plan_config("--long_context", "on", "--sequence_parallel", "2")
+    arch = transformers_config()
+    tile, _, _ = long_context.free_sizes(config, arch, torch.device("cpu"), 2)
+    assert tile <= 512
+    choice = long_context.plan_before_load(config, arch, torch.device("cpu"), 2, use_planner=True)
+    assert choice.source == "planner" and choice.tile_tokens == 512
+    assert "2,048 tokens per micro-batch (1,024 per rank's MLP" in choice.line("on", 2048, rank=1024)
+    assert long_context.rank_tokens(config) == 1024
+
+
+@pytest.mark.parametrize("failure", [ConfigError("the planner cannot trace this step: a data-dependent shape"),
+                                     RuntimeError("FakeTensor: no fake implementation for an op")])
+def test_a_failed_trace_falls_back_to_free_memory_with_one_warning(monkeypatch, caplog, failure):
+    """A trace error inside choose() is not a verdict: one warning line and None (free-memory sizing)."""
+    from fastsft.plan.step import PreparedModel
+
+    def broken(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(PreparedModel, "trace", broken)
+    config = _plan_config("--long_context", "on")
+    with caplog.at_level("WARNING", logger="fastsft"):
+        assert long_context.plan_before_load(config, transformers_config(), torch.device("cpu"), 2,
+                                             use_planner=True) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "fastsft"]
+    assert len(warnings) == 1 and "sizes from free memory" in warnings[0] and str(failure) in warnings[0]
+    assert "\n" not in warnings[0]
+
+
+def test_the_verdict_still_stops_the_run_before_loading(monkeypatch):
+    """Only trace failures fall back: "does not fit" from the planner's traces is still raised."""
+    from fastsft.patch import tiled_mlp
+
+    monkeypatch.setattr(tiled_mlp, "free_memory_bytes", lambda device: GIB + 40 * 2**20)
+    config = _plan_config("--long_context", "on", "--max_seq_length", "8192", "--batch_tokens", "8192")
+    with pytest.raises(ConfigError, match=r"8,192 tokens per micro-batch do not fit"):
+        long_context.plan_before_load(config, transformers_config(), torch.device("cpu"), 2, use_planner=True)
+
+
+def test_planner_peaks_add_ddps_gradient_buckets_on_a_ddp_rank(monkeypatch):
+    """Under DDP (world > 1, no sequence parallelism) each rank also holds DDP's gradient buckets, a copy of
+    the trainable gradients the one-process trace does not make: the planner's peaks include them."""
+    config = _plan_config()
+    alone = long_context.PlannerPeaks(config, GIB)
+    assert alone.extra_bytes == 0
+    monkeypatch.setattr(long_context, "_world_size", lambda: 2)
+    ranked = long_context.PlannerPeaks(config, GIB)
+    buckets = sum(p.numel() * p.element_size() for p in ranked.state.params)
+    assert buckets > 0 and ranked.extra_bytes == buckets
+    assert ranked.peak(1024, None, False, None) == alone.peak(1024, None, False, None) + buckets
+    sp = long_context.PlannerPeaks(_plan_config("--sequence_parallel", "2"), GIB)
+    assert sp.extra_bytes == 0  # the sequence-parallel trace adds them itself (fastsft.plan.sequence.per_rank)
