@@ -178,8 +178,10 @@ def finish_hf(model, config):
     if config.mode == "full":
         model.requires_grad_(True)
     else:
+        # the run's adapter as peft builds it (DoRA and a LoRA bias change what is computed and kept)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          bias="none", target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+                          bias=config.lora_bias, use_dora=config.use_dora, target_modules=config.lora_target_modules,
+                          task_type="CAUSAL_LM")
         with _quiet():
             model = get_peft_model(model, lora)
     if config.gradient_checkpointing and config.mode != "qlora":

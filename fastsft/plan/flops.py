@@ -5,7 +5,8 @@ compare at the same shapes:
 
 - matmuls: 2 * m * n * k each (lora_linear: the base projection, x A^T and (x A^T) B^T per weight; its
   backward: dX through the base weight and the adapters, dW when the weight is trained, dA, dB; a 4-bit
-  weight's dequantization is element-wise, not counted, as for bitsandbytes' gemm_4bit);
+  weight's dequantization is element-wise, not counted, as for bitsandbytes' gemm_4bit; lora_linear_ex
+  (DoRA, dropout, LoRA bias) adds DoRA's row norm and, with dropout, its base product on the dropped x);
 - attention: torch's SDPA formulas (full s x s scores per document, not halved for causal masks: what
   torch counts for the hf recipe's SDPA), per packed document. The documents' lengths come from
   cu_seqlens when its values exist; under FakeTensorMode (a plan) they do not, and the tokens are taken
@@ -98,6 +99,37 @@ def lora_backward_flops(grads, x2, xa, weights, lora_as, lora_bs, scalings, bias
     return total
 
 
+def lora_ex_flops(x2, weights, lora_as, lora_bs, scalings, biases, has_bias, magnitudes, is_dora, masks, ps,
+                  absmax, code, absmax2, code2, offset, blocksize, blocksize2, shapes, *args, out_val=None,
+                  **kwargs) -> int:
+    """lora_linear's count, plus DoRA's row norm (W A^T: 2 out r in, as peft's B A is) and, with dropout,
+    DoRA's base product on the dropped x (peft recomputes it too)."""
+    tokens, features = int(x2.shape[0]), int(x2.shape[1])
+    total = 0
+    for i, ((out_f, _), r) in enumerate(zip(shapes, _ranks(lora_as))):
+        total += 2 * tokens * features * out_f + 2 * tokens * features * r + 2 * tokens * r * out_f
+        if is_dora[i]:
+            total += 2 * out_f * r * features
+            if masks[i] is not None:
+                total += 2 * tokens * features * out_f
+    return total
+
+
+def lora_ex_backward_flops(grads, x2, xas, zs, norms, kept_ys, weights, lora_as, lora_bs, scalings, biases, has_bias,
+                           magnitudes, is_dora, masks, ps, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
+                           shapes, quant_types, strategies, need_x, need_w, need_a, need_b, need_bias, need_m,
+                           out_val=None, **kwargs) -> int:
+    """lora_linear_backward's count, plus DoRA with dropout's second product through W (dX and dW)."""
+    total = lora_backward_flops(grads, x2, None, weights, lora_as, lora_bs, scalings, biases, has_bias, absmax,
+                                code, absmax2, code2, offset, blocksize, blocksize2, shapes, quant_types, strategies,
+                                need_x, need_w, need_a, need_b, need_bias)
+    tokens, features = int(x2.shape[0]), int(x2.shape[1])
+    for i, (out_f, _) in enumerate(shapes):
+        if is_dora[i] and masks[i] is not None:
+            total += 2 * tokens * out_f * features * (int(bool(need_x)) + int(need_w[i] and absmax[i] is None))
+    return total
+
+
 def _lce(hidden, weight, needs: tuple, forward_grads: bool) -> int:
     rows, width = int(hidden.numel() // hidden.shape[-1]), int(hidden.shape[-1])
     vocab = int(weight.shape[0])
@@ -128,6 +160,7 @@ ELEMENTWISE = ("rms_norm", "rms_norm_backward", "rope", "rope_backward", "swiglu
                "cross_entropy", "cross_entropy_backward", "linear_cross_entropy_scale_grads")
 FORMULAS = {"varlen_attention": attention_flops, "varlen_attention_backward": attention_backward_flops,
             "lora_linear": lora_flops, "lora_linear_backward": lora_backward_flops,
+            "lora_linear_ex": lora_ex_flops, "lora_linear_ex_backward": lora_ex_backward_flops,
             "linear_cross_entropy": linear_cross_entropy_flops,
             "linear_cross_entropy_backward": linear_cross_entropy_backward_flops,
             **{name: _zero for name in ELEMENTWISE}}
@@ -138,7 +171,7 @@ def register() -> list:
     global _REGISTERED
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    for module in ("attention", "lora", "norm", "rope", "swiglu", "cross_entropy"):
+    for module in ("attention", "lora", "lora_dora", "norm", "rope", "swiglu", "cross_entropy"):
         try:  # importing a kernel module registers its operators
             importlib.import_module(f"fastsft_kernels.{module}")
         except ImportError:

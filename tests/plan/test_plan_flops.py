@@ -10,9 +10,13 @@ from fastsft.plan.flops import document_lengths, register
 from .test_plan import TINY, write_config
 
 
-@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
-def test_fastsft_model_flops_agree_with_hf(tmp_path, mode):
-    config = load_plan_config(write_config(tmp_path, mode=mode, model_config=dict(TINY, num_hidden_layers=4)))
+@pytest.mark.parametrize("mode, extra", [("lora", {}), ("qlora", {}), ("full", {}),
+                                         ("lora", {"use_dora": True}), ("qlora", {"lora_dropout": 0.1}),
+                                         ("lora", {"use_dora": True, "lora_dropout": 0.1})])
+def test_fastsft_model_flops_agree_with_hf(tmp_path, mode, extra):
+    """Also DoRA and dropout (fastsft::lora_linear_ex against peft's own layers)."""
+    config = load_plan_config(write_config(tmp_path, mode=mode, model_config=dict(TINY, num_hidden_layers=4),
+                                           **extra))
     ours = prepare(config, "fastsft").trace(512)
     theirs = prepare(config, "hf").trace(512)
     assert ours.flops_uncounted_ops == [] and theirs.flops_uncounted_ops == []
