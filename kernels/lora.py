@@ -965,17 +965,20 @@ def _lora_autograd_backward(ctx, grads):
     flat = torch.ops.fastsft.lora_linear_backward(grads, x2, xa, list(weights), list(lora_as), list(lora_bs),
                                                   *ctx.statics, bool(needs[0]), need_w, need_a, need_b, need_bias)
     dx, d_w, d_a, d_b, d_bias = flat[0], flat[1:n + 1], flat[n + 1:2 * n + 1], flat[2 * n + 1:3 * n + 1], flat[3 * n + 1:]
+    return (dx if needs[0] else None, picked(d_w, need_w), picked(d_a, need_a), picked(d_b, need_b), None,
+            picked(d_bias, need_bias), *[no_grad_for(arg) for arg in ctx.statics[2:]])
 
-    def pick(ts, flags):
-        return [t if f else None for t, f in zip(ts, flags)]
 
-    def no_grad_for(arg):  # autograd wants a list of None for a list of (optional) tensors
-        if isinstance(arg, list) and arg and all(isinstance(a, torch.Tensor) for a in arg):
-            return [None] * len(arg)
-        return None
+def picked(grads, flags) -> list:
+    """The backward operator's gradients where they were wanted, None elsewhere (its placeholders)."""
+    return [g if f else None for g, f in zip(grads, flags)]
 
-    return (dx if needs[0] else None, pick(d_w, need_w), pick(d_a, need_a), pick(d_b, need_b), None,
-            pick(d_bias, need_bias), *[no_grad_for(arg) for arg in ctx.statics[2:]])
+
+def no_grad_for(arg):
+    """What autograd wants back for a non-differentiable argument: a list of None for a tensor list."""
+    if isinstance(arg, list) and arg and all(isinstance(a, torch.Tensor) for a in arg):
+        return [None] * len(arg)
+    return None
 
 
 _LIB.impl("lora_linear", _lora_impl, "CompositeExplicitAutograd")

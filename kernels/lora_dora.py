@@ -43,7 +43,7 @@ from ._library import NAMESPACE, nothing, reference_vjp
 from ._triton_utils import check_float, empty, use_triton
 from .lora import (_LIB, _QUANT_SCHEMA, _Weight, _as_2d, _check_lora, _checked_weight, _cublas_lora, _dense_w,
                    _matmul, _present, _quant_infos, _rank_project, _rank_reduce, _reference_states, _state_args,
-                   pick_strategy, resolve_dense_base, resolve_dequant_rows)
+                   no_grad_for, pick_strategy, picked, resolve_dense_base, resolve_dequant_rows)
 from .quant import absmax_fp32
 
 # Test hook: callable(p, shape, device) -> bool mask of that shape, or None to draw one.
@@ -449,17 +449,8 @@ def _ex_autograd_backward(ctx, grads):
                                                      lora_bs, *statics, bool(needs[0]), need_w, need_a, need_b,
                                                      need_bias, need_m)
     dx, d_w, d_a, d_b, d_bias, d_m = flat[0], *(flat[1 + k * n:1 + (k + 1) * n] for k in range(5))
-
-    def pick(ts, flags):
-        return [t if f else None for t, f in zip(ts, flags)]
-
-    def no_grad_for(arg):  # autograd wants a list of None for a list of (optional) tensors
-        if isinstance(arg, list) and arg and all(isinstance(a, torch.Tensor) for a in arg):
-            return [None] * len(arg)
-        return None
-
-    return (dx if needs[0] else None, pick(d_w, need_w), pick(d_a, need_a), pick(d_b, need_b), None,
-            pick(d_bias, need_bias), None, pick(d_m, need_m), *[no_grad_for(arg) for arg in statics[4:]])
+    return (dx if needs[0] else None, picked(d_w, need_w), picked(d_a, need_a), picked(d_b, need_b), None,
+            picked(d_bias, need_bias), None, picked(d_m, need_m), *[no_grad_for(arg) for arg in statics[4:]])
 
 
 _LIB.impl("lora_linear_ex", _ex_impl, "CompositeExplicitAutograd")
