@@ -933,6 +933,14 @@ def _lora_backward_impl(grads, x2, xa, weights, lora_as, lora_bs, scalings, bias
 def _lora_backward_fake(grads, x2, xa, weights, lora_as, lora_bs, scalings, biases, has_bias, absmax, code, absmax2, code2,
                         offset, blocksize, blocksize2, shapes, quant_types, strategies, need_x, need_w, need_a,
                         need_b, need_bias):
+    return lora_grad_fakes(x2, weights, lora_as, lora_bs, biases, has_bias, absmax, need_x, need_w, need_a, need_b,
+                           need_bias)
+
+
+def lora_grad_fakes(x2, weights, lora_as, lora_bs, biases, has_bias, absmax, need_x, need_w, need_a, need_b,
+                    need_bias) -> list:
+    """[dx, dW_0.., dA_0.., dB_0.., dbias_0..] of a LoRA backward operator under fake tensors (an empty
+    placeholder where not needed; a 4-bit weight gets none)."""
     n = len(weights)
     out = [x2.new_empty(x2.shape) if need_x else nothing(x2)]
     out += [weights[i].new_empty(weights[i].shape) if need_w[i] and absmax[i] is None else nothing(x2)

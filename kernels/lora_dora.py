@@ -43,7 +43,7 @@ from ._library import NAMESPACE, nothing, reference_vjp
 from ._triton_utils import check_float, empty, use_triton
 from .lora import (_LIB, _QUANT_SCHEMA, _Weight, _as_2d, _check_lora, _checked_weight, _cublas_lora, _dense_w,
                    _matmul, _present, _quant_infos, _rank_project, _rank_reduce, _reference_states, _state_args,
-                   no_grad_for, pick_strategy, picked, resolve_dense_base, resolve_dequant_rows)
+                   lora_grad_fakes, no_grad_for, pick_strategy, picked, resolve_dense_base, resolve_dequant_rows)
 from .quant import absmax_fp32
 
 # Test hook: callable(p, shape, device) -> bool mask of that shape, or None to draw one.
@@ -402,15 +402,9 @@ def _ex_backward_impl(grads, x2, xas, zs, norms, kept_ys, weights, lora_as, lora
 def _ex_backward_fake(grads, x2, xas, zs, norms, kept_ys, weights, lora_as, lora_bs, scalings, biases, has_bias,
                       magnitudes, is_dora, masks, ps, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
                       shapes, quant_types, strategies, need_x, need_w, need_a, need_b, need_bias, need_m):
-    n = len(weights)
-    out = [x2.new_empty(x2.shape) if need_x else nothing(x2)]
-    out += [weights[i].new_empty(weights[i].shape) if need_w[i] and absmax[i] is None else nothing(x2)
-            for i in range(n)]
-    out += [a.new_empty(a.shape) if need_a[i] else nothing(x2) for i, a in enumerate(lora_as)]
-    out += [b.new_empty(b.shape) if need_b[i] else nothing(x2) for i, b in enumerate(lora_bs)]
-    out += [b.new_empty(b.shape) if need_bias[i] and has_bias[i] else nothing(x2) for i, b in enumerate(biases)]
-    out += [m.new_empty(m.shape) if need_m[i] and is_dora[i] else nothing(x2) for i, m in enumerate(magnitudes)]
-    return out
+    out = lora_grad_fakes(x2, weights, lora_as, lora_bs, biases, has_bias, absmax, need_x, need_w, need_a, need_b,
+                          need_bias)
+    return out + [m.new_empty(m.shape) if need_m[i] and is_dora[i] else nothing(x2) for i, m in enumerate(magnitudes)]
 
 
 _MASKS = 9  # index of masks among lora_linear_ex's inputs

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from .self_check import OP_COMPONENT, _run, keep_mlp_tiles, record_ops, with_fixed_dropout_masks
+from .self_check import OP_COMPONENT, _run, record_ops, switch_back, switchable, with_fixed_dropout_masks
 
 logger = logging.getLogger("fastsft.patch")
 REPEATS = 2  # best of two: the first call of an op on CPU pays one-off allocations
@@ -173,12 +173,6 @@ def _agree_across_ranks(timings: List[Tuple[str, float, float]]) -> List[Tuple[s
     return [(name, float(m), float(t)) for (name, _, _), (m, t) in zip(timings, total.tolist())]
 
 
-def _sequence_parallel() -> bool:
-    from fastsft.distributed import ulysses
-
-    return ulysses.active() is not None
-
-
 def _rows_split_across_blocks(model) -> bool:
     """Whether some bitsandbytes 4-bit weight has rows (in_features) that are not a whole number of its
     quantization blocks. bitsandbytes 0.50's AVX-512 CPU dequantize indexes blocks per row and then
@@ -194,7 +188,7 @@ def _rows_split_across_blocks(model) -> bool:
 
 def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
     """Time the ops of one forward of `model`; switch back the components whose patched op is slower."""
-    from . import patch_model, patch_state
+    from . import patch_state
 
     with record_ops() as calls, torch.enable_grad():
         out = model(*args, **kwargs)
@@ -206,11 +200,7 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
         per_component.setdefault(OP_COMPONENT[name], []).append((mine, theirs))
     slower = sorted(c for c, pairs in per_component.items()
                     if sum(m for m, _ in pairs) > sum(t for _, t in pairs))
-    if _sequence_parallel() and "attention" in slower:
-        # the Ulysses exchange lives in fastsft's attention function: transformers' own would attend
-        # within this rank's shard only
-        slower.remove("attention")
-        logger.info("CPU ops: attention stays fastsft's under sequence parallelism (it carries the exchange)")
+    slower = switchable(slower, "CPU ops")
     if "lora" in slower and _rows_split_across_blocks(model):
         slower.remove("lora")
         logger.info("CPU ops: LoRA stays fastsft's: a 4-bit base's rows are not a multiple of its block size, "
@@ -222,10 +212,7 @@ def choose(model, args: tuple, kwargs: dict) -> List[Tuple[str, float, float]]:
                 ", ".join(slower) or "none", ", ".join(f"{n} {m * 1e3:.1f} vs {t * 1e3:.1f} ms" for n, m, t in timings),
                 f"; not timed (no call in the first forward), kept: {', '.join(untimed)}" if untimed else "")
     if slower:
-        state = patch_state(model)
-        patch_model(model, **{name: name in state and name not in slower
-                              for name in ("cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu")})
-        keep_mlp_tiles(model)
+        switch_back(model, slower)
     return timings
 
 

@@ -283,8 +283,6 @@ def keep_mlp_tiles(model) -> None:
 
 def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
     """Record the ops of one forward of `model` on (args, kwargs), check each; switch failing ones back."""
-    from . import patch_model, patch_state
-
     with record_ops() as calls, torch.enable_grad():
         out = model(*args, **kwargs)
     del out
@@ -297,16 +295,9 @@ def run_self_check(model, args: tuple, kwargs: dict) -> List[OpCheck]:
         if not check.passed:
             logger.warning("self-check: %s; over the rule (at most %gx PyTorch's error), so %s runs PyTorch's "
                            "code for this run", check.line(), FACTOR, OP_COMPONENT[check.op])
-    if "attention" in failed and _sequence_parallel():
-        failed.remove("attention")  # the Ulysses exchange lives in fastsft's attention: it cannot go back
-        logger.warning("self-check: attention stays fastsft's under sequence parallelism (it carries the "
-                       "exchange); its error is over the rule above")
+    failed = switchable(failed, "self-check")
     if failed:
-        state = patch_state(model)
-        flags = {name: (name in state and name not in failed)
-                 for name in ("cross_entropy", "lora", "attention", "rms_norm", "rope", "swiglu")}
-        patch_model(model, **flags)
-        keep_mlp_tiles(model)
+        switch_back(model, failed)
     elif checks:
         logger.info("self-check: %d ops within %gx PyTorch's error on the first batch (%s)", len(checks), FACTOR,
                     ", ".join(f"{c.op} {c.error:.1e}" for c in checks))
@@ -330,10 +321,26 @@ def _agree_across_ranks(failed: set) -> List[str]:
     return sorted(failed)
 
 
-def _sequence_parallel() -> bool:
+def switchable(components, who: str) -> List[str]:
+    """The components that may go back to transformers' code: all but attention under sequence
+    parallelism (the Ulysses exchange lives in fastsft's attention; transformers' own would attend
+    within the rank's shard), which is said in one line."""
     from fastsft.distributed import ulysses
 
-    return ulysses.active() is not None
+    components = sorted(components)
+    if "attention" in components and ulysses.active() is not None:
+        components.remove("attention")
+        logger.warning("%s: attention stays fastsft's under sequence parallelism (it carries the exchange)", who)
+    return components
+
+
+def switch_back(model, components) -> None:
+    """Run transformers' code for `components` from now on; every other patch stays as it is."""
+    from . import patch_model, patch_state
+
+    state = patch_state(model)
+    patch_model(model, **{name: name in state and name not in components for name in _COMPONENTS})
+    keep_mlp_tiles(model)
 
 
 def install(model, *, check: bool = True, fastest_on_cpu: bool = False) -> None:
